@@ -1,0 +1,78 @@
+"""The engine's configuration: frozen dataclasses, one per concern, gathered in `EngineConfig`.
+
+Every field has a type, a default and a docstring-comment; the `serve` CLI flags are generated from the
+`EngineArgs` fields in `tokenmill/engine/arg_utils.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None
+    """Local HF directory, .gguf file or hub id; None: the embedded default model."""
+    dtype: Dtype = "auto"
+    """Compute dtype. auto: bfloat16 on GPUs and on CPUs with native bf16, else float32."""
+    max_model_len: int | None = None
+    """Longest prompt + completion; None: the model's own limit."""
+    download_dir: str | None = None
+    """Where hub downloads go (HF cache when None)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    seed: int = 0
+    """Seed of the engine's default generator (requests without their own seed)."""
+    served_model_name: str | None = None
+    """Name reported by the API; defaults to the model argument."""
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    """Values that replace the model's config fields."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    kv_cache_memory: int | None = None
+    """Bytes for the KV cache; None: a fraction of free RAM (CPU) or gpu_memory_utilization (GPU)."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's memory the engine may use (weights + activations + KV cache)."""
+    cpu_kv_cache_fraction: float = 0.25
+    """On CPU, with kv_cache_memory unset: this fraction of available RAM, capped by max_cpu_kv_cache."""
+    max_cpu_kv_cache: int = 4 << 30
+    """Upper bound of the automatic CPU KV cache size in bytes."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes across requests."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks + decodes)."""
+    max_waiting: int = 4096
+    """Most requests queued before new ones are refused."""
+    long_prefill_token_threshold: int = 0
+    """Cap on one request's prefill chunk per step; 0: no cap beyond the budget."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """GPUs a model is split across (only 1 is supported for now)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "auto"
+    """auto: cuda when available, else cpu."""
+    enforce_eager: bool = False
+    """Never compile or capture graphs."""
