@@ -1,0 +1,160 @@
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenmill_appliance.settings import (
+    DEFAULT_PORTAL_CONFIG,
+    PortalApp,
+    PortalConfigError,
+    Settings,
+    SettingsError,
+    load_apps,
+    mask_token,
+    parse_portal_config,
+    read_portal_yaml,
+    root_path,
+    write_portal_yaml,
+)
+
+
+def make(tmp_path: Path, **env: str) -> Settings:
+    return Settings.from_env({"TOKENMILL_ROOT": str(tmp_path), **env})
+
+
+def test_root_path_resolves_absolute_paths_under_root(tmp_path: Path) -> None:
+    assert root_path("/etc/portal.yaml", tmp_path) == tmp_path / "etc/portal.yaml"
+    assert root_path("/etc/portal.yaml", "/") == Path("/etc/portal.yaml")
+    assert root_path("relative/x", tmp_path) == Path("relative/x")
+
+
+def test_defaults(tmp_path: Path) -> None:
+    s = make(tmp_path, OPEN_BUTTON_TOKEN="tok")
+    assert s.workspace == tmp_path / "workspace"
+    assert s.portal_yaml == tmp_path / "etc/portal.yaml"
+    assert s.log_dir == tmp_path / "var/log/portal"
+    assert s.web_username == "vastai"
+    assert s.enable_auth and s.enable_https and s.auto_parallel
+    assert s.auth_exclude == frozenset()
+    assert s.venv_backup_count == 48
+    assert s.cookie_name == "portal_auth_token"
+    assert s.vllm_argv == [
+        "--max-model-len", "32768", "--enforce-eager",
+        "--download-dir", str(tmp_path / "workspace/models"),
+        "--host", "127.0.0.1", "--port", "18000",
+    ]  # fmt: skip
+    assert s.portal_config == DEFAULT_PORTAL_CONFIG
+
+
+def test_vllm_args_split_with_shell_rules_never_evaluated(tmp_path: Path) -> None:
+    s = make(tmp_path, OPEN_BUTTON_TOKEN="t", VLLM_ARGS="--a 'b c' $(touch /tmp/x) \"d\"")
+    assert s.vllm_argv == ["--a", "b c", "$(touch", "/tmp/x)", "d"]
+    with pytest.raises(SettingsError, match="VLLM_ARGS"):
+        make(tmp_path, OPEN_BUTTON_TOKEN="t", VLLM_ARGS="--a 'unbalanced")
+
+
+def test_tokens_default_to_each_other_and_are_cleaned(tmp_path: Path) -> None:
+    s = make(tmp_path, OPEN_BUTTON_TOKEN="ab\r\nc;d")
+    assert s.open_button_token == s.web_password == "abcd"
+    s = make(tmp_path, WEB_PASSWORD="pw")
+    assert s.open_button_token == s.web_password == "pw"
+    s = make(tmp_path, WEB_PASSWORD="pw", OPEN_BUTTON_TOKEN="tok")
+    assert s.tokens == ("tok", "pw")
+    assert not s.is_token_generated
+
+
+def test_one_random_token_when_both_unset_shared_across_processes(tmp_path: Path) -> None:
+    first = make(tmp_path)
+    second = make(tmp_path)
+    assert first.is_token_generated
+    assert len(first.open_button_token) >= 32
+    assert first.open_button_token == first.web_password == second.open_button_token
+    assert stat.S_IMODE(os.stat(first.token_file).st_mode) == 0o600
+    assert make(tmp_path / "other").open_button_token != first.open_button_token
+
+
+def test_token_not_in_repr(tmp_path: Path) -> None:
+    s = make(tmp_path, OPEN_BUTTON_TOKEN="supersecret-token", CF_TUNNEL_TOKEN="cfsecret")
+    assert "supersecret" not in repr(s) and "cfsecret" not in repr(s)
+
+
+def test_mask_token_shows_only_last_four() -> None:
+    assert mask_token("abcdefghijklmnop") == "********mnop"
+    assert "abc" not in mask_token("abcdef")
+
+
+def test_booleans_ports_and_aliases(tmp_path: Path) -> None:
+    s = make(tmp_path, OPEN_BUTTON_TOKEN="t", ENABLE_AUTH="false", ENABLE_HTTPS="0", AUTH_EXCLUDE="8000,8080")
+    assert not s.enable_auth and not s.enable_https
+    assert s.auth_exclude == frozenset({8000, 8080})
+    assert not make(tmp_path, OPEN_BUTTON_TOKEN="t", USE_ALL_GPUS="false").auto_parallel
+    assert make(tmp_path, OPEN_BUTTON_TOKEN="t", AUTO_PARALLEL="true", USE_ALL_GPUS="false").auto_parallel
+    with pytest.raises(SettingsError, match="ENABLE_AUTH"):
+        make(tmp_path, OPEN_BUTTON_TOKEN="t", ENABLE_AUTH="maybe")
+    with pytest.raises(SettingsError, match="AUTH_EXCLUDE"):
+        make(tmp_path, OPEN_BUTTON_TOKEN="t", AUTH_EXCLUDE="80,x")
+    assert make(tmp_path, OPEN_BUTTON_TOKEN="t", VAST_CONTAINERLABEL="C.42").cookie_name == "C.42_auth_token"
+
+
+def test_parse_portal_config_keeps_order_and_colons_in_name() -> None:
+    apps = parse_portal_config("localhost:1111:11111:/:Instance Portal|h:9000:9000:/x:Name: with colon")
+    assert [a.name for a in apps] == ["Instance Portal", "Name: with colon"]
+    assert apps[0].is_proxied and not apps[1].is_proxied
+    assert apps[1].open_path == "/x"
+
+
+def test_parse_portal_config_later_duplicate_wins() -> None:
+    apps = parse_portal_config("h:1:11:/:A|h:2:22:/:B|h:3:33:/:A")
+    assert [(a.name, a.external_port) for a in apps] == [("A", 3), ("B", 2)]
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ("localhost:1111:/:Portal", "'localhost:1111:/:Portal'"),
+        ("localhost:abc:11111:/:Portal", "external port 'abc'.*'localhost:abc:11111:/:Portal'"),
+        ("localhost:1111:99999:/:Portal", "out of range"),
+        ("h:1111:11111:/:A|h:1111:2222:/:B", "both proxy external port 1111"),
+    ],
+)
+def test_parse_portal_config_errors_name_the_entry(config: str, match: str) -> None:
+    with pytest.raises(PortalConfigError, match=match):
+        parse_portal_config(config)
+
+
+def test_portal_yaml_round_trip(tmp_path: Path) -> None:
+    apps = parse_portal_config(DEFAULT_PORTAL_CONFIG)
+    path = tmp_path / "etc/portal.yaml"
+    write_portal_yaml(path, apps)
+    assert read_portal_yaml(path) == apps
+    data = yaml.safe_load(path.read_text())
+    assert list(data["applications"]) == ["Instance Portal", "vLLM API", "Ray Dashboard", "Jupyter"]
+    assert data["applications"]["vLLM API"] == {
+        "hostname": "localhost",
+        "external_port": 8000,
+        "internal_port": 18000,
+        "open_path": "/docs",
+        "name": "vLLM API",
+    }
+    assert not list(path.parent.glob(".*tmp"))
+
+
+def test_load_apps_writes_missing_file_and_existing_wins(tmp_path: Path) -> None:
+    s = make(tmp_path, OPEN_BUTTON_TOKEN="t", PORTAL_CONFIG="h:1:11:/:A")
+    assert load_apps(s) == [PortalApp("A", "h", 1, 11, "/")]
+    assert s.portal_yaml.exists()
+    other = make(tmp_path, OPEN_BUTTON_TOKEN="t", PORTAL_CONFIG="h:2:22:/:B")
+    assert [a.name for a in load_apps(other)] == ["A"]
+
+
+def test_load_apps_rewrites_empty_file_and_keeps_invalid_one(tmp_path: Path) -> None:
+    s = make(tmp_path, OPEN_BUTTON_TOKEN="t", PORTAL_CONFIG="h:1:11:/:A")
+    s.portal_yaml.parent.mkdir(parents=True)
+    s.portal_yaml.write_text("")
+    assert [a.name for a in load_apps(s)] == ["A"]
+    assert "A" in s.portal_yaml.read_text()
+    s.portal_yaml.write_text("applications: [not, a, mapping]\n")
+    assert [a.name for a in load_apps(s)] == ["A"]
+    assert s.portal_yaml.read_text() == "applications: [not, a, mapping]\n"
