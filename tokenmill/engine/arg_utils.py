@@ -1,0 +1,98 @@
+"""`EngineArgs`: the flat set of engine options a user passes (as `LLM(**kwargs)` or `serve` flags).
+
+`create_engine_config()` turns them into the frozen `EngineConfig` tree. The `serve` flags are generated
+from these fields (see `tokenmill/entrypoints/cli_args.py`), so a new option is added here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from tokenmill.config import (
+    CacheConfig,
+    Dtype,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+
+
+@dataclass
+class EngineArgs:
+    """Engine options with vLLM's names. Each field's comment is its --help text."""
+
+    model: str | None = None
+    """Local HF directory, .gguf file or hub id; omitted: the embedded default model."""
+    served_model_name: str | None = None
+    """Name the API reports and accepts (defaults to the model argument)."""
+    dtype: Dtype = "auto"
+    """Compute dtype: auto (bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16, float16."""
+    max_model_len: int | None = None
+    """Longest prompt + completion in tokens (accepts 32k, 1.5k); default: the model's limit."""
+    download_dir: str | None = None
+    """Directory for models downloaded from the hub."""
+    revision: str | None = None
+    """Hub revision to download."""
+    seed: int = 0
+    """Seed for requests that do not bring their own."""
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    kv_cache_memory: int | None = None
+    """KV cache size in bytes (accepts 4GiB, 512MiB); default: sized from free memory."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory to use for weights, activations and the KV cache."""
+    enable_prefix_caching: bool = True
+    """Reuse cached KV blocks of shared prompt prefixes."""
+    max_num_seqs: int = 256
+    """Most sequences in one batch."""
+    max_num_batched_tokens: int = 2048
+    """Most tokens computed in one step (prefill chunks plus decodes)."""
+    max_waiting: int = 4096
+    """Most queued requests before new ones are refused with 503."""
+    tensor_parallel_size: int = 1
+    """Number of GPUs to split the model across."""
+    enforce_eager: bool = False
+    """Never compile the model or capture CUDA graphs."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    """Values that replace fields of the model's config."""
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def create_engine_config(self) -> EngineConfig:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: "
+                "tokenmill runs a model on one device; pass --tensor-parallel-size 1"
+            )
+        return EngineConfig(
+            model=ModelConfig(
+                model=self.model,
+                dtype=self.dtype,
+                max_model_len=self.max_model_len,
+                download_dir=self.download_dir,
+                revision=self.revision,
+                seed=self.seed,
+                served_model_name=self.served_model_name,
+                hf_overrides=dict(self.hf_overrides),
+            ),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_memory=self.kv_cache_memory,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_waiting=self.max_waiting,
+            ),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            device=self.device,
+            enforce_eager=self.enforce_eager,
+        )
