@@ -1,0 +1,195 @@
+"""What each supervisor program runs, decided from the settings and portal.yaml (spec section 5).
+
+A builder returns a `Launch`, or a `Skip` with the one line that explains why the program is not
+started (its app is not configured, its binary is not installed); the wrapper then exits 0 and
+supervisord shows it EXITED, not FATAL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenmill_appliance.settings import API_APP_NAME, RAY_APP_NAME, PortalApp, Settings
+
+_PARALLEL_FLAGS = re.compile(
+    r"^(--tensor-parallel-size|-tp|--pipeline-parallel-size|-pp|--data-parallel-size|-dp)(=.*)?$"
+)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A child to run. `hold`: once `command` exits 0 (a daemon started), stay up until stopped."""
+
+    command: list[str]
+    on_exit: list[str] | None = None
+    hold: bool = False
+    cwd: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Skip:
+    reason: str
+
+
+Builder = Callable[[Settings, list[PortalApp]], Launch | Skip]
+
+
+def find_app(apps: list[PortalApp], name: str) -> PortalApp | None:
+    """The app called `name` (case-insensitive, as users retype names in PORTAL_CONFIG)."""
+    wanted = name.casefold()
+    return next((app for app in apps if app.name.casefold() == wanted), None)
+
+
+def not_configured(settings: Settings, app_name: str) -> Skip:
+    return Skip(
+        f"{app_name!r} is not in {settings.portal_yaml}; not starting it "
+        f"(add it to PORTAL_CONFIG or portal.yaml, then `supervisorctl start` it)"
+    )
+
+
+def tokenmill_command() -> list[str]:
+    """The engine's `tokenmill` CLI of this environment; `python -m` when its script is not installed."""
+    beside = Path(sys.executable).with_name("tokenmill")
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("tokenmill")
+    return [found] if found else [sys.executable, "-m", "tokenmill.entrypoints.cli"]
+
+
+def split_args(text: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """Split with shell rules and expand `$VAR`/`${VAR}` in each word; nothing is ever executed.
+
+    A `;`, `&&` or `$(...)` stays a literal word, handed to the server as an argument.
+    """
+    env = os.environ if env is None else env
+    return [_expand(word, env) for word in shlex.split(text)]
+
+
+def _expand(word: str, env: Mapping[str, str]) -> str:
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        return env.get(name, match.group(0))
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, word)
+
+
+def has_parallel_size(args: list[str]) -> bool:
+    return any(_PARALLEL_FLAGS.match(arg) for arg in args)
+
+
+def count_gpus(env: Mapping[str, str] | None = None) -> int:
+    """GPUs this machine offers: CUDA_VISIBLE_DEVICES when set, else the NVIDIA driver's list."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def serve_argv(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:
+    """`serve [MODEL] VLLM_ARGS... [--tensor-parallel-size N]`, as a list (no shell in between).
+
+    No MODEL argument when VLLM_MODEL is unset: the engine then serves its embedded default model.
+    """
+    env = os.environ if env is None else env
+    args = split_args(settings.vllm_args, env)
+    argv = ["serve", *([settings.vllm_model] if settings.vllm_model else []), *args]
+    if settings.auto_parallel and not has_parallel_size(args):
+        gpus = settings.gpu_count if settings.gpu_count is not None else count_gpus(env)
+        # One GPU is the server's default; passing it would only break servers that lack the flag.
+        if gpus > 1:
+            argv += ["--tensor-parallel-size", str(gpus)]
+    return argv
+
+
+def portal(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
+    # The edge serves every app's port, so it runs even without an "Instance Portal" entry.
+    return Launch([sys.executable, "-m", "tokenmill_appliance.cli", "portal"])
+
+
+def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
+    if find_app(apps, API_APP_NAME) is None:
+        return not_configured(settings, API_APP_NAME)
+    return Launch([*tokenmill_command(), *serve_argv(settings)], cwd=settings.workspace)
+
+
+def ray(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
+    if find_app(apps, RAY_APP_NAME) is None:
+        return not_configured(settings, RAY_APP_NAME)
+    binary = shutil.which("ray")
+    if binary is None:
+        return Skip(f"{RAY_APP_NAME!r} is configured but `ray` is not installed; not starting it")
+    return Launch([binary, "start", *split_args(settings.ray_args)], on_exit=[binary, "stop"], hold=True)
+
+
+def _binary_app(settings: Settings, apps: list[PortalApp], app_name: str, binary: str) -> PortalApp | Skip:
+    app = find_app(apps, app_name)
+    if app is None:
+        return not_configured(settings, app_name)
+    if shutil.which(binary) is None:
+        return Skip(f"{app_name!r} is configured but `{binary}` is not installed; not starting it")
+    return app
+
+
+def jupyter(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
+    app = _binary_app(settings, apps, "Jupyter", "jupyter")
+    if isinstance(app, Skip):
+        return app
+    # Bound to loopback without its own token: the portal edge in front of it does the auth.
+    command = [
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--allow-root",
+        "--ip=127.0.0.1",
+        f"--port={app.internal_port}",
+    ]
+    command += [
+        f"--ServerApp.root_dir={settings.workspace}",
+        "--IdentityProvider.token=",
+        "--ServerApp.trust_xheaders=True",
+    ]
+    return Launch(command, cwd=settings.workspace)
+
+
+def tensorboard(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
+    app = _binary_app(settings, apps, "Tensorboard", "tensorboard")
+    if isinstance(app, Skip):
+        return app
+    command = [
+        "tensorboard",
+        f"--logdir={settings.workspace}",
+        "--host=127.0.0.1",
+        f"--port={app.internal_port}",
+    ]
+    return Launch(command, cwd=settings.workspace)
+
+
+def syncthing(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
+    app = _binary_app(settings, apps, "Syncthing", "syncthing")
+    if isinstance(app, Skip):
+        return app
+    home = settings.workspace / ".syncthing"
+    command = ["syncthing", "--no-browser", f"--gui-address=127.0.0.1:{app.internal_port}", f"--home={home}"]
+    return Launch(command, cwd=settings.workspace)
+
+
+BUILDERS: dict[str, Builder] = {
+    "portal": portal,
+    "vllm": vllm,
+    "ray": ray,
+    "jupyter": jupyter,
+    "tensorboard": tensorboard,
+    "syncthing": syncthing,
+}
