@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from tokenmill.sampling_params import SamplingParams
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # eos, a stop token or a stop string
     LENGTH = "length"  # max_tokens or max_model_len
     ABORT = "abort"
@@ -50,6 +50,7 @@ class ScheduledRequest:
     num_computed_tokens: int  # tokens already in the KV cache before this step
     num_new_tokens: int
     block_ids: list[int]
+    samples: bool  # this step reaches the end of the known tokens, so the next token is sampled
 
     @property
     def request_id(self) -> str:
@@ -60,11 +61,6 @@ class ScheduledRequest:
         start = self.num_computed_tokens
         return self.request.all_token_ids[start : start + self.num_new_tokens]
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the known tokens, so the next token is sampled."""
-        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
-
 
 @dataclass
 class SchedulerOutput:
@@ -72,6 +68,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest]
     preempted_request_ids: list[str] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # since the last step: drop their state
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -166,4 +163,3 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-

@@ -1,0 +1,54 @@
+"""The attention backend seam: metadata built once per step by the runner, read by every layer.
+
+A backend writes the step's new keys/values into the paged KV cache and computes attention of the step's
+queries over each sequence's cached context (prefix-cache hits and earlier chunks included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each of the step's tokens goes in the cache and what each sequence attends to.
+
+    Tokens of sequence i are rows query_start_loc[i]:query_start_loc[i+1] of the flattened batch; it has
+    context_lens[i] tokens cached before this step and seq_lens[i] = context_lens[i] + query_lens[i] after.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int64, padded with 0
+    seq_lens: torch.Tensor  # [num_seqs] int64 (on device)
+    query_start_loc: list[int]  # [num_seqs + 1], host copy
+    query_lens: list[int]  # [num_seqs], host copy
+    context_lens: list[int]  # [num_seqs], host copy
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(c + q for c, q in zip(self.context_lens, self.query_lens, strict=True))
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    return (2, num_blocks, block_size, num_kv_heads, head_dim)

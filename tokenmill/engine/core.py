@@ -1,0 +1,102 @@
+"""EngineCore: the scheduler and the model runner, stepping in one loop. Token ids in, token ids out.
+
+It runs in-process for the offline `LLM` and in its own process behind the API server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.outputs import EngineCoreOutput, EngineCoreRequest
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
+from tokenmill.metrics.stats import SchedulerStats
+from tokenmill.worker.memory import GiB, kv_cache_budget
+from tokenmill.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
+    model_limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        return model_limit
+    if requested > model_limit:
+        raise ValueError(
+            f"max_model_len={requested} is longer than the model's limit of {model_limit} tokens "
+            f"(max_position_embeddings): pass --max-model-len {model_limit} or less"
+        )
+    return requested
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.source = resolve_model(config.model.model, config.model.download_dir, config.model.revision)
+        self.hf_config = load_hf_config(self.source, config.model.hf_overrides)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.max_model_len = resolve_max_model_len(config.model.max_model_len, self.hf_config)
+        self.vocab_size: int = self.hf_config.vocab_size
+
+        self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype)
+        self.runner.load_weights(iter_weights(self.source, self.dtype))
+        num_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+
+    def _num_kv_blocks(self) -> int:
+        peak = self.runner.profile_peak_memory(self.max_model_len) if self.device.type == "cuda" else None
+        budget = kv_cache_budget(self.config.cache, self.device, peak)
+        block_bytes = self.runner.kv_bytes_per_block()
+        num_blocks = budget // block_bytes
+        capacity = num_blocks * self.config.cache.block_size
+        if capacity < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({budget / GiB:.2f} GiB) but max_model_len is "
+                f"{self.max_model_len}: not even one full-length sequence fits. Lower --max-model-len or "
+                "give the cache more memory (--kv-cache-memory, --gpu-memory-utilization)"
+            )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)",
+            num_blocks,
+            self.config.cache.block_size,
+            capacity,
+            num_blocks * block_bytes / GiB,
+            self.dtype,
+        )
+        return num_blocks
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.scheduler.add_request(Request(request))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def step(self) -> list[EngineCoreOutput]:
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.get_stats()
+
+    def shutdown(self) -> None:
+        self.runner.kv_caches.clear()

@@ -1,0 +1,196 @@
+"""Token-budget continuous batching (vLLM v1 style): no prefill/decode phases, one budget per step.
+
+Each step first advances running requests (a decode token, or the next chunk of a long prefill), then
+admits waiting requests FCFS while the token budget, `max_num_seqs` and free KV blocks allow. When blocks
+run out the newest running request is preempted: its blocks are freed and it is recomputed later (its
+prefix blocks are usually still in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from tokenmill.config import CacheConfig, SchedulerConfig
+from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.outputs import EngineCoreOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.metrics.stats import SchedulerStats
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, max_model_len: int
+    ) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.kv_cache = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_ids: list[str] = []  # since the last schedule, for the runner to drop their state
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- scheduling -------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                break
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            i += 1
+        if not preempted:
+            budget = self._admit_waiting(scheduled, budget)
+        finished, self.finished_ids = self.finished_ids, []
+        return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished)
+
+    def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            num_new = self._num_new_tokens(request, num_cached, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, computed_blocks):
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
+        num_new = min(request.num_tokens - num_computed, budget)
+        if self.config.long_prefill_token_threshold > 0:
+            num_new = min(num_new, self.config.long_prefill_token_threshold)
+        return num_new
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+        """Allocates blocks for a running request, preempting the newest running ones until it fits."""
+        while not self.kv_cache.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    @staticmethod
+    def _scheduled(request: Request, num_new: int) -> ScheduledRequest:
+        samples = request.num_computed_tokens + num_new == request.num_tokens
+        return ScheduledRequest(
+            request, request.num_computed_tokens, num_new, list(request.block_ids), samples
+        )
+
+    # --- results --------------------------------------------------------------------------------
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        results = []
+        for scheduled in scheduler_output.scheduled:
+            request = scheduled.request
+            if request.is_finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += scheduled.num_new_tokens
+            self.num_prompt_tokens += max(
+                0, min(request.num_computed_tokens, request.num_prompt_tokens) - scheduled.num_computed_tokens
+            )
+            prompt_logprobs = output.prompt_logprobs.get(request.request_id)
+            token_id = output.sampled_token_ids.get(request.request_id)
+            new_token_ids = []
+            if token_id is not None:
+                request.append_output_token(token_id)
+                new_token_ids.append(token_id)
+                self.num_generation_tokens += 1
+                self._check_stop(request, token_id)
+            if new_token_ids or prompt_logprobs is not None or request.is_finished:
+                results.append(
+                    EngineCoreOutput(
+                        request.request_id,
+                        new_token_ids,
+                        new_logprobs=output.logprobs.get(request.request_id),
+                        new_prompt_logprobs=prompt_logprobs,
+                        finish_reason=request.finish_reason,
+                        stop_reason=request.stop_reason,
+                        num_cached_tokens=request.num_cached_tokens,
+                    )
+                )
+            if request.is_finished:
+                self._free(request)
+        return results
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        params = request.sampling_params
+        if request.num_output_tokens > params.min_tokens and token_id in params.all_stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            if token_id not in params.eos_token_ids or params.ignore_eos:
+                request.stop_reason = token_id
+        elif (
+            params.max_tokens is not None and request.num_output_tokens >= params.max_tokens
+        ) or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+
+    # --- aborts and cleanup -----------------------------------------------------------------------
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Ends requests at any point (abort, or a stop string the frontend found); frees their blocks."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request in self.running:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+
+    def _free(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]
+        self.finished_ids.append(request.request_id)
+
+    def get_stats(self) -> SchedulerStats:
+        kv = self.kv_cache
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            num_total_blocks=kv.pool.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+        )

@@ -1,0 +1,101 @@
+"""Linear layers whose parameters load (and will shard) their own checkpoint tensors.
+
+Each parameter carries a `weight_loader(param, loaded_weight, shard_id)`. Fused layers (QKV, gate/up)
+take several checkpoint tensors into slices of one parameter. `tp_rank`/`tp_size` select this rank's
+slice so tensor parallelism can be added without touching the models; today both are 0/1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _parameter(*shape: int) -> nn.Parameter:
+    # Uninitialized: every element is overwritten by the checkpoint.
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size, self.tp_dim = 0, 1, tp_dim
+        self.input_size, self.output_size = input_size, output_size
+        self.weight = _parameter(output_size, input_size)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.bias: nn.Parameter | None = None
+        if bias:
+            self.bias = _parameter(output_size)
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
+        param.data.copy_(self._rank_slice(loaded, param))
+
+    def _rank_slice(self, loaded: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        if self.tp_dim is None or self.tp_size == 1 or (param.dim() == 1 and self.tp_dim == 1):
+            return loaded
+        size = loaded.size(self.tp_dim) // self.tp_size
+        return loaded.narrow(self.tp_dim, self.tp_rank * size, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, output_size, bias, tp_dim=None)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, output_size, bias, tp_dim=0)
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks (the partial sums are all-reduced under tensor parallelism)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, output_size, bias, tp_dim=1)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate_proj and up_proj)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
+        assert isinstance(shard_id, int), "merged linear shards are numbered"
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        param.data.narrow(0, offset, size).copy_(self._rank_slice(loaded, param))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q_proj, k_proj and v_proj in one matmul; output layout [q | k | v]."""
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+    ) -> None:
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
+
+    def shard_offsets(self) -> dict[str, tuple[int, int]]:
+        q = self.num_heads * self.head_dim // self.tp_size
+        kv = self.num_kv_heads * self.head_dim // self.tp_size
+        return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
+        assert isinstance(shard_id, str), "qkv shards are named q, k, v"
+        offset, size = self.shard_offsets()[shard_id]
+        param.data.narrow(0, offset, size).copy_(self._rank_slice(loaded, param))

@@ -1,0 +1,172 @@
+"""ModelRunner: SchedulerOutput -> tensors -> logits -> sampled tokens (and logprobs)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenmill.attention.backend import AttentionMetadata, kv_cache_shape
+from tokenmill.attention.selector import get_attention_backend
+from tokenmill.config import EngineConfig
+from tokenmill.engine.outputs import LogprobsLists, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.model.layers.attention import Attention
+from tokenmill.model.llama import head_dim_of
+from tokenmill.model.registry import get_model_class
+from tokenmill.sample.logprobs import compute_logprobs
+from tokenmill.sample.metadata import SamplingMetadata
+from tokenmill.sample.sampler import Sampler
+from tokenmill.worker.inputs import ModelInputs, prepare_inputs
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self, config: EngineConfig, hf_config: Any, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.config, self.hf_config = config, hf_config
+        self.device, self.dtype = device, dtype
+        self.block_size = config.cache.block_size
+        self.model = build_model(hf_config, device, dtype)
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.default_generator = torch.Generator(device=device).manual_seed(config.model.seed)
+
+    def load_weights(self, weights: Any) -> None:
+        loaded = self.model.load_weights(weights)
+        missing = {name for name, _ in self.model.named_parameters()} - loaded
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
+
+    # --- KV cache ---------------------------------------------------------------------------------
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
+
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.hf_config
+        per_layer = 2 * self.block_size * cfg.num_key_value_heads * head_dim_of(cfg)
+        return per_layer * cfg.num_hidden_layers * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        backend = get_attention_backend(self.device)
+        self.kv_caches = []
+        for layer in self.attention_layers:
+            shape = kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.backend = backend
+            self.kv_caches.append(layer.kv_cache)
+
+    @torch.inference_mode()
+    def profile_peak_memory(self, max_model_len: int) -> int:
+        """Peak GPU bytes of the weights plus one forward of a full token budget (before the KV cache)."""
+        num_tokens = min(self.config.scheduler.max_num_batched_tokens, max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.allocate_kv_cache(num_blocks)
+        dummy_cache_bytes = num_blocks * self.kv_bytes_per_block()
+        metadata = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            block_tables=torch.arange(num_blocks, device=self.device)[None, :],
+            seq_lens=torch.tensor([num_tokens], device=self.device),
+            query_start_loc=[0, num_tokens],
+            query_lens=[num_tokens],
+            context_lens=[0],
+            block_size=self.block_size,
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), metadata)
+        num_rows = min(num_tokens, self.config.scheduler.max_num_seqs)
+        self.model.compute_logits(hidden[-num_rows:]).float().softmax(-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - dummy_cache_bytes
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.empty(0)
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        return peak
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        for request_id in scheduler_output.finished_request_ids:
+            self.generators.pop(request_id, None)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput({})
+        inputs = prepare_inputs(scheduler_output, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # [num_tokens, hidden]
+        output = ModelRunnerOutput({})
+        self._sample(scheduler_output.scheduled, inputs, hidden, output)
+        for i, scheduled in enumerate(scheduler_output.scheduled):
+            if scheduled.request.wants_prompt_logprobs:
+                self._prompt_logprobs(scheduled, inputs.attn_metadata.query_start_loc[i], hidden, output)
+        return output
+
+    def _sample(
+        self,
+        scheduled: list[ScheduledRequest],
+        inputs: ModelInputs,
+        hidden: torch.Tensor,
+        out: ModelRunnerOutput,
+    ) -> None:
+        if not inputs.sample_seq_indices:
+            return
+        rows = [scheduled[i] for i in inputs.sample_seq_indices]
+        logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [num_rows, vocab]
+        metadata = SamplingMetadata.build(
+            [r.request.sampling_params for r in rows],
+            [r.request.prompt_token_ids for r in rows],
+            [r.request.output_token_ids for r in rows],
+            [self._generator(r) for r in rows],
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
+        sampled = self.sampler(logits, metadata)
+        token_ids = sampled.sampled_token_ids.tolist()  # the step's one device -> host transfer of tokens
+        logprobs = sampled.logprobs.tolists() if sampled.logprobs is not None else None
+        for row, (r, token_id) in enumerate(zip(rows, token_ids, strict=True)):
+            out.sampled_token_ids[r.request_id] = token_id
+            if logprobs is not None and r.request.sampling_params.logprobs is not None:
+                out.logprobs[r.request_id] = logprobs.slice(row, row + 1)
+
+    def _generator(self, scheduled: ScheduledRequest) -> torch.Generator | None:
+        seed = scheduled.request.sampling_params.seed
+        if seed is None:
+            return None
+        if scheduled.request_id not in self.generators:
+            self.generators[scheduled.request_id] = torch.Generator(device=self.device).manual_seed(seed)
+        return self.generators[scheduled.request_id]
+
+    def _prompt_logprobs(
+        self, scheduled: ScheduledRequest, start_row: int, hidden: torch.Tensor, out: ModelRunnerOutput
+    ) -> None:
+        # Position p predicts prompt token p + 1; the chunk covers positions [start, start + num_new).
+        request = scheduled.request
+        start = scheduled.num_computed_tokens
+        end = min(start + scheduled.num_new_tokens, request.num_prompt_tokens - 1)
+        if end <= start:
+            out.prompt_logprobs[request.request_id] = LogprobsLists([], [], [])
+            return
+        logits = self.model.compute_logits(hidden[start_row : start_row + end - start]).float()
+        next_tokens = torch.tensor(request.prompt_token_ids[start + 1 : end + 1], device=self.device)
+        num_top = request.sampling_params.prompt_logprobs or 0
+        out.prompt_logprobs[request.request_id] = compute_logprobs(logits, next_tokens, num_top).tolists()
+
+
+def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Allocates the model's parameters (uninitialized) in `dtype` on `device`; weights are loaded after."""
+    model_class = get_model_class(hf_config)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(hf_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.eval()
