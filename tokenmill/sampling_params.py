@@ -13,6 +13,8 @@ class RequestOutputKind(Enum):
 
 
 MAX_TOP_LOGPROBS = 20
+# Temperatures below this sample greedily (as in vLLM): dividing logits by them would overflow.
+SAMPLING_EPS = 1e-5
 
 
 @dataclass
@@ -87,11 +89,25 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop or []), "stop", "must be non-empty strings")
         _check(all(t >= 0 for t in self.stop_token_ids or []), "stop_token_ids", "must be non-negative")
         for token_id, bias in (self.logit_bias or {}).items():
+            _check(
+                isinstance(token_id, int) and token_id >= 0,
+                "logit_bias",
+                f"keys must be token ids (non-negative integers), got {token_id!r}",
+            )
             _check(-100.0 <= bias <= 100.0, "logit_bias", f"bias for token {token_id} must be in [-100, 100]")
+
+    def validate_token_ids(self, vocab_size: int) -> None:
+        """Check the token ids in logit_bias and stop_token_ids against the model's vocabulary."""
+        for name, ids in (
+            ("logit_bias", self.logit_bias or {}),
+            ("stop_token_ids", self.stop_token_ids or []),
+        ):
+            bad = [t for t in ids if t >= vocab_size]
+            _check(not bad, name, f"has token ids {bad} outside the vocabulary (size {vocab_size})")
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def stop_strings(self) -> list[str]:

@@ -1,0 +1,148 @@
+"""Per-step sampling state of a batch: one row per sequence that samples, as tensors on the logits' device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.sample.penalties import PenaltyTensors
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class SparseLogits:
+    """Sparse (row, token) entries of a batch, e.g. logit_bias values or tokens masked by min_tokens."""
+
+    rows: torch.Tensor  # [num_entries] int64
+    token_ids: torch.Tensor  # [num_entries] int64
+    values: torch.Tensor  # [num_entries] float32
+
+    @classmethod
+    def build(
+        cls, entries: list[tuple[int, int, float]], vocab_size: int, device: torch.device
+    ) -> SparseLogits | None:
+        """None when there are no entries. Token ids outside the vocabulary are dropped."""
+        entries = [e for e in entries if 0 <= e[1] < vocab_size]
+        if not entries:
+            return None
+        rows, token_ids, values = zip(*entries, strict=True)
+        index = torch.tensor([rows, token_ids], dtype=torch.int64).to(device)  # [2, num_entries]
+        return cls(index[0], index[1], torch.tensor(values, dtype=torch.float32).to(device))
+
+
+@dataclass
+class SamplingMetadata:
+    """How to sample each row of one step's logits. Fields that no row uses are None (fast paths)."""
+
+    num_rows: int
+    all_greedy: bool
+    all_random: bool
+    temperature: torch.Tensor | None  # [num_rows] float32, 1.0 on greedy rows; None when all greedy
+    is_greedy: torch.Tensor | None  # [num_rows] bool; None when all rows are greedy or all random
+    top_k: torch.Tensor | None  # [num_rows] int64, vocab_size where off; None when no row uses it
+    max_top_k: int  # largest top_k in use (0 when top_k is None), so top-k needs no device sync
+    top_p: torch.Tensor | None  # [num_rows] float32, 1.0 where off
+    min_p: torch.Tensor | None  # [num_rows] float32, 0.0 where off
+    generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded random rows)
+    logit_bias: SparseLogits | None  # added to the logits
+    min_tokens_mask: SparseLogits | None  # stop token ids masked (-inf) while output < min_tokens
+    penalties: PenaltyTensors | None
+    max_num_logprobs: int | None  # widest top-k logprobs any row wants; None: no row wants logprobs
+
+    @property
+    def no_penalties(self) -> bool:
+        return self.penalties is None
+
+    @property
+    def no_logit_bias(self) -> bool:
+        return self.logit_bias is None
+
+    @property
+    def no_top_k(self) -> bool:
+        return self.top_k is None
+
+    @property
+    def no_top_p(self) -> bool:
+        return self.top_p is None
+
+    @property
+    def no_min_p(self) -> bool:
+        return self.min_p is None
+
+    @property
+    def no_logits_processing(self) -> bool:
+        """True when the logits go to sampling unchanged by bias, min_tokens or penalties."""
+        return self.logit_bias is None and self.min_tokens_mask is None and self.penalties is None
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingMetadata:
+        """Metadata of the rows sampled this step, in batch order.
+
+        `vocab_size` is the logits' width. `generators[i]` is row i's own generator on `device` (from its
+        seed) or None for the default generator; greedy rows ignore it.
+        """
+        num_rows = len(params)
+        if not len(prompt_token_ids) == len(output_token_ids) == len(generators) == num_rows:
+            raise ValueError("params, prompt_token_ids, output_token_ids and generators differ in length")
+        greedy = [p.is_greedy for p in params]
+        random_params = [p for p, g in zip(params, greedy, strict=True) if not g]
+        all_greedy, all_random = not random_params, not any(greedy)
+        # Greedy rows get neutral values: temperature 1 (never a division by 0), no truncation.
+        rows = [(p, not g) for p, g in zip(params, greedy, strict=True)]
+        top_k = [p.top_k if is_random and 0 < p.top_k < vocab_size else vocab_size for p, is_random in rows]
+        floats = torch.tensor(
+            [
+                [p.temperature if is_random else 1.0 for p, is_random in rows],
+                [p.top_p if is_random else 1.0 for p, is_random in rows],
+                [p.min_p if is_random else 0.0 for p, is_random in rows],
+            ],
+            dtype=torch.float32,
+        ).to(device)  # [3, num_rows]
+        use_top_k = any(k < vocab_size for k in top_k)
+        return cls(
+            num_rows=num_rows,
+            all_greedy=all_greedy,
+            all_random=all_random,
+            temperature=None if all_greedy else floats[0],
+            is_greedy=None if all_greedy or all_random else torch.tensor(greedy).to(device),
+            top_k=torch.tensor(top_k, dtype=torch.int64).to(device) if use_top_k else None,
+            max_top_k=max((k for k in top_k if k < vocab_size), default=0),
+            top_p=floats[1] if any(p.top_p < 1.0 for p in random_params) else None,
+            min_p=floats[2] if any(p.min_p > 0.0 for p in random_params) else None,
+            generators={i: gen for i, gen in enumerate(generators) if gen is not None and not greedy[i]},
+            logit_bias=SparseLogits.build(_logit_bias_entries(params), vocab_size, device),
+            min_tokens_mask=SparseLogits.build(
+                _min_tokens_entries(params, output_token_ids), vocab_size, device
+            ),
+            penalties=PenaltyTensors.build(params, prompt_token_ids, output_token_ids, vocab_size, device),
+            max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
+        )
+
+
+def _logit_bias_entries(params: list[SamplingParams]) -> list[tuple[int, int, float]]:
+    return [
+        (row, token_id, bias)
+        for row, p in enumerate(params)
+        for token_id, bias in (p.logit_bias or {}).items()
+    ]
+
+
+def _min_tokens_entries(
+    params: list[SamplingParams], output_token_ids: list[list[int]]
+) -> list[tuple[int, int, float]]:
+    """(row, stop token id, -inf) for each row whose output is still shorter than its min_tokens."""
+    return [
+        (row, token_id, float("-inf"))
+        for row, (p, output) in enumerate(zip(params, output_token_ids, strict=True))
+        if len(output) < p.min_tokens
+        for token_id in sorted(p.all_stop_token_ids)
+    ]
