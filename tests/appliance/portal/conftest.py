@@ -1,0 +1,186 @@
+"""Live-server fixtures for the portal tests: a real upstream app and a real Portal, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest_asyncio
+from aiohttp import web
+
+from tokenmill_appliance.portal.server import Portal
+from tokenmill_appliance.settings import Settings, load_apps
+
+TOKEN = "test-open-button-token-1234"
+PASSWORD = "test-web-password-5678"
+SSE_EVENTS = 6
+SSE_INTERVAL_S = 0.4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.path,
+            "query": dict(request.query),
+            "headers": dict(request.headers),
+            "body": body.decode(),
+        }
+    )
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for i in range(SSE_EVENTS):
+        await response.write(f"data: {json.dumps({'i': i})}\n\n".encode())
+        await asyncio.sleep(SSE_INTERVAL_S)
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(protocols=("echo.v1",))
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            await ws.send_str(f"echo: {msg.data}")
+        elif msg.type == aiohttp.WSMsgType.BINARY:
+            await ws.send_bytes(msg.data[::-1])
+    return ws
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [{"id": "SmolLM2-135M-Instruct"}]})
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="m"} 3.0\n'
+        'vllm:num_requests_waiting{model_name="m"} 1.0\n'
+        'vllm:kv_cache_usage_perc{model_name="m"} 0.25\n'
+        'vllm:generation_tokens_total{model_name="m"} 100.0\n'
+        'vllm:generation_tokens_created{model_name="m"} 1.7e9\n'
+        'vllm:prefix_cache_hits_total{model_name="m"} 30.0\n'
+        'vllm:prefix_cache_queries_total{model_name="m"} 120.0\n'
+    )
+    return web.Response(text=text)
+
+
+def upstream_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/sse", sse)
+    app.router.add_get("/ws", ws_echo)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+@dataclass
+class Upstream:
+    port: int
+
+
+@pytest_asyncio.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    runner = web.AppRunner(upstream_app(), shutdown_timeout=1.0)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield Upstream(port)
+    await runner.cleanup()
+
+
+@dataclass
+class RunningPortal:
+    portal: Portal
+    settings: Settings
+    ui_port: int
+    api_port: int
+    """The edge port proxying to the upstream (the "vLLM API" app)."""
+    dead_port: int
+    """An edge port whose backend is not listening."""
+    open_port: int
+    """An edge port listed in AUTH_EXCLUDE."""
+    portal_port: int
+    """The edge port of the dashboard itself."""
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.portal.ssl_context else "http"
+
+    def url(self, port: int, path: str = "/") -> str:
+        return f"{self.scheme}://127.0.0.1:{port}{path}"
+
+
+StartPortal = Callable[..., Awaitable[RunningPortal]]
+
+
+@pytest_asyncio.fixture
+async def start_portal(tmp_path: Path, upstream: Upstream) -> AsyncIterator[StartPortal]:
+    started: list[Portal] = []
+
+    async def start(cloudflared: str | None = None, **env: str) -> RunningPortal:
+        ports = {name: free_port() for name in ("portal", "ui", "api", "dead", "dead_int", "open")}
+        config = "|".join(
+            [
+                f"localhost:{ports['portal']}:{ports['ui']}:/:Instance Portal",
+                f"127.0.0.1:{ports['api']}:{upstream.port}:/docs:vLLM API",
+                f"127.0.0.1:{ports['dead']}:{ports['dead_int']}:/:Jupyter",
+                f"127.0.0.1:{ports['open']}:{upstream.port}:/:Open App",
+            ]
+        )
+        base = {
+            "TOKENMILL_ROOT": str(tmp_path / f"root{len(started)}"),
+            "PORTAL_CONFIG": config,
+            "OPEN_BUTTON_TOKEN": TOKEN,
+            "WEB_PASSWORD": PASSWORD,
+            "ENABLE_HTTPS": "false",
+            "AUTH_EXCLUDE": str(ports["open"]),
+        }
+        settings = Settings.from_env({**base, **env})
+        portal = Portal(settings, load_apps(settings), bind_host="127.0.0.1", cloudflared=cloudflared or "")
+        await portal.start()
+        started.append(portal)
+        return RunningPortal(
+            portal, settings, ports["ui"], ports["api"], ports["dead"], ports["open"], ports["portal"]
+        )
+
+    yield start
+    for portal in started:
+        await portal.stop()
+
+
+def client_ssl() -> ssl.SSLContext:
+    """The tests trust whatever certificate the portal made (it is self-signed)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(ssl=client_ssl())
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
+        yield session

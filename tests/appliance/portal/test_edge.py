@@ -1,0 +1,236 @@
+"""The edge end to end: real Portal, real upstream, real HTTP(S) on 127.0.0.1 (spec section 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+
+import aiohttp
+import pytest
+
+from tests.appliance.portal.conftest import PASSWORD, SSE_EVENTS, SSE_INTERVAL_S, TOKEN, StartPortal
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def get(client: aiohttp.ClientSession, url: str, **kwargs: object) -> tuple[int, dict, str]:
+    async with client.get(url, allow_redirects=False, **kwargs) as response:  # type: ignore[arg-type]
+        return response.status, dict(response.headers), await response.text()
+
+
+async def test_auth_paths_accepted_and_refused(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    url = p.url(p.api_port, "/v1/echo")
+    basic_ok = "Basic " + base64.b64encode(f"vastai:{PASSWORD}".encode()).decode()
+    basic_bad = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
+    accepted = [
+        {"Authorization": f"Bearer {TOKEN}"},
+        {"Authorization": f"Bearer {PASSWORD}"},
+        {"Cookie": f"portal_auth_token={TOKEN}"},
+        {"Authorization": basic_ok},
+    ]
+    refused = [
+        {},
+        {"Authorization": f"Bearer {TOKEN}-wrong"},
+        {"Cookie": f"portal_auth_token={TOKEN}x"},
+        {"Cookie": f"xportal_auth_token={TOKEN}"},
+        {"Cookie": f"other=portal_auth_token={TOKEN}"},
+        {"Authorization": basic_bad},
+    ]
+    for headers in accepted:
+        status, _, body = await get(client, url, headers=headers)
+        assert status == 200, headers
+        assert json.loads(body)["path"] == "/v1/echo"
+    for headers in refused:
+        status, response_headers, _ = await get(client, url, headers=headers)
+        assert status == 401, headers
+        assert response_headers["WWW-Authenticate"] == 'Basic realm="restricted"'
+
+
+async def test_basic_auth_success_sets_cookie(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    basic_ok = "Basic " + base64.b64encode(f"vastai:{PASSWORD}".encode()).decode()
+    status, headers, _ = await get(client, p.url(p.api_port), headers={"Authorization": basic_ok})
+    assert status == 200
+    assert headers["Set-Cookie"].startswith(f"portal_auth_token={TOKEN};")
+
+
+async def test_query_token_redirects_a_browser(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    url = p.url(p.api_port, f"/docs?x=1&token={TOKEN}")
+    status, headers, _ = await get(client, url, headers={"Accept": "text/html,application/xhtml+xml"})
+    assert status == 302
+    assert headers["Location"] == "/docs?x=1"
+    cookie = headers["Set-Cookie"]
+    assert cookie.startswith(f"portal_auth_token={TOKEN};")
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Max-Age=604800" in cookie
+    assert "Secure" not in cookie
+    status, _, body = await get(
+        client, p.url(p.api_port, "/docs?x=1"), headers={"Cookie": cookie.split(";")[0]}
+    )
+    assert status == 200 and json.loads(body)["query"] == {"x": "1"}
+
+
+async def test_query_token_passes_an_api_client_through(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    status, headers, body = await get(client, p.url(p.api_port, f"/v1/models/x?a=1&token={TOKEN}&b=2"))
+    assert status == 200
+    echoed = json.loads(body)
+    assert echoed["query"] == {"a": "1", "b": "2"}
+    assert "Set-Cookie" in headers
+    status, _, _ = await get(client, p.url(p.api_port, "/v1/x?token=wrong"), headers={"Accept": "text/html"})
+    assert status == 401
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/manifest.json",
+        "/site.webmanifest",
+        "/.well-known/security.txt",
+        "/.well-known/acme-challenge/abc123",
+    ],
+)
+async def test_open_paths_reach_the_app_without_auth(
+    start_portal: StartPortal, client: aiohttp.ClientSession, path: str
+) -> None:
+    p = await start_portal()
+    status, _, body = await get(client, p.url(p.api_port, path))
+    assert status == 200 and json.loads(body)["path"] == path
+
+
+async def test_portal_resolver_is_answered_by_the_edge(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    status, headers, body = await get(client, p.url(p.dead_port, "/portal-resolver"))
+    assert (status, body) == (200, "")
+    assert headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_auth_exclude_port_and_enable_auth_false(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    assert (await get(client, p.url(p.open_port, "/x")))[0] == 200
+    assert (await get(client, p.url(p.api_port, "/x")))[0] == 401
+    off = await start_portal(ENABLE_AUTH="false")
+    assert (await get(client, off.url(off.api_port, "/x")))[0] == 200
+
+
+async def test_placeholder_on_a_dead_upstream(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    status, headers, body = await get(client, p.url(p.dead_port, "/lab"), headers=BEARER)
+    assert status == 502
+    assert headers["X-Portal-Placeholder"] == "true"
+    assert headers["Cache-Control"] == "no-store"
+    assert "Starting up" in body and "location.reload" in body
+
+
+async def test_forwarded_headers_and_private_headers(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    headers = {
+        "Cookie": f"a=1; portal_auth_token={TOKEN}; b=2",
+        "X-Forwarded-For": "6.6.6.6",
+        "X-Tokenmill-Edge": "forged authenticated",
+        "Keep-Alive": "timeout=5",
+    }
+    status, _, body = await get(client, p.url(p.api_port, "/h"), headers=headers)
+    assert status == 200
+    seen = json.loads(body)["headers"]
+    assert seen["X-Forwarded-For"] == "127.0.0.1" and seen["X-Real-IP"] == "127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"] == f"127.0.0.1:{p.api_port}"
+    assert seen["Cookie"] == "a=1; b=2"
+    assert "X-Tokenmill-Edge" not in seen and "Keep-Alive" not in seen
+
+
+async def test_request_body_reaches_the_app(start_portal: StartPortal, client: aiohttp.ClientSession) -> None:
+    p = await start_portal()
+    payload = "x" * 300_000
+    async with client.post(p.url(p.api_port, "/v1/completions"), data=payload, headers=BEARER) as response:
+        echoed = await response.json()
+    assert echoed["method"] == "POST" and echoed["body"] == payload
+
+
+async def test_https_served_and_http_redirected_on_the_same_port(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal(ENABLE_HTTPS="true")
+    assert p.settings.cert_file.exists() and p.settings.key_file.exists()
+    status, headers, body = await get(client, f"https://127.0.0.1:{p.api_port}/v1/x?q=1", headers=BEARER)
+    assert status == 200
+    assert json.loads(body)["headers"]["X-Forwarded-Proto"] == "https"
+    status, headers, _ = await get(
+        client, f"https://127.0.0.1:{p.api_port}/?token={TOKEN}", headers={"Accept": "text/html"}
+    )
+    assert status == 302 and "Secure" in headers["Set-Cookie"]
+    status, headers, _ = await get(client, f"http://127.0.0.1:{p.api_port}/v1/x?q=1")
+    assert status == 308
+    assert headers["Location"] == f"https://127.0.0.1:{p.api_port}/v1/x?q=1"
+
+
+async def test_sse_events_arrive_as_they_are_produced(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    arrivals: list[float] = []
+    async with client.get(p.url(p.api_port, "/sse"), headers=BEARER) as response:
+        assert response.status == 200
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == SSE_EVENTS
+    # The upstream spaces events SSE_INTERVAL_S apart. Buffered delivery would put them all within a few
+    # milliseconds of each other; compare relative spacing with wide margins for a noisy machine.
+    span = arrivals[-1] - arrivals[0]
+    expected = (SSE_EVENTS - 1) * SSE_INTERVAL_S
+    assert span > 0.5 * expected
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert sum(gap > 0.25 * SSE_INTERVAL_S for gap in gaps) >= len(gaps) - 1
+
+
+async def test_websocket_echo_through_the_edge(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    url = p.url(p.api_port, "/ws").replace("http", "ws", 1)
+    async with client.ws_connect(url, headers=BEARER, protocols=("echo.v1",)) as ws:
+        assert ws.protocol == "echo.v1"
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "echo: hello"
+        await ws.send_bytes(b"abc")
+        assert (await ws.receive(timeout=5)).data == b"cba"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        async with client.ws_connect(url):
+            pass
+    assert refused.value.status == 401
+
+
+async def test_tokens_never_logged(
+    start_portal: StartPortal, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    p = await start_portal()
+    await get(client, p.url(p.api_port, f"/?token={TOKEN}"))
+    await get(client, p.url(p.api_port, "/"), headers={"Cookie": f"portal_auth_token={TOKEN}"})
+    await get(client, p.url(p.dead_port, f"/?token={TOKEN}"))
+    await asyncio.sleep(0.1)
+    assert caplog.records
+    assert TOKEN not in caplog.text and PASSWORD not in caplog.text

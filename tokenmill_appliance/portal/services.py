@@ -1,0 +1,89 @@
+"""supervisord's programs over its XML-RPC unix socket: state, pid, uptime; start, stop, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import Faults, SupervisorTransport
+
+PROTECTED_PROGRAMS = frozenset({"portal", "edge", "tunnel_manager"})
+"""The portal itself, the edge and the tunnel manager: stopping them here would cut the UI off."""
+ACTIONS = ("start", "stop", "restart")
+
+
+class SupervisorError(RuntimeError):
+    """supervisord could not be reached or refused the call; the message says which and why."""
+
+
+class ProtectedProgramError(SupervisorError):
+    """The program may not be stopped from the portal."""
+
+
+class UnknownProgramError(SupervisorError):
+    pass
+
+
+def program_name(info: dict[str, Any]) -> str:
+    """The name supervisorctl uses: `group:name`, or just `name` for a program alone in its group."""
+    group, name = info["group"], info["name"]
+    return name if group == name else f"{group}:{name}"
+
+
+def describe(info: dict[str, Any]) -> dict[str, Any]:
+    name = program_name(info)
+    is_running = info["statename"] == "RUNNING"
+    return {
+        "name": name,
+        "state": info["statename"],
+        "pid": info["pid"] or None,
+        "uptime_s": max(0, info["now"] - info["start"]) if is_running and info["start"] else 0,
+        "description": info.get("description", ""),
+        "is_protected": info["name"] in PROTECTED_PROGRAMS,
+    }
+
+
+class SupervisorClient:
+    """A client of supervisord's XML-RPC interface on a unix socket; blocking calls run in a thread."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    def _call(self, method: str, *args: Any) -> Any:
+        if not self.socket_path.exists():
+            raise SupervisorError(f"supervisord is not running (no socket at {self.socket_path})")
+        transport = SupervisorTransport(None, None, f"unix://{self.socket_path}")
+        try:
+            proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+            return getattr(proxy.supervisor, method)(*args)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode == Faults.BAD_NAME:
+                raise UnknownProgramError(f"no program {args[0]!r} in supervisord") from None
+            raise SupervisorError(f"supervisord refused {method}: {fault.faultString}") from None
+        except OSError as exc:
+            raise SupervisorError(f"cannot reach supervisord at {self.socket_path}: {exc}") from None
+        finally:
+            transport.close()
+
+    async def programs(self) -> list[dict[str, Any]]:
+        infos = await asyncio.to_thread(self._call, "getAllProcessInfo")
+        return [describe(info) for info in infos]
+
+    def _control(self, name: str, action: str) -> dict[str, Any]:
+        info = self._call("getProcessInfo", name)
+        if action in ("stop", "restart") and info["name"] in PROTECTED_PROGRAMS:
+            raise ProtectedProgramError(f"{name} runs the portal itself and cannot be {action}ed from here")
+        is_active = info["statename"] in ("RUNNING", "STARTING", "BACKOFF")
+        if action in ("stop", "restart") and is_active:
+            self._call("stopProcess", name, True)
+        if action == "restart" or (action == "start" and not is_active):
+            self._call("startProcess", name, True)
+        return describe(self._call("getProcessInfo", name))
+
+    async def control(self, name: str, action: str) -> dict[str, Any]:
+        """Start, stop or restart program `name`; waits until supervisord reports the change."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
+        return await asyncio.to_thread(self._control, name, action)

@@ -1,0 +1,149 @@
+"""The dashboard: one static page and its JSON API, served on the portal's internal port (127.0.0.1).
+
+Requests normally arrive through the edge, which vouches for the viewer with a per-process secret header;
+a request made straight to the internal port goes through the same auth rules itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from tokenmill_appliance.portal import api
+from tokenmill_appliance.portal.auth import Verdict
+from tokenmill_appliance.portal.edge import EDGE_HEADER
+from tokenmill_appliance.portal.state import IS_AUTHENTICATED, STATE, PortalState
+from tokenmill_appliance.settings import API_APP_NAME, PortalApp
+
+STATIC_DIR = Path(__file__).parent / "static"
+CSRF_HEADER = "X-Portal-Request"
+PROBE_TIMEOUT_S = 1.5
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    if request.path == "/health":
+        return await handler(request)
+    viewer = state.edge_secret.viewer(request.headers.get(EDGE_HEADER, ""))
+    if viewer is None:
+        result = state.auth.check(request, state.portal_port)
+        if result.verdict is Verdict.DENY:
+            return state.auth.unauthorized()
+        if result.verdict is Verdict.REDIRECT:
+            return state.auth.redirect(result, request.secure)
+        viewer = "authenticated" if result.is_authenticated else "open"
+    request[IS_AUTHENTICATED] = viewer == "authenticated"
+    if request.method not in ("GET", "HEAD", "OPTIONS") and request.headers.get(CSRF_HEADER) != "1":
+        # Browsers resend cached basic-auth credentials on cross-site form posts; a custom header cannot be.
+        return web.json_response(
+            {"error": f"state-changing calls need the {CSRF_HEADER}: 1 header"}, status=403
+        )
+    return await handler(request)
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def session_info(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(
+        {
+            "authenticated": request[IS_AUTHENTICATED],
+            "tls": state.is_tls,
+            "auth_enabled": state.settings.enable_auth,
+        }
+    )
+
+
+def _viewer_host(request: web.Request) -> str:
+    try:
+        return URL(f"http://{request.host}").host or "localhost"
+    except ValueError:
+        return "localhost"
+
+
+def app_link(request: web.Request, state: PortalState, app: PortalApp) -> str:
+    """Where the viewer's browser reaches `app`: the viewer's host name, the app's external port."""
+    host = _viewer_host(request)
+    scheme = "https" if state.is_tls and app.is_proxied else "http"
+    url = URL.build(scheme=scheme, host=host, port=app.external_port, path=app.open_path or "/")
+    needs_token = app.is_proxied and not state.auth.is_port_open(app.external_port)
+    if needs_token and request[IS_AUTHENTICATED] and state.settings.open_button_token:
+        url = url.with_query(token=state.settings.open_button_token)
+    return str(url)
+
+
+async def _is_listening(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_TIMEOUT_S)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def _engine_info(state: PortalState, app: PortalApp) -> dict[str, Any]:
+    base = f"http://{app.hostname}:{app.internal_port}"
+    timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S * 2)
+    info: dict[str, Any] = {"model": None, "health": "down"}
+    try:
+        async with state.session.get(f"{base}/health", timeout=timeout) as response:
+            info["health"] = "healthy" if response.status == 200 else f"unhealthy ({response.status})"
+        async with state.session.get(f"{base}/v1/models", timeout=timeout) as response:
+            if response.status == 200:
+                models = (await response.json()).get("data") or []
+                info["model"] = models[0].get("id") if models else None
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
+        pass
+    return info
+
+
+async def _app_status(request: web.Request, state: PortalState, app: PortalApp) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "name": app.name,
+        "external_port": app.external_port,
+        "internal_port": app.internal_port,
+        "open_path": app.open_path,
+        "is_proxied": app.is_proxied,
+        "url": app_link(request, state, app),
+        "status": "up" if await _is_listening(app.hostname, app.internal_port) else "down",
+    }
+    if app.name == API_APP_NAME:
+        item["engine"] = (
+            await _engine_info(state, app) if item["status"] == "up" else {"model": None, "health": "down"}
+        )
+    return item
+
+
+async def list_apps(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    items = await asyncio.gather(*(_app_status(request, state, app) for app in state.apps))
+    return web.json_response({"apps": list(items)})
+
+
+def build_ui_app(state: PortalState) -> web.Application:
+    app = web.Application(middlewares=[auth_middleware])
+    app[STATE] = state
+    app.router.add_get("/", index)
+    app.router.add_get("/health", health)
+    app.router.add_get("/api/session", session_info)
+    app.router.add_get("/api/apps", list_apps)
+    api.add_routes(app)
+    app.router.add_static("/static/", STATIC_DIR)
+    return app
