@@ -8,6 +8,7 @@ one of the places `supervisorctl` looks by default, so `supervisorctl restart vl
 
 from __future__ import annotations
 
+import http.client
 import os
 import shlex
 import sys
@@ -66,7 +67,10 @@ def _value(text: str | Path) -> str:
 
 
 def _quote_command(command: list[str]) -> str:
-    return _value(shlex.join(command))
+    text = shlex.join(command)
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"a supervisord command cannot hold a line break: {text[:80]!r}")
+    return _value(text)
 
 
 def _program_section(program: ProgramConfig, log_dir: Path) -> str:
@@ -139,41 +143,60 @@ def supervisorctl_argv(settings: Settings, *args: str) -> list[str]:
 
 
 class SupervisorClient:
-    """supervisord's XML-RPC interface over its unix socket (`supervisor.getProcessInfo` and friends)."""
+    """supervisord's XML-RPC interface over its unix socket; close it (or use `with`) when done.
+
+    The connection is kept between calls and opened again once when supervisord dropped it.
+    """
 
     def __init__(self, socket_path: Path) -> None:
-        transport = SupervisorTransport(None, None, f"unix://{socket_path}")
+        self._transport = SupervisorTransport(None, None, f"unix://{socket_path}")
         # The host is ignored: the transport always talks to the unix socket.
-        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=self._transport)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> SupervisorClient:
         return cls(settings.supervisor_socket)
 
-    @property
-    def rpc(self) -> Any:
-        return self._proxy.supervisor
+    def __enter__(self) -> SupervisorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def call(self, method: str, *args: Any) -> Any:
+        """`supervisor.<method>(*args)`; xmlrpc.client.Fault for supervisord's own errors."""
+        for attempt in range(2):
+            try:
+                return getattr(self._proxy.supervisor, method)(*args)
+            except (OSError, http.client.HTTPException):
+                self._transport.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def process_info(self, name: str) -> dict[str, Any]:
-        return cast(dict[str, Any], self.rpc.getProcessInfo(name))
+        return cast(dict[str, Any], self.call("getProcessInfo", name))
 
     def all_process_info(self) -> list[dict[str, Any]]:
-        return cast(list[dict[str, Any]], self.rpc.getAllProcessInfo())
+        return cast(list[dict[str, Any]], self.call("getAllProcessInfo"))
 
     def state(self) -> str:
-        return str(self.rpc.getState()["statename"])
+        return str(self.call("getState")["statename"])
 
     def start(self, name: str, wait: bool = True) -> bool:
-        return bool(self.rpc.startProcess(name, wait))
+        return bool(self.call("startProcess", name, wait))
 
     def stop(self, name: str, wait: bool = True) -> bool:
-        return bool(self.rpc.stopProcess(name, wait))
+        return bool(self.call("stopProcess", name, wait))
 
     def restart(self, name: str) -> None:
-        info = self.process_info(name)
-        if info["statename"] in ("RUNNING", "STARTING", "BACKOFF"):
+        """What `supervisorctl restart NAME` does: stop when running, then start."""
+        if self.process_info(name)["statename"] in ("RUNNING", "STARTING", "BACKOFF"):
             self.stop(name)
         self.start(name)
 
     def shutdown(self) -> None:
-        self.rpc.shutdown()
+        self.call("shutdown")

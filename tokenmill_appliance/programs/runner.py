@@ -167,6 +167,8 @@ def run_child(
     returncode = child.wait()
     # Daemons the child left behind may keep the pipe open; stop waiting for their output after a grace.
     pump.join(DRAIN_GRACE_S)
+    if not pump.is_alive():
+        child.stdout.close()
     stop.child = None
     return returncode
 

@@ -1,0 +1,297 @@
+"""Program wrappers: VLLM_ARGS splitting, the tee, stop signals, back-off, the app gate, provisioning wait.
+
+Real processes throughout; the supervisord end-to-end runs are in test_boot.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tokenmill_appliance.programs.commands import (
+    Launch,
+    Skip,
+    count_gpus,
+    has_parallel_size,
+    jupyter,
+    ray,
+    serve_argv,
+    split_args,
+    vllm,
+)
+from tokenmill_appliance.programs.runner import Backoff, StopFlag, Tee, exit_status, run_child
+from tokenmill_appliance.settings import Settings, parse_portal_config
+
+REPO = Path(__file__).resolve().parents[2]
+ECHO_ARGV = [sys.executable, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]
+
+
+def settings_for(root: Path, **env: str) -> Settings:
+    return Settings.from_env({"TOKENMILL_ROOT": str(root), "OPEN_BUTTON_TOKEN": "t" * 16, **env})
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def program_env(root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPERVISOR_", "VLLM_", "PORTAL_"))}
+    pythonpath = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return {
+        **env,
+        "TOKENMILL_ROOT": str(root),
+        "PYTHONPATH": pythonpath,
+        "OPEN_BUTTON_TOKEN": "t" * 16,
+        **extra,
+    }
+
+
+# --- VLLM_ARGS -----------------------------------------------------------------------------------------
+
+
+def test_vllm_args_split_with_quotes_and_a_semicolon_is_a_literal_word(tmp_path: Path) -> None:
+    pwned = tmp_path / "pwned"
+    vllm_args = (
+        f"""--served-model-name "my model" --chat-template '{{{{ x }}}} y' ; touch {pwned} && echo $(id)"""
+    )
+    settings = settings_for(tmp_path, VLLM_ARGS=vllm_args, VLLM_MODEL="/models/a b.gguf")
+    argv = serve_argv(settings, env={})
+    expected_args = [
+        "--served-model-name",
+        "my model",
+        "--chat-template",
+        "{{ x }} y",
+        ";",
+        "touch",
+        str(pwned),
+    ]
+    assert argv == ["serve", "/models/a b.gguf", *expected_args, "&&", "echo", "$(id)"]
+    # What the server process receives, word for word, and nothing ran in a shell.
+    tee = Tee("vllm", tmp_path / "vllm.log")
+    try:
+        assert run_child([*ECHO_ARGV, *argv], tee, StopFlag()) == 0
+    finally:
+        tee.close()
+    assert json.loads((tmp_path / "vllm.log").read_text()) == argv
+    assert not pwned.exists()
+
+
+def test_vllm_args_expand_env_vars_only(tmp_path: Path) -> None:
+    assert split_args(
+        "--download-dir $WORKSPACE/models --x ${UNSET_VAR} '$(rm -rf /)'", {"WORKSPACE": "/w"}
+    ) == [
+        "--download-dir",
+        "/w/models",
+        "--x",
+        "${UNSET_VAR}",
+        "$(rm -rf /)",
+    ]
+
+
+def test_default_model_gives_no_model_argument(tmp_path: Path) -> None:
+    argv = serve_argv(settings_for(tmp_path), env={})
+    assert argv[0] == "serve" and argv[1].startswith("--")
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--download-dir") + 1] == str(tmp_path / "workspace/models")
+
+
+@pytest.mark.parametrize(
+    ("env", "vllm_args", "expected"),
+    [
+        ({"GPU_COUNT": "4"}, "--port 1", ["--tensor-parallel-size", "4"]),
+        ({"GPU_COUNT": "4", "AUTO_PARALLEL": "false"}, "--port 1", []),
+        ({"GPU_COUNT": "4", "USE_ALL_GPUS": "false"}, "--port 1", []),
+        ({"GPU_COUNT": "4"}, "--port 1 -tp 2", []),
+        ({"GPU_COUNT": "4"}, "--pipeline-parallel-size=2", []),
+        ({"GPU_COUNT": "1"}, "--port 1", []),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, "--port 1", ["--tensor-parallel-size", "3"]),
+    ],
+)
+def test_auto_parallel(tmp_path: Path, env: dict[str, str], vllm_args: str, expected: list[str]) -> None:
+    settings = settings_for(tmp_path, VLLM_ARGS=vllm_args, **env)
+    argv = serve_argv(settings, env=env)
+    assert argv == ["serve", *split_args(vllm_args, {}), *expected]
+
+
+def test_gpu_counting() -> None:
+    assert count_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert count_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
+    assert count_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == 2
+    assert has_parallel_size(["--tensor-parallel-size=8"]) and not has_parallel_size(["--tp", "2"])
+
+
+# --- the app gate --------------------------------------------------------------------------------------
+
+
+def test_builders_skip_unconfigured_apps(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    apps = parse_portal_config("localhost:1111:11111:/:Instance Portal")
+    for builder, name in ((vllm, "vLLM API"), (ray, "Ray Dashboard"), (jupyter, "Jupyter")):
+        result = builder(settings, apps)
+        assert isinstance(result, Skip) and repr(name) in result.reason and "not in" in result.reason
+
+
+def test_vllm_builder_runs_tokenmill_serve(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, VLLM_ARGS="--port 18000")
+    launch = vllm(settings, parse_portal_config("localhost:8000:18000:/docs:vllm api"))
+    assert isinstance(launch, Launch)
+    assert launch.command[-3:] == ["serve", "--port", "18000"]
+
+
+def test_wrapper_of_an_unconfigured_app_logs_one_line_and_exits_0(tmp_path: Path) -> None:
+    env = program_env(tmp_path, PORTAL_CONFIG="localhost:1111:11111:/:Instance Portal")
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenmill_appliance.cli", "program", "jupyter"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "var/log/portal/jupyter.log").read_text()
+    assert log.count("\n") == 1 and "'Jupyter' is not in" in log
+    assert log in result.stdout
+
+
+def test_wrapper_rejects_an_unknown_program(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenmill_appliance.cli", "program", "nope"],
+        env=program_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_wrapper_waits_while_provisioning_runs(tmp_path: Path) -> None:
+    marker = tmp_path / ".provisioning"
+    marker.write_text("running")
+    log = tmp_path / "var/log/portal/jupyter.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenmill_appliance.cli", "program", "jupyter"],
+        env=program_env(tmp_path, PORTAL_CONFIG="localhost:1111:11111:/:Instance Portal"),
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: log.exists() and "waiting for provisioning" in log.read_text(), 60, "the waiting line"
+        )
+        assert proc.poll() is None and "is not in" not in log.read_text()
+        marker.unlink()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "'Jupyter' is not in" in log.read_text()
+
+
+# --- the runner ----------------------------------------------------------------------------------------
+
+
+def test_tee_keeps_output_raw(tmp_path: Path) -> None:
+    raw = b"progress 10%\rprogress 100%\n\x1b[32mgreen\x1b[0m\n\xff\xfe bytes\n"
+    tee = Tee("demo", tmp_path / "demo.log")
+    try:
+        code = "import sys; sys.stdout.buffer.write(bytes.fromhex(sys.argv[1])); sys.exit(3)"
+        assert run_child([sys.executable, "-c", code, raw.hex()], tee, StopFlag()) == 3
+    finally:
+        tee.close()
+    assert (tmp_path / "demo.log").read_bytes() == raw
+
+
+def test_missing_binary_is_status_127(tmp_path: Path) -> None:
+    tee = Tee("demo", tmp_path / "demo.log")
+    try:
+        assert run_child(["/nonexistent/binary"], tee, StopFlag()) == 127
+    finally:
+        tee.close()
+    assert "cannot start /nonexistent/binary" in (tmp_path / "demo.log").read_text()
+
+
+RUNNER_SCRIPT = """
+import sys
+from pathlib import Path
+from tokenmill_appliance.programs.runner import StopFlag, Tee, run_child
+child = [sys.executable, "-c", (
+    "import os, signal, sys, time\\n"
+    "signal.signal(signal.SIGTERM, lambda *a: (print('child got TERM', flush=True), sys.exit(0)))\\n"
+    "print('child pid', os.getpid(), flush=True)\\n"
+    "time.sleep(120)\\n"
+)]
+tee = Tee("demo", Path(sys.argv[1]))
+with StopFlag().installed() as stop:
+    code = run_child(child, tee, stop)
+tee.line(f"wrapper done {code} {stop.is_set}")
+"""
+
+
+def _start_runner(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
+    log = tmp_path / "demo.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER_SCRIPT, str(log)], env=program_env(tmp_path), stdout=subprocess.DEVNULL
+    )
+    wait_for(lambda: log.exists() and "child pid" in log.read_text(), 60, "the child to start")
+    child_pid = int(log.read_text().split("child pid")[1].split()[0])
+    return proc, log, child_pid
+
+
+def test_term_to_the_wrapper_reaches_the_child(tmp_path: Path) -> None:
+    proc, log, _ = _start_runner(tmp_path)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "child got TERM" in text and "wrapper done 0 True" in text
+
+
+def test_child_dies_with_a_killed_wrapper(tmp_path: Path) -> None:
+    proc, _, child_pid = _start_runner(tmp_path)
+    child = psutil.Process(child_pid)
+    try:
+        proc.kill()
+        proc.wait(timeout=30)
+        wait_for(
+            lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 30, "the orphan to end"
+        )
+    finally:
+        if child.is_running():
+            child.kill()
+
+
+def test_exit_status() -> None:
+    assert exit_status(0) == 0 and exit_status(3) == 3 and exit_status(-9) == 137 and exit_status(300) == 255
+
+
+def test_backoff_grows_resets_and_caps(tmp_path: Path) -> None:
+    backoff = Backoff(tmp_path / "run/vllm.backoff")
+    assert backoff.delay() == 0
+    delays = []
+    for _ in range(9):
+        backoff.record_crash(ran_s=0.5)
+        delays.append(backoff.delay())
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    backoff.record_crash(ran_s=3600)
+    assert backoff.failures == 1 and backoff.delay() == 1
+    backoff.clear()
+    assert backoff.delay() == 0
+    backoff.state_file.write_text("not json")
+    assert backoff.delay() == 0
