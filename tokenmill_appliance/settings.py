@@ -298,6 +298,8 @@ class Settings:
     """CONTAINER_ID, else VAST_CONTAINERLABEL, else the host name: names the venv backup folder."""
     is_token_generated: bool = False
     """True when neither token was set and a random one (kept in `token_file`) is used."""
+    portal_host: str = "0.0.0.0"
+    """PORTAL_HOST: the address the portal's external ports listen on (tests use 127.0.0.1)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -340,6 +342,7 @@ class Settings:
             container_label=label,
             instance_id=(env.get("CONTAINER_ID") or env.get("VAST_CONTAINERLABEL") or socket.gethostname()),
             is_token_generated=is_generated,
+            portal_host=env.get("PORTAL_HOST", "").strip() or "0.0.0.0",
         )
         settings.vllm_argv  # noqa: B018 - fail early on unbalanced quotes
         return settings

@@ -159,9 +159,11 @@ class Authenticator:
         cookies: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
         cookies[self.cookie_name] = self._cookie_token
         morsel = cookies[self.cookie_name]
-        morsel.update({"path": "/", "max-age": str(COOKIE_MAX_AGE), "httponly": True, "samesite": "Lax"})
-        if is_secure:
-            morsel["secure"] = True
+        morsel["path"] = "/"
+        morsel["max-age"] = str(COOKIE_MAX_AGE)
+        morsel["httponly"] = True
+        morsel["samesite"] = "Lax"
+        morsel["secure"] = is_secure
         return morsel.OutputString()
 
     def set_cookie(self, response: web.StreamResponse, is_secure: bool) -> None:

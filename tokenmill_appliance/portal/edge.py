@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 EDGE_HEADER = "X-Tokenmill-Edge"
 """Sent only to the portal UI: `<per-process secret> authenticated|open`, so the UI knows the viewer."""
+DASHBOARD_HEALTH = "/health"
+"""Open on the dashboard's port (only there: on other ports /health belongs to the app)."""
 TLS_HANDSHAKE_RECORD = 0x16
 FIRST_BYTE_TIMEOUT = 30.0
 
@@ -62,6 +64,7 @@ class EdgeHandler:
         session: aiohttp.ClientSession,
         edge_secret: EdgeSecret | None = None,
     ) -> None:
+        """`edge_secret` is given only for the dashboard's own port."""
         self.app = app
         self.auth = auth
         self.session = session
@@ -71,7 +74,10 @@ class EdgeHandler:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/portal-resolver":
             return web.Response(status=200, headers={"Access-Control-Allow-Origin": "*"})
-        result = self.auth.check(request, self.app.external_port)
+        if self.edge_secret is not None and request.path == DASHBOARD_HEALTH:
+            result = AuthResult(Verdict.OPEN)
+        else:
+            result = self.auth.check(request, self.app.external_port)
         if result.verdict is Verdict.DENY:
             return self.auth.unauthorized()
         if result.verdict is Verdict.REDIRECT:

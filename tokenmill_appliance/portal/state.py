@@ -33,4 +33,4 @@ class PortalState:
 
 
 STATE = web.AppKey("state", PortalState)
-IS_AUTHENTICATED = "is_authenticated"
+IS_AUTHENTICATED = web.RequestKey("is_authenticated", bool)

@@ -6,15 +6,20 @@ import asyncio
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import pytest
 import pytest_asyncio
 from aiohttp import web
 
 from tokenmill_appliance.portal.server import Portal
+from tokenmill_appliance.portal.services import SupervisorClient, SupervisorError
 from tokenmill_appliance.settings import Settings, load_apps
 
 TOKEN = "test-open-button-token-1234"
@@ -184,3 +189,65 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     connector = aiohttp.TCPConnector(ssl=client_ssl())
     async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
         yield session
+
+
+SUPERVISORD_CONF = """\
+[unix_http_server]
+file={socket}
+
+[supervisord]
+logfile={dir}/supervisord.log
+pidfile={dir}/supervisord.pid
+childlogdir={dir}
+nodaemon=true
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[program:sleeper]
+command=sleep 600
+startsecs=0
+stopwaitsecs=3
+
+[program:portal]
+command=sleep 600
+startsecs=0
+stopwaitsecs=3
+"""
+
+
+def _all_running(socket_path: Path) -> bool:
+    if not socket_path.exists():
+        return False
+    try:
+        infos = SupervisorClient(socket_path)._call("getAllProcessInfo")
+    except SupervisorError:
+        return False
+    return all(info["statename"] == "RUNNING" for info in infos)
+
+
+@pytest.fixture
+def supervisord(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """Starts a real supervisord whose XML-RPC socket is at the given path (two `sleep` programs)."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(socket_path: Path) -> None:
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        conf = tmp_path / "supervisord.conf"
+        conf.write_text(SUPERVISORD_CONF.format(socket=socket_path, dir=tmp_path))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        processes.append(process)
+        deadline = time.monotonic() + 15
+        while not _all_running(socket_path):
+            assert process.poll() is None, "supervisord exited"
+            assert time.monotonic() < deadline, "supervisord did not start its programs"
+            time.sleep(0.05)
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=15)

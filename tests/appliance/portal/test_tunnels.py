@@ -1,0 +1,147 @@
+"""Tunnel start/list/refresh/stop/timeout logic, driven by a cloudflared STAND-IN script.
+
+There is no internet here and no real cloudflared: the stand-in prints what cloudflared prints around a
+quick tunnel's URL (or never prints one), so only the manager's process handling and URL parsing are
+tested, not Cloudflare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.appliance.portal.conftest import TOKEN, StartPortal
+from tokenmill_appliance.portal.tunnels import NAMED_TUNNEL_WARNING, TunnelError, TunnelManager
+
+pytestmark = pytest.mark.asyncio
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "X-Portal-Request": "1"}
+
+STAND_IN = """#!/bin/sh
+# cloudflared stand-in for tests (NOT the real cloudflared): records its arguments, prints a quick
+# tunnel banner with a URL made from its pid, then runs until stopped.
+echo "$@" > "{args_file}"
+echo "TUNNEL_TOKEN=${{TUNNEL_TOKEN:-}}" >> "{args_file}"
+echo "2026-01-01T00:00:00Z INF Requesting new quick Tunnel on trycloudflare.com..." >&2
+sleep 0.2
+echo "2026-01-01T00:00:00Z INF |  https://stand-in-$$.trycloudflare.com  |" >&2
+exec sleep 600
+"""
+
+SILENT_STAND_IN = """#!/bin/sh
+# cloudflared stand-in for tests (NOT the real cloudflared) that never prints a tunnel URL.
+echo "2026-01-01T00:00:00Z ERR failed to reach the edge" >&2
+exec sleep 600
+"""
+
+
+def write_stand_in(tmp_path: Path, text: str) -> tuple[str, Path]:
+    args_file = tmp_path / "args.txt"
+    script = tmp_path / "cloudflared"
+    script.write_text(text.format(args_file=args_file))
+    script.chmod(0o755)
+    return str(script), args_file
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+async def test_start_list_refresh_stop(tmp_path: Path) -> None:
+    binary, args_file = write_stand_in(tmp_path, STAND_IN)
+    manager = TunnelManager(binary)
+    try:
+        tunnel = await manager.start("https://localhost:1111")
+        assert tunnel["public_url"] == f"https://stand-in-{tunnel['pid']}.trycloudflare.com"
+        assert tunnel["state"] == "running"
+        assert (
+            args_file.read_text().splitlines()[0]
+            == "--no-autoupdate --url https://localhost:1111 --no-tls-verify"
+        )
+        assert [t["id"] for t in manager.status()["tunnels"]] == [tunnel["id"]]
+
+        refreshed = await manager.refresh(tunnel["id"])
+        assert refreshed["id"] == tunnel["id"] and refreshed["public_url"] != tunnel["public_url"]
+        assert not is_alive(tunnel["pid"])
+
+        await manager.stop(tunnel["id"])
+        assert manager.status()["tunnels"] == []
+        assert not is_alive(refreshed["pid"])
+        with pytest.raises(TunnelError):
+            await manager.stop(tunnel["id"])
+    finally:
+        await manager.close()
+
+
+async def test_no_url_in_time_is_an_error_and_the_process_is_gone(tmp_path: Path) -> None:
+    binary, _ = write_stand_in(tmp_path, SILENT_STAND_IN)
+    manager = TunnelManager(binary, url_timeout_s=0.5)
+    with pytest.raises(TunnelError, match="no tunnel URL within 0.5 s.*failed to reach the edge"):
+        await manager.start("http://localhost:8000")
+    assert manager.status()["tunnels"] == []
+    await manager.close()
+
+
+async def test_only_local_targets(tmp_path: Path) -> None:
+    binary, _ = write_stand_in(tmp_path, STAND_IN)
+    manager = TunnelManager(binary)
+    for target in ["http://example.com:80", "file:///etc/passwd", "http://localhost"]:
+        with pytest.raises(TunnelError, match="must be"):
+            await manager.start(target)
+
+
+async def test_without_cloudflared_says_so() -> None:
+    manager = TunnelManager(None)
+    assert manager.status()["message"] == "cloudflared is not installed on this machine"
+    with pytest.raises(TunnelError, match="not installed"):
+        await manager.start("http://localhost:8000")
+
+
+async def test_named_tunnel_token_in_env_and_warning(tmp_path: Path) -> None:
+    binary, args_file = write_stand_in(tmp_path, STAND_IN)
+    manager = TunnelManager(binary, named_token="cf-secret")
+    try:
+        await manager.start_named()
+        for _ in range(100):
+            if args_file.exists() and "TUNNEL_TOKEN" in args_file.read_text():
+                break
+            await asyncio.sleep(0.05)
+        lines = args_file.read_text().splitlines()
+        assert lines == ["--no-autoupdate tunnel run", "TUNNEL_TOKEN=cf-secret"]
+        assert manager.status()["named_warning"] == NAMED_TUNNEL_WARNING
+        assert "BYPASSES" in NAMED_TUNNEL_WARNING
+    finally:
+        await manager.close()
+
+
+@pytest.mark.slow
+async def test_tunnels_api(tmp_path: Path, start_portal: StartPortal, client: aiohttp.ClientSession) -> None:
+    binary, _ = write_stand_in(tmp_path, STAND_IN)
+    p = await start_portal(cloudflared=binary)
+    base = p.url(p.portal_port, "/api/tunnels")
+    async with client.get(base, headers=HEADERS) as response:
+        status = await response.json()
+    assert status["available"] and status["tunnels"] == []
+    assert {"name": "vLLM API", "target": f"http://localhost:{p.api_port}"} in status["targets"]
+    async with client.post(
+        base, json={"target": f"http://localhost:{p.api_port}"}, headers=HEADERS
+    ) as response:
+        assert response.status == 200
+        tunnel = (await response.json())["tunnel"]
+    assert tunnel["public_url"].endswith(".trycloudflare.com")
+    async with client.post(f"{base}/{tunnel['id']}/stop", headers=HEADERS) as response:
+        assert response.status == 200
+    async with client.get(base, headers=HEADERS) as response:
+        assert (await response.json())["tunnels"] == []
+    plain = await start_portal()
+    async with client.get(plain.url(plain.portal_port, "/api/tunnels"), headers=HEADERS) as response:
+        status = await response.json()
+    assert not status["available"] and "not installed" in status["message"]

@@ -1,0 +1,92 @@
+"""The dashboard's page and JSON API: behind the edge, and straight on the internal port."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from tests.appliance.portal.conftest import TOKEN, RunningPortal, StartPortal
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def apps_by_name(client: aiohttp.ClientSession, url: str, **kwargs: object) -> dict[str, dict]:
+    async with client.get(url, **kwargs) as response:  # type: ignore[arg-type]
+        assert response.status == 200
+        return {app["name"]: app for app in (await response.json())["apps"]}
+
+
+async def test_health_is_open_and_the_page_is_not(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    for url in (p.url(p.portal_port, "/health"), f"http://127.0.0.1:{p.ui_port}/health"):
+        async with client.get(url) as response:
+            assert response.status == 200 and (await response.json()) == {"status": "ok"}
+    async with client.get(p.url(p.portal_port, "/"), headers=BEARER) as response:
+        assert response.status == 200 and "tokenmill" in await response.text()
+    async with client.get(p.url(p.portal_port, "/static/app.js"), headers=BEARER) as response:
+        assert response.status == 200
+    for url in (p.url(p.portal_port, "/api/apps"), f"http://127.0.0.1:{p.ui_port}/api/apps"):
+        async with client.get(url) as response:
+            assert response.status == 401
+
+
+async def test_internal_port_is_loopback_only_and_ignores_a_forged_edge_header(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    internal = f"http://127.0.0.1:{p.ui_port}/api/session"
+    async with client.get(internal, headers={"X-Tokenmill-Edge": "guess authenticated"}) as response:
+        assert response.status == 401
+    async with client.get(internal, headers=BEARER) as response:
+        assert (await response.json())["authenticated"] is True
+    sockets = [s for r in p.portal._runners for site in r.sites for s in site._server.sockets]  # type: ignore[union-attr]
+    bound = {s.getsockname()[1]: s.getsockname()[0] for s in sockets}
+    assert bound[p.ui_port] == "127.0.0.1"
+
+
+async def test_apps_list_status_model_and_links(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    apps = await apps_by_name(client, p.url(p.portal_port, "/api/apps"), headers=BEARER)
+    assert list(apps) == ["Instance Portal", "vLLM API", "Jupyter", "Open App"]
+    api = apps["vLLM API"]
+    assert api["status"] == "up"
+    assert api["engine"] == {"model": "SmolLM2-135M-Instruct", "health": "healthy"}
+    assert api["url"] == f"http://127.0.0.1:{p.api_port}/docs?token={TOKEN}"
+    assert apps["Jupyter"]["status"] == "down"
+    assert apps["Open App"]["url"] == f"http://127.0.0.1:{p.open_port}/"
+
+
+async def test_links_carry_no_token_for_an_unauthenticated_viewer(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal(AUTH_EXCLUDE="")
+    open_p: RunningPortal = await start_portal(ENABLE_AUTH="false")
+    apps = await apps_by_name(client, open_p.url(open_p.portal_port, "/api/apps"))
+    assert all("token" not in app["url"] for app in apps.values())
+    assert apps["vLLM API"]["url"] == f"http://127.0.0.1:{open_p.api_port}/docs"
+    apps = await apps_by_name(client, p.url(p.portal_port, "/api/apps"), headers=BEARER)
+    assert "token=" in apps["vLLM API"]["url"]
+
+
+async def test_metrics_has_machine_and_engine_figures(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    history: list[dict] = []
+    for _ in range(50):
+        async with client.get(p.url(p.portal_port, "/api/metrics"), headers=BEARER) as response:
+            history = (await response.json())["history"]
+        if history:
+            break
+        await asyncio.sleep(0.1)
+    point = history[-1]
+    assert 0 <= point["cpu_percent"] <= 100 and 0 < point["ram_percent"] <= 100
+    assert point["requests_running"] == 3 and point["requests_waiting"] == 1
+    assert point["kv_cache_usage"] == 0.25 and point["prefix_hit_rate"] == 0.25
