@@ -115,7 +115,7 @@ def serve_argv(settings: Settings, env: Mapping[str, str] | None = None) -> list
 
 def portal(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
     # The edge serves every app's port, so it runs even without an "Instance Portal" entry.
-    return Launch([sys.executable, "-m", "tokenmill_appliance.cli", "portal"])
+    return Launch([sys.executable, "-m", "tokenmill_appliance.cli", "portal", "--host", settings.portal_host])
 
 
 def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
