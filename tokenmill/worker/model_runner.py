@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from typing import Any
 
 import torch
@@ -58,7 +60,7 @@ class ModelRunner:
         self.kv_caches = []
         for layer in self.attention_layers:
             shape = kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.kv_cache = zeroed_tensor(shape, self.dtype, self.device)
             layer.backend = backend
             self.kv_caches.append(layer.kv_cache)
 
@@ -157,6 +159,16 @@ class ModelRunner:
         next_tokens = torch.tensor(request.prompt_token_ids[start + 1 : end + 1], device=self.device)
         num_top = request.sampling_params.prompt_logprobs or 0
         out.prompt_logprobs[request.request_id] = compute_logprobs(logits, next_tokens, num_top).tolists()
+
+
+def zeroed_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor. On CPU it maps anonymous memory: the kernel supplies zero pages as they are
+    first touched, so a large KV cache costs nothing until used (torch.zeros would write every byte)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * dtype.itemsize
+    buffer = mmap.mmap(-1, num_bytes)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
 def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
