@@ -65,6 +65,7 @@ def smollm2_llm() -> Iterator[LLM]:
     yield LLM(dtype="float32", max_model_len=1024, kv_cache_memory=64 << 20)
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_matches_transformers(smollm2_llm: LLM, smollm2_hf_dir: Path) -> None:
     assert_matches_hf(run_engine(smollm2_llm), smollm2_hf_dir)
 

@@ -1,0 +1,179 @@
+"""The offline LLM API end to end on the default model: batching, chunking, caching, sampling options."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tokenmill import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+LONG_PROMPT = " ".join(f"Item {i} is a small {['red', 'blue', 'green'][i % 3]} box." for i in range(20))
+MIXED_PROMPTS = [
+    "Hi",
+    "The quick brown fox",
+    "Explain photosynthesis in one sentence:",
+    LONG_PROMPT,
+    "1, 2, 3, 4,",
+    "Paris is the capital of",
+    "In 1492, Columbus",
+    "A haiku about autumn:\n",
+    "def add(a, b):\n    return",
+    "The three primary colors are",
+    "Q: What is 2 + 2?\nA:",
+    "My favourite food is",
+    "Translate to French: cat ->",
+    "Once upon a time",
+    "The largest planet in the solar system is",
+    "SELECT * FROM",
+]
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[LLM]:
+    yield LLM(dtype="float32", max_model_len=1024, kv_cache_memory=64 << 20, max_num_batched_tokens=1024)
+
+
+def set_token_budget(llm: LLM, budget: int) -> None:
+    scheduler = llm.engine.core.scheduler
+    scheduler.config = dataclasses.replace(scheduler.config, max_num_batched_tokens=budget)
+
+
+def test_default_model_completes_a_prompt(llm: LLM) -> None:
+    (output,) = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
+    assert "Paris" in output.outputs[0].text
+    assert output.prompt == "The capital of France is"
+    assert output.outputs[0].finish_reason in ("length", "stop")
+
+
+def test_greedy_output_is_batch_and_chunk_invariant(llm: LLM) -> None:
+    alone = {p: llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in MIXED_PROMPTS[:4]}
+    set_token_budget(llm, 40)  # LONG_PROMPT (~200 tokens) now prefills in chunks, mixed with decodes
+    try:
+        batch = llm.generate(MIXED_PROMPTS, GREEDY, use_tqdm=False)
+        chunked_alone = llm.generate(LONG_PROMPT, GREEDY, use_tqdm=False)[0]
+    finally:
+        set_token_budget(llm, 1024)
+    assert len(batch) == 16
+    for output in batch[:4]:
+        assert output.outputs[0].token_ids == alone[output.prompt]
+    assert chunked_alone.outputs[0].token_ids == alone[LONG_PROMPT]
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_output(llm: LLM) -> None:
+    first = llm.generate(LONG_PROMPT + " Summary:", GREEDY, use_tqdm=False)[0]
+    second = llm.generate(LONG_PROMPT + " Summary:", GREEDY, use_tqdm=False)[0]
+    assert second.num_cached_tokens >= len(second.prompt_token_ids) - 16
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible_across_batches(llm: LLM) -> None:
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate("Tell me a story", seeded, use_tqdm=False)[0].outputs[0].token_ids
+    again = llm.generate("Tell me a story", seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    batch = llm.generate(
+        ["Other prompt", "Tell me a story", "Yet another"], [others, seeded, others], use_tqdm=False
+    )
+    assert alone == again == batch[1].outputs[0].token_ids
+    different = dataclasses.replace(seeded, seed=99)
+    assert llm.generate("Tell me a story", different, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_n_completions_share_the_prompt(llm: LLM) -> None:
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    (output,) = llm.generate("Name a fruit:", params, use_tqdm=False)
+    assert [c.index for c in output.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in output.outputs}) > 1
+    assert all(len(c.token_ids) == 12 for c in output.outputs)
+
+
+def test_stop_string_ends_the_text_before_it(llm: LLM) -> None:
+    full = llm.generate("1, 2, 3, 4,", GREEDY, use_tqdm=False)[0].outputs[0].text
+    assert " 7" in full
+    stopped = llm.generate("1, 2, 3, 4,", dataclasses.replace(GREEDY, stop=[" 7"]), use_tqdm=False)[0]
+    completion = stopped.outputs[0]
+    assert completion.text == full[: full.index(" 7")]
+    assert completion.finish_reason == "stop" and completion.stop_reason == " 7"
+    kept = dataclasses.replace(GREEDY, stop=[" 7"], include_stop_str_in_output=True)
+    assert llm.generate("1, 2, 3, 4,", kept, use_tqdm=False)[0].outputs[0].text.endswith(" 7")
+
+
+def test_stop_token_ids_and_max_tokens(llm: LLM) -> None:
+    greedy = llm.generate("1, 2, 3, 4,", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop_at = greedy[3]
+    params = dataclasses.replace(GREEDY, stop_token_ids=[stop_at])
+    completion = llm.generate("1, 2, 3, 4,", params, use_tqdm=False)[0].outputs[0]
+    assert completion.token_ids == greedy[: greedy.index(stop_at) + 1]
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop_at
+    short = llm.generate("1, 2, 3, 4,", dataclasses.replace(GREEDY, max_tokens=3), use_tqdm=False)[0]
+    assert len(short.outputs[0].token_ids) == 3 and short.outputs[0].finish_reason == "length"
+
+
+def test_eos_ends_generation_unless_ignored(llm: LLM) -> None:
+    eos = llm.get_tokenizer().eos_token_id
+    chat = [{"role": "user", "content": "Say hello."}]
+    finished = llm.chat(chat, SamplingParams(temperature=0, max_tokens=200), use_tqdm=False)[0].outputs[0]
+    assert finished.finish_reason == "stop" and finished.token_ids[-1] == eos
+    assert "<|im_end|>" not in finished.text
+    ignored = SamplingParams(temperature=0, max_tokens=len(finished.token_ids) + 5, ignore_eos=True)
+    longer = llm.chat(chat, ignored, use_tqdm=False)[0].outputs[0]
+    assert longer.finish_reason == "length" and len(longer.token_ids) == len(finished.token_ids) + 5
+
+
+def test_prompt_logprobs_cover_the_prompt(llm: LLM) -> None:
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    (output,) = llm.generate(LONG_PROMPT, params, use_tqdm=False)
+    logprobs = output.prompt_logprobs
+    assert logprobs is not None and len(logprobs) == len(output.prompt_token_ids)
+    assert logprobs[0] is None
+    for position, entry in enumerate(logprobs[1:], start=1):
+        assert entry is not None and output.prompt_token_ids[position] in entry
+        assert 1 <= len(entry) <= 3
+
+
+def test_token_id_prompts(llm: LLM) -> None:
+    ids = llm.get_tokenizer().encode("The capital of France is")
+    by_text = llm.generate("The capital of France is", GREEDY, use_tqdm=False)[0]
+    by_ids = llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
+    by_list = llm.generate([ids], GREEDY, use_tqdm=False)[0]
+    assert by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids == by_list.outputs[0].token_ids
+
+
+def test_bad_input_raises_value_error_and_engine_keeps_working(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        llm.generate("x", SamplingParams(temperature=-1))
+    with pytest.raises(ValueError, match="maximum context length"):
+        llm.generate("x", SamplingParams(max_tokens=5000))
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(TypeError, match="max_num_seqs"):
+        LLM(max_num_seq=4)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_preemption_under_a_tiny_kv_cache_keeps_outputs(tiny_model_dir: Callable[[str], Path]) -> None:
+    model = str(tiny_model_dir("qwen3"))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = MIXED_PROMPTS[:8]
+    roomy = LLM(model, dtype="float32", max_model_len=256, kv_cache_memory=16 << 20)
+    # 8 requests x (~10 prompt + 40 output) tokens need ~32 blocks of 16; give them 16.
+    block_bytes = roomy.engine.core.runner.kv_bytes_per_block()
+    tight = LLM(model, dtype="float32", max_model_len=256, kv_cache_memory=16 * block_bytes)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+    stats = tight.engine.core.get_stats()
+    assert stats.num_preemptions > 0
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_too_small_kv_cache_fails_at_start_naming_both_numbers(tiny_model_dir: Callable[[str], Path]) -> None:
+    with pytest.raises(ValueError, match=r"holds \d+ tokens .* max_model_len is 2048"):
+        LLM(str(tiny_model_dir("llama")), max_model_len=2048, kv_cache_memory=1 << 16)
