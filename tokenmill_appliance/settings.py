@@ -250,7 +250,12 @@ def _generated_token(token_file: Path) -> str:
     except FileNotFoundError:
         pass
     token = secrets.token_urlsafe(32)
-    atomic_write_text(token_file, token + "\n", mode=0o600)
+    try:
+        atomic_write_text(token_file, token + "\n", mode=0o600)
+    except OSError as exc:
+        logger.warning(
+            "cannot keep the generated token in %s (%s): it lasts for this process only", token_file, exc
+        )
     return token
 
 

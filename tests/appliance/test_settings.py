@@ -46,6 +46,7 @@ def test_defaults(tmp_path: Path) -> None:
         "--host", "127.0.0.1", "--port", "18000",
     ]  # fmt: skip
     assert s.portal_config == DEFAULT_PORTAL_CONFIG
+    assert s.portal_host == "0.0.0.0"
 
 
 def test_vllm_args_split_with_shell_rules_never_evaluated(tmp_path: Path) -> None:

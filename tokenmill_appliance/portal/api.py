@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -60,6 +61,8 @@ async def stream_log(request: web.Request) -> web.StreamResponse:
         return error(400, str(exc))
     if not path.is_file():
         return error(404, f"no log {path.name!r}")
+    if not is_same_origin(request):
+        return error(403, "the log stream only answers pages of this portal")
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
     try:
@@ -67,6 +70,12 @@ async def stream_log(request: web.Request) -> web.StreamResponse:
     finally:
         await ws.close()
     return ws
+
+
+def is_same_origin(request: web.Request) -> bool:
+    """Browsers send Origin on WebSocket handshakes; one from another site must not read the logs."""
+    origin = request.headers.get("Origin")
+    return origin is None or urlsplit(origin).netloc == request.host
 
 
 async def read_log(request: web.Request) -> web.Response:

@@ -19,7 +19,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="tokenmill portal",
         description="The authenticating TLS edge for the apps of portal.yaml, the dashboard, the tunnels.",
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address of the external ports (default 0.0.0.0)")
+    parser.add_argument(
+        "--host", default=None, help="address of the external ports (default: PORTAL_HOST or 0.0.0.0)"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
@@ -60,5 +62,5 @@ def main(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"tokenmill portal: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(settings, apps, args.host))
+    asyncio.run(serve(settings, apps, args.host or settings.portal_host))
     return 0

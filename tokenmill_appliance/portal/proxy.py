@@ -52,6 +52,11 @@ align-items:center;justify-content:center;height:100vh;margin:0}div{text-align:c
 """
 
 
+def without_query(url: str) -> str:
+    """A URL fit for logs: queries can hold a token (open paths and excluded ports pass them on)."""
+    return url.split("?", 1)[0]
+
+
 def placeholder(reason: str = "") -> web.Response:
     """The 502 page shown while a backend is down or not ready; it reloads itself."""
     if reason:
@@ -122,7 +127,7 @@ async def proxy_http(
             request.method, url, headers=headers, data=body, allow_redirects=False, compress=None
         )
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return placeholder(f"{url}: {exc}")
+        return placeholder(f"{without_query(url)}: {exc}")
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(upstream.headers))
     for name, value in on_response or []:
@@ -134,7 +139,7 @@ async def proxy_http(
         await response.write_eof()
         upstream.release()
     except (aiohttp.ClientError, ConnectionResetError) as exc:
-        logger.debug("stream to %s ended early: %s", url, exc)
+        logger.debug("stream to %s ended early: %s", without_query(url), exc)
     finally:
         upstream.close()
     return response
@@ -170,8 +175,14 @@ async def proxy_websocket(
         upstream = await session.ws_connect(
             url, headers=headers, protocols=protocols, max_msg_size=0, autoping=True, compress=0
         )
+    except aiohttp.WSServerHandshakeError as exc:
+        # The backend answered but refused the upgrade: pass its refusal on (a non-error answer is a 502).
+        status = exc.status if exc.status >= 400 else 502
+        return web.Response(
+            status=status, text=f"WebSocket refused by the backend: {exc.status} {exc.message}\n"
+        )
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return placeholder(f"{url}: {exc}")
+        return placeholder(f"{without_query(url)}: {exc}")
     client = web.WebSocketResponse(
         protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=0, autoping=True
     )

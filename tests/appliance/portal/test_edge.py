@@ -231,6 +231,8 @@ async def test_tokens_never_logged(
     await get(client, p.url(p.api_port, f"/?token={TOKEN}"))
     await get(client, p.url(p.api_port, "/"), headers={"Cookie": f"portal_auth_token={TOKEN}"})
     await get(client, p.url(p.dead_port, f"/?token={TOKEN}"))
+    await get(client, p.url(p.dead_port, f"/manifest.json?token={TOKEN}"))
+    await get(client, p.url(p.open_port, f"/?token={TOKEN}"))
     await asyncio.sleep(0.1)
     assert caplog.records
     assert TOKEN not in caplog.text and PASSWORD not in caplog.text

@@ -137,3 +137,7 @@ async def test_log_stream_sends_tail_then_appends(
         path.write_text("after truncation\n")
         again = json.loads((await ws.receive(timeout=5)).data)
         assert again["type"] == "init" and again["text"] == "after truncation\n"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        async with client.ws_connect(url, headers={**BEARER, "Origin": "http://evil.example"}):
+            pass
+    assert refused.value.status == 403
