@@ -1,0 +1,262 @@
+"""`tokenmill serve` flags: generated from the `EngineArgs` fields, plus the server's own, with vLLM's names.
+
+This is where the entrypoints read the environment (`VLLM_API_KEY`, `TOKENMILL_API_KEY`). Numbers accept
+vLLM's suffixes: lowercase k/m/g are decimal (32k = 32000), uppercase K/M/G binary (32K = 32768), and
+byte sizes also take KB/MB/GB (decimal) or KiB/MiB/GiB (binary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenmill.config import Dtype
+from tokenmill.engine.arg_utils import EngineArgs
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+API_KEY_ENV_VARS = ("VLLM_API_KEY", "TOKENMILL_API_KEY")
+_NUMBER_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_human_int(value: str) -> int:
+    """'32768', '32k' (32000), '32K' (32768), '1.5k' (1500), '4GiB', '512MB' -> an int."""
+    match = _NUMBER_RE.match(value)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number (examples: 2048, 32k, 32K, 4GiB)")
+    number, unit, byte_suffix = match.groups()
+    binary = unit.isupper() if not byte_suffix else byte_suffix.lower() == "ib"
+    scale = (1024 if binary else 1000) ** _POWERS[unit.lower()]
+    result = float(number) * scale
+    if result != int(result):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number")
+    return int(result)
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return parsed
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field (the --help text)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = following.value.value.strip()
+    return docs
+
+
+def _converter(name: str, annotation: str) -> dict[str, Any]:
+    """argparse keyword arguments for an EngineArgs field from its (string) annotation."""
+    if name == "kv_cache_memory" or annotation in ("int", "int | None"):
+        return {"type": parse_human_int}
+    if annotation == "float":
+        return {"type": float}
+    if annotation == "bool":
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation == "Dtype":
+        return {"choices": typing.get_args(Dtype)}
+    if annotation.startswith("dict"):
+        return {"type": _json_object}
+    return {"type": str}
+
+
+_FIELD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "served_model_name": {"nargs": "+", "type": str},
+    "device": {"choices": ("auto", "cpu", "cuda"), "type": str},
+}
+_FIELD_ALIASES = {"tensor_parallel_size": ["-tp"]}
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    docs = _field_docs(EngineArgs)
+    group = parser.add_argument_group("engine")
+    defaults = EngineArgs()
+    for f in dataclasses.fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = _converter(f.name, str(f.type)) | _FIELD_OVERRIDES.get(f.name, {})
+        default = getattr(defaults, f.name)
+        help_text = docs.get(f.name, "")
+        if default not in (None, {}, False) and "action" not in kwargs:
+            help_text += f" (default: {default})"
+        group.add_argument(
+            *_FIELD_ALIASES.get(f.name, []), flag, dest=f.name, default=default, help=help_text, **kwargs
+        )
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    add = group.add_argument
+    add("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
+    add("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})")
+    add(
+        "--api-key",
+        default=None,
+        help="require this bearer key on the API (also VLLM_API_KEY, TOKENMILL_API_KEY)",
+    )
+    add("--chat-template", default=None, help="a Jinja chat template: a file path or the template itself")
+    add(
+        "--generation-config",
+        default="auto",
+        help="sampling defaults: auto (the model's generation config), vllm (none), or a directory",
+    )
+    add("--allowed-origins", type=_origins, default=[], help="CORS origins, a JSON list or comma-separated")
+    add("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default: 20)")
+    add(
+        "--reasoning-parser",
+        choices=("deepseek_r1",),
+        default=None,
+        help="split <think>...</think> into reasoning_content",
+    )
+    add(
+        "--uvicorn-log-level",
+        default="warning",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        help="uvicorn's log level (default: warning; info also logs each request line)",
+    )
+    add("--enable-log-requests", action="store_true", help="log one line per request")
+    add("--disable-log-requests", action="store_true", help="do not log requests (the default)")
+
+
+def _origins(value: str) -> list[str]:
+    value = value.strip()
+    if value.startswith("["):
+        parsed = json.loads(value)
+        if not isinstance(parsed, list):
+            raise argparse.ArgumentTypeError("expected a JSON list of origins")
+        return [str(origin) for origin in parsed]
+    return [origin.strip() for origin in value.split(",") if origin.strip()]
+
+
+class ServeArgumentParser(argparse.ArgumentParser):
+    """Rejects unknown flags naming the closest known one."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, unknown = self.parse_known_args(args, namespace)
+        for item in unknown:
+            if item.startswith("-"):
+                self.error(self.unknown_flag_message(item.split("=", 1)[0]))
+        if unknown:
+            self.error(f"unexpected argument {unknown[0]!r}")
+        return parsed
+
+    def unknown_flag_message(self, flag: str) -> str:
+        known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see tokenmill serve --help"
+        return f"unknown flag {flag}{hint}"
+
+
+def make_serve_parser() -> ServeArgumentParser:
+    parser = ServeArgumentParser(
+        prog="tokenmill serve",
+        usage="tokenmill serve [MODEL] [FLAGS]  (tokenmill serve --help lists them)",
+        description="Serve a model over an OpenAI-compatible HTTP API (vLLM's flags and meanings).",
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        help="model: HF directory, .gguf file or hub id (default: embedded)",
+    )
+    _add_engine_flags(parser)
+    _add_server_flags(parser)
+    return parser
+
+
+@dataclass
+class ServeArgs:
+    """Everything `tokenmill serve` was asked for."""
+
+    engine_args: EngineArgs
+    served_model_names: list[str]
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    chat_template: str | None = None
+    generation_config: str = "auto"
+    allowed_origins: list[str] = field(default_factory=list)
+    max_logprobs: int = 20
+    reasoning_parser: str | None = None
+    uvicorn_log_level: str = "warning"
+    enable_log_requests: bool = False
+
+
+def api_key_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return next((env[name] for name in API_KEY_ENV_VARS if env.get(name)), None)
+
+
+def parse_serve_args(
+    argv: Sequence[str], environ: Mapping[str, str] | None = None, error: Callable[[str], Any] | None = None
+) -> ServeArgs:
+    """Parses `serve` flags; invalid combinations exit with a message (argparse's usual code 2)."""
+    parser = make_serve_parser()
+    ns = parser.parse_args(list(argv))
+    fail = error or parser.error
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs)}
+    if ns.model_tag is not None:
+        if values["model"] is not None and values["model"] != ns.model_tag:
+            fail(f"the model is given twice ({ns.model_tag!r} and --model {values['model']!r}); pass one")
+        values["model"] = ns.model_tag
+    names: list[str] = values.pop("served_model_name") or []
+    engine_args = EngineArgs(**values, served_model_name=names[0] if names else None)
+    try:
+        engine_args.create_engine_config()
+    except ValueError as err:
+        fail(str(err))
+    api_key = ns.api_key or api_key_from_env(environ)
+    return ServeArgs(
+        engine_args=engine_args,
+        served_model_names=names,
+        host=ns.host,
+        port=ns.port,
+        api_key=api_key,
+        chat_template=load_chat_template(ns.chat_template, fail),
+        generation_config=ns.generation_config,
+        allowed_origins=ns.allowed_origins,
+        max_logprobs=ns.max_logprobs,
+        reasoning_parser=ns.reasoning_parser,
+        uvicorn_log_level=ns.uvicorn_log_level,
+        enable_log_requests=ns.enable_log_requests and not ns.disable_log_requests,
+    )
+
+
+def load_chat_template(value: str | None, fail: Callable[[str], Any]) -> str | None:
+    """--chat-template: a file's contents, or the value itself when it is a Jinja template."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    fail(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return None

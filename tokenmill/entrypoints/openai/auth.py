@@ -1,0 +1,39 @@
+"""Bearer-key authentication as plain ASGI middleware (health, metrics and version stay open)."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tokenmill.entrypoints.openai.errors import APIError, error_response
+
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
+
+
+class APIKeyMiddleware:
+    """Rejects requests without `Authorization: Bearer <api_key>` with 401 (when a key is set)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or not self._needs_key(scope):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        error = APIError(
+            "missing or wrong API key: send it as 'Authorization: Bearer <key>'",
+            401,
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await error_response(error)(scope, receive, send)
+
+    @staticmethod
+    def _needs_key(scope: Scope) -> bool:
+        return scope["method"] != "OPTIONS" and scope["path"] not in OPEN_PATHS

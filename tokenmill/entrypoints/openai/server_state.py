@@ -1,0 +1,134 @@
+"""What the server holds: the engine once loaded, the serving objects, metrics, and the load itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.engine.async_llm import AsyncLLM
+from tokenmill.entrypoints.cli_args import ServeArgs
+from tokenmill.entrypoints.openai.errors import APIError
+from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat
+from tokenmill.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from tokenmill.entrypoints.openai.serving_engine import ServingContext
+from tokenmill.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from tokenmill.metrics.prometheus import PrometheusMetrics
+from tokenmill.metrics.stats import SchedulerStats
+
+logger = logging.getLogger("tokenmill.server")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Servers:
+    completion: OpenAIServingCompletion
+    chat: OpenAIServingChat
+    tokenization: OpenAIServingTokenization
+
+
+@dataclass
+class LoadedModel:
+    tokenizer: Any
+    eos_token_ids: frozenset[int]
+    default_sampling: dict[str, Any]
+    root: str
+
+
+class ServerState:
+    def __init__(self, args: ServeArgs) -> None:
+        self.args = args
+        self.engine_config = args.engine_args.create_engine_config()
+        self.model_root = args.engine_args.model or DEFAULT_MODEL_NAME
+        self.model_names = args.served_model_names or [self.model_root]
+        self.engine: AsyncLLM | None = None
+        self.load_error: str | None = None
+        self.server: Any = None  # the uvicorn.Server, stopped when the model cannot load
+        self._servers: Servers | None = None
+        self.metrics = PrometheusMetrics(self.model_names[0], self._stats)
+
+    def _stats(self) -> SchedulerStats:
+        return self.engine.get_stats() if self.engine is not None else SchedulerStats()
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.engine is not None and self.engine.is_ready and self._servers is not None
+
+    @property
+    def unhealthy_reason(self) -> str:
+        if self.engine is not None and self.engine.errored:
+            return f"the engine is not running: {self.engine.error_message}"
+        return "the model is still loading"
+
+    def servers(self) -> Servers:
+        """The serving objects, or 503 while the model loads or after the engine died."""
+        if not self.is_healthy or self._servers is None:
+            raise APIError(
+                self.unhealthy_reason, 503, code="engine_unavailable", headers={"Retry-After": "1"}
+            )
+        return self._servers
+
+    async def load(self) -> None:
+        """Loads the tokenizer here and the model in the core process; stops the server on failure."""
+        try:
+            loaded = await asyncio.to_thread(self._load_tokenizer)
+            self.model_root = loaded.root
+            self.engine = AsyncLLM(
+                self.engine_config,
+                loaded.tokenizer,
+                loaded.eos_token_ids,
+                max_logprobs=self.args.max_logprobs,
+                stat_loggers=[self.metrics],
+            )
+            await self.engine.start()
+        except Exception as err:
+            self.load_error = str(err) or type(err).__name__
+            if self.server is not None:
+                self.server.should_exit = True
+            return
+        ctx = ServingContext(
+            engine=self.engine,
+            tokenizer=loaded.tokenizer,
+            served_model_names=self.model_names,
+            default_sampling=loaded.default_sampling,
+            chat_template=self.args.chat_template,
+            reasoning_parser=self.args.reasoning_parser,
+            log_requests=self.args.enable_log_requests,
+        )
+        self._servers = Servers(
+            OpenAIServingCompletion(ctx), OpenAIServingChat(ctx), OpenAIServingTokenization(ctx)
+        )
+        await self._announce()
+
+    def _load_tokenizer(self) -> LoadedModel:
+        from tokenmill.loader import resolve_model
+        from tokenmill.tokenizer import load_generation_config, load_tokenizer
+
+        engine_args = self.args.engine_args
+        source = resolve_model(engine_args.model, engine_args.download_dir, engine_args.revision)
+        tokenizer = load_tokenizer(source, self.args.chat_template)
+        defaults = load_generation_config(source, tokenizer)
+        sampling: dict[str, Any] = {}
+        mode = self.args.generation_config
+        if mode != "vllm":
+            if mode != "auto":
+                defaults = load_generation_config(resolve_model(mode), tokenizer)
+            sampling = dict(defaults.sampling_defaults())
+            if "max_new_tokens" in sampling:
+                sampling["max_tokens"] = sampling.pop("max_new_tokens")
+        return LoadedModel(tokenizer, defaults.eos_token_ids, sampling, source.name)
+
+    async def _announce(self) -> None:
+        server = self.server
+        while server is not None and not server.started and not server.should_exit:
+            await asyncio.sleep(0.05)
+        host = self.args.host if ":" not in self.args.host else f"[{self.args.host}]"
+        print(
+            f"tokenmill: serving {self.model_names[0]} at http://{host}:{self.args.port}/v1 (ready)",
+            flush=True,
+        )
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()

@@ -1,0 +1,216 @@
+"""POST /v1/chat/completions: chat template -> engine -> message (or SSE deltas), with reasoning split."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.entrypoints.openai.errors import APIError
+from tokenmill.entrypoints.openai.protocol import (
+    ChatCompletionLogProb,
+    ChatCompletionLogProbs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+    random_id,
+)
+from tokenmill.entrypoints.openai.reasoning import ReasoningStream, get_reasoning_parser
+from tokenmill.entrypoints.openai.serving_engine import (
+    ServingContext,
+    clamp_logprob,
+    decoded_token,
+    first_and_rest,
+    sse,
+    sse_stream,
+    top_entries,
+    with_disconnect,
+)
+
+
+def render_chat_prompt(ctx: ServingContext, request: Any, conversation: list[dict[str, Any]]) -> str:
+    """The prompt text the chat template makes of `conversation` (runs on the tokenizer thread)."""
+    from tokenmill.tokenizer.chat import apply_chat_template
+
+    try:
+        return apply_chat_template(
+            ctx.tokenizer,
+            conversation,
+            chat_template=getattr(request, "chat_template", None) or ctx.chat_template,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            **(request.chat_template_kwargs or {}),
+        )
+    except ValueError:
+        raise
+    except Exception as err:  # a template error is the request's problem, not the server's
+        raise ValueError(f"the chat template failed on these messages: {type(err).__name__}: {err}") from None
+
+
+class OpenAIServingChat:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+        self.reasoning = get_reasoning_parser(ctx.reasoning_parser)
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
+        model = self.ctx.check_model(request.model)
+        engine = self.ctx.engine
+        try:
+            params = request.to_sampling_params(self.ctx.default_sampling)
+            conversation = request.conversation()
+            text = await engine.run_in_executor(render_chat_prompt, self.ctx, request, conversation)
+            token_ids = await engine.run_in_executor(
+                _encode, self.ctx.tokenizer, text, request.add_special_tokens
+            )
+        except ValueError as err:
+            raise APIError(str(err), 400) from None
+        request_id = random_id("chatcmpl")
+        self.ctx.log_request(request_id, len(token_ids), params)
+        prompt = {"prompt": text, "prompt_token_ids": token_ids}
+        generator = await first_and_rest(engine.generate(prompt, params, request_id))  # type: ignore[arg-type]
+        if request.stream:
+            events = self._stream(request, generator, request_id, model, params.n)
+            return StreamingResponse(sse_stream(events), media_type="text/event-stream")
+        body = await with_disconnect(raw_request, self._collect(request, generator, request_id, model))
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _collect(
+        self,
+        request: ChatCompletionRequest,
+        generator: AsyncGenerator[RequestOutput, None],
+        request_id: str,
+        model: str,
+    ) -> ChatCompletionResponse:
+        final: RequestOutput | None = None
+        async for output in generator:
+            final = output
+        assert final is not None
+        choices = []
+        for out in sorted(final.outputs, key=lambda o: o.index):
+            reasoning, content = self.reasoning.split(out.text) if self.reasoning else (None, out.text)
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=out.index,
+                    message=ChatResponseMessage(content=content, reasoning_content=reasoning),
+                    logprobs=self._logprobs(request, out),
+                    finish_reason=out.finish_reason,
+                    stop_reason=out.stop_reason,
+                )
+            )
+        num_prompt = len(final.prompt_token_ids)
+        num_generated = sum(len(out.token_ids) for out in final.outputs)
+        usage = UsageInfo(
+            prompt_tokens=num_prompt, completion_tokens=num_generated, total_tokens=num_prompt + num_generated
+        )
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+
+    def _logprobs(
+        self, request: ChatCompletionRequest, out: CompletionOutput
+    ) -> ChatCompletionLogProbs | None:
+        if not request.logprobs:
+            return None
+        content = []
+        for token_id, step in zip(out.token_ids, out.logprobs or [], strict=False):
+            content.append(self._token_logprob(token_id, step, request.top_logprobs or 0))
+        return ChatCompletionLogProbs(content=content)
+
+    def _token_logprob(self, token_id: int, step: dict[int, Logprob], num_top: int) -> ChatCompletionLogProb:
+        tokenizer = self.ctx.tokenizer
+        chosen = step.get(token_id)
+        token = decoded_token(tokenizer, token_id, chosen)
+        top = [
+            TopLogprob(
+                token=(t := decoded_token(tokenizer, tid, lp)),
+                logprob=clamp_logprob(lp.logprob),
+                bytes=list(t.encode("utf-8", errors="replace")),
+            )
+            for tid, lp in top_entries(step, num_top)
+        ]
+        return ChatCompletionLogProb(
+            token=token,
+            logprob=clamp_logprob(chosen.logprob) if chosen is not None else MIN_LOGPROB_FALLBACK,
+            bytes=list(token.encode("utf-8", errors="replace")),
+            top_logprobs=top,
+        )
+
+    async def _stream(
+        self,
+        request: ChatCompletionRequest,
+        generator: AsyncGenerator[RequestOutput, None],
+        request_id: str,
+        model: str,
+        n: int,
+    ) -> AsyncGenerator[str, None]:
+        created = int(time.time())
+        streams: dict[int, ReasoningStream] = (
+            {i: self.reasoning.stream() for i in range(n)} if self.reasoning else {}
+        )
+        usage = UsageInfo()
+        continuous = request.stream_options is not None and request.stream_options.continuous_usage_stats
+
+        def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
+            body = ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices)
+            if continuous:
+                body.usage = _total(usage)
+            return sse(body)
+
+        role = DeltaMessage(role="assistant", content="")
+        yield chunk([ChatCompletionStreamChoice(index=i, delta=role) for i in range(n)])
+        try:
+            async for output in generator:
+                usage.prompt_tokens = len(output.prompt_token_ids)
+                for out in output.outputs:
+                    usage.completion_tokens += len(out.token_ids)
+                    choice = self._delta_choice(request, out, streams.get(out.index))
+                    if choice is not None:
+                        yield chunk([choice])
+        finally:
+            await generator.aclose()
+        if request.stream_options is not None and request.stream_options.include_usage:
+            body = ChatCompletionStreamResponse(
+                id=request_id, created=created, model=model, choices=[], usage=_total(usage)
+            )
+            yield sse(body)
+
+    def _delta_choice(
+        self, request: ChatCompletionRequest, out: CompletionOutput, stream: ReasoningStream | None
+    ) -> ChatCompletionStreamChoice | None:
+        finished = out.finish_reason is not None
+        reasoning, content = stream.feed(out.text, final=finished) if stream else (None, out.text or None)
+        if not finished and reasoning is None and content is None:
+            return None
+        delta = DeltaMessage(content=content, reasoning_content=reasoning)
+        if finished and content is None and reasoning is None:
+            delta = DeltaMessage(content="")
+        return ChatCompletionStreamChoice(
+            index=out.index,
+            delta=delta,
+            logprobs=self._logprobs(request, out),
+            finish_reason=out.finish_reason,
+            stop_reason=out.stop_reason,
+        )
+
+
+MIN_LOGPROB_FALLBACK = -9999.0
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _total(usage: UsageInfo) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+    )

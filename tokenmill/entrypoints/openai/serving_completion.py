@@ -1,0 +1,219 @@
+"""POST /v1/completions: one or many prompts (text or token ids), echo, logprobs, n, streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.entrypoints.openai.errors import APIError
+from tokenmill.entrypoints.openai.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    UsageInfo,
+    random_id,
+)
+from tokenmill.entrypoints.openai.serving_engine import (
+    ServingContext,
+    clamp_logprob,
+    decoded_token,
+    first_and_rest,
+    merge_async_iterators,
+    sse,
+    sse_stream,
+    top_entries,
+    with_disconnect,
+)
+from tokenmill.sampling_params import SamplingParams
+
+
+class OpenAIServingCompletion:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
+        model = self.ctx.check_model(request.model)
+        try:
+            params = request.to_sampling_params(self.ctx.default_sampling)
+            prompts = await self._tokenize(request)
+        except ValueError as err:
+            raise APIError(str(err), 400) from None
+        request_id = random_id("cmpl")
+        generators = []
+        for i, (text, token_ids) in enumerate(prompts):
+            self.ctx.log_request(f"{request_id}-{i}", len(token_ids), params)
+            prompt = {"prompt": text, "prompt_token_ids": token_ids}
+            generator = self.ctx.engine.generate(prompt, params, f"{request_id}-{i}")  # type: ignore[arg-type]
+            generators.append(await first_and_rest(generator))
+        merged = merge_async_iterators(*generators)
+        if request.stream:
+            events = self._stream(request, params, merged, request_id, model, num_prompts=len(prompts))
+            return StreamingResponse(sse_stream(events), media_type="text/event-stream")
+        body = await with_disconnect(raw_request, self._collect(request, params, merged, request_id, model))
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _tokenize(self, request: CompletionRequest) -> list[tuple[str, list[int]]]:
+        tokenizer = self.ctx.tokenizer
+        results = []
+        for prompt in request.prompts():
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ValueError("prompt must not be empty")
+                ids = await self.ctx.engine.run_in_executor(
+                    _encode, tokenizer, prompt, request.add_special_tokens
+                )
+                results.append((prompt, ids))
+            else:
+                if any(not 0 <= t < len(tokenizer) for t in prompt):
+                    raise ValueError(f"prompt token ids must be between 0 and {len(tokenizer) - 1}")
+                results.append((tokenizer.decode(prompt), list(prompt)))
+        return results
+
+    async def _collect(
+        self,
+        request: CompletionRequest,
+        params: SamplingParams,
+        merged: AsyncGenerator[tuple[int, RequestOutput], None],
+        request_id: str,
+        model: str,
+    ) -> CompletionResponse:
+        finals: dict[int, RequestOutput] = {}
+        async for index, output in merged:
+            finals[index] = output
+        choices, usage = [], UsageInfo()
+        for prompt_index in sorted(finals):
+            final = finals[prompt_index]
+            usage.prompt_tokens += len(final.prompt_token_ids)
+            for out in sorted(final.outputs, key=lambda o: o.index):
+                usage.completion_tokens += len(out.token_ids)
+                choices.append(self._choice(request, params, final, out, prompt_index * params.n + out.index))
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+
+    def _choice(
+        self,
+        request: CompletionRequest,
+        params: SamplingParams,
+        final: RequestOutput,
+        out: CompletionOutput,
+        index: int,
+    ) -> CompletionResponseChoice:
+        prompt_text = final.prompt or ""
+        text = prompt_text + out.text if request.echo else out.text
+        logprobs = None
+        if request.logprobs is not None:
+            token_ids = list(out.token_ids)
+            steps: list[dict[int, Logprob] | None] = list(out.logprobs or [])
+            if request.echo:
+                prompt_steps = list(final.prompt_logprobs or [None] * len(final.prompt_token_ids))
+                token_ids, steps = list(final.prompt_token_ids) + token_ids, prompt_steps + steps
+            logprobs = self._logprobs(token_ids, steps, request.logprobs)
+        return CompletionResponseChoice(
+            index=index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=out.finish_reason,
+            stop_reason=out.stop_reason,
+        )
+
+    def _logprobs(
+        self, token_ids: list[int], steps: Sequence[dict[int, Logprob] | None], num_top: int, offset: int = 0
+    ) -> CompletionLogProbs:
+        result = CompletionLogProbs()
+        for token_id, step in zip(token_ids, steps, strict=False):
+            chosen = step.get(token_id) if step else None
+            token = decoded_token(self.ctx.tokenizer, token_id, chosen)
+            result.tokens.append(token)
+            result.text_offset.append(offset)
+            offset += len(token)
+            if step is None or chosen is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            result.token_logprobs.append(clamp_logprob(chosen.logprob))
+            top = {
+                decoded_token(self.ctx.tokenizer, tid, lp): clamp_logprob(lp.logprob)
+                for tid, lp in top_entries(step, num_top)
+            }
+            top.setdefault(token, clamp_logprob(chosen.logprob))
+            result.top_logprobs.append(top)
+        return result
+
+    async def _stream(
+        self,
+        request: CompletionRequest,
+        params: SamplingParams,
+        merged: AsyncGenerator[tuple[int, RequestOutput], None],
+        request_id: str,
+        model: str,
+        num_prompts: int,
+    ) -> AsyncGenerator[str, None]:
+        created = int(time.time())
+        usage = UsageInfo()
+        echoed: set[int] = set()
+        offsets: dict[int, int] = {}
+        try:
+            async for prompt_index, output in merged:
+                if prompt_index not in echoed:
+                    echoed.add(prompt_index)
+                    usage.prompt_tokens += len(output.prompt_token_ids)
+                for out in output.outputs:
+                    index = prompt_index * params.n + out.index
+                    text, logprobs = out.text, None
+                    if request.echo and index not in offsets:
+                        text = (output.prompt or "") + text
+                    if request.logprobs is not None:
+                        steps = list(out.logprobs or [])
+                        logprobs = self._logprobs(
+                            list(out.token_ids), steps, request.logprobs, offsets.get(index, 0)
+                        )
+                    offsets[index] = offsets.get(index, 0) + len(text)
+                    usage.completion_tokens += len(out.token_ids)
+                    choice = CompletionResponseChoice(
+                        index=index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=out.finish_reason,
+                        stop_reason=out.stop_reason,
+                    )
+                    chunk = _chunk(request_id, created, model, [choice])
+                    if _continuous_usage(request):
+                        chunk["usage"] = _usage(usage).model_dump()
+                    yield sse(chunk)
+        finally:
+            await merged.aclose()
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield sse(_chunk(request_id, created, model, [], usage=_usage(usage)))
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _usage(usage: UsageInfo) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+    )
+
+
+def _continuous_usage(request: CompletionRequest) -> bool:
+    return request.stream_options is not None and request.stream_options.continuous_usage_stats
+
+
+def _chunk(
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[CompletionResponseChoice],
+    usage: UsageInfo | None = None,
+) -> dict[str, Any]:
+    body = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
+    return body.model_dump(mode="json")

@@ -1,0 +1,188 @@
+"""What the serving classes share: the engine and model names, error mapping, SSE framing, logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
+from tokenmill.engine.outputs import Logprob
+from tokenmill.entrypoints.openai.errors import APIError, error_body
+
+logger = logging.getLogger(__name__)
+request_logger = logging.getLogger("tokenmill.requests")
+
+T = TypeVar("T")
+RETRY_AFTER_S = 1
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+@dataclass
+class ServingContext:
+    """The engine and the settings every endpoint needs."""
+
+    engine: AsyncLLM
+    tokenizer: Any
+    served_model_names: list[str]
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
+    reasoning_parser: str | None = None
+    log_requests: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def check_model(self, name: str | None) -> str:
+        """The served name a request's `model` refers to (the first when omitted); 404 if unknown."""
+        if not name:
+            return self.model_name
+        if name not in self.served_model_names:
+            raise APIError(
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                404,
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+    def log_request(self, request_id: str, num_prompt_tokens: int, params: Any) -> None:
+        if self.log_requests:
+            request_logger.info(
+                "request %s: %d prompt tokens, n=%s, max_tokens=%s, temperature=%s",
+                request_id,
+                num_prompt_tokens,
+                params.n,
+                params.max_tokens,
+                params.temperature,
+            )
+
+
+def engine_error(err: Exception) -> APIError:
+    """The HTTP error an engine exception becomes."""
+    if isinstance(err, ValueError):
+        return APIError(str(err), 400)
+    if isinstance(err, EngineOverloadedError):
+        return APIError(str(err), 503, code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(err, EngineDeadError):
+        return APIError(str(err), 503, code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+    raise err
+
+
+async def first_and_rest(generator: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """Awaits the first item now (so errors surface as HTTP errors), then yields it and the rest."""
+    try:
+        first = await generator.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except (ValueError, EngineOverloadedError, EngineDeadError) as err:
+        raise engine_error(err) from None
+
+    async def chained() -> AsyncGenerator[T, None]:
+        try:
+            if first is not None:
+                yield first
+                async for item in generator:
+                    yield item
+        finally:
+            await generator.aclose()
+
+    return chained()
+
+
+async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncGenerator[tuple[int, T], None]:
+    """Yields (index, item) from several generators as items arrive; closing it closes them all."""
+    if len(iterators) == 1:
+        async for item in iterators[0]:
+            yield 0, item
+        return
+    pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(iterators[index]))] = index
+                yield index, item
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for it in iterators:
+            await it.aclose()
+
+
+async def with_disconnect(raw_request: Request, handler: Awaitable[T]) -> T:
+    """Runs `handler`, cancelling it (which aborts its engine requests) if the client disconnects."""
+    work = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        raise APIError("the client disconnected", 499, code="client_disconnected")
+    return work.result()
+
+
+async def _wait_for_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sse(payload: BaseModel | dict[str, Any] | str) -> str:
+    """One server-sent event: `data: <json>\\n\\n`."""
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump_json()
+    elif isinstance(payload, dict):
+        data = json.dumps(payload, separators=(",", ":"))
+    else:
+        data = payload
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def sse_stream(events: AsyncIterator[str]) -> AsyncGenerator[str, None]:
+    """Frames a stream's events, turning a failure mid-stream into an error event, then [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as err:
+        yield sse(error_body(err.message, err.status_code, err.param, err.code))
+    except (ValueError, EngineOverloadedError, EngineDeadError) as err:
+        api_error = engine_error(err)
+        yield sse(error_body(api_error.message, api_error.status_code))
+    yield SSE_DONE
+
+
+def clamp_logprob(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+def decoded_token(tokenizer: Any, token_id: int, logprob: Logprob | None) -> str:
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return str(tokenizer.decode([token_id]))
+
+
+def top_entries(step: dict[int, Logprob], num_top: int) -> list[tuple[int, Logprob]]:
+    """The top `num_top` entries of one position's logprobs, most likely first."""
+    ranked = [(token_id, lp) for token_id, lp in step.items() if lp.rank is not None and lp.rank <= num_top]
+    return sorted(ranked, key=lambda entry: entry[1].rank or 0)
