@@ -8,6 +8,8 @@ crash exits non-zero so supervisord restarts it, the next start waiting out a gr
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 import time
 import traceback
@@ -39,7 +41,7 @@ def run_launch(name: str, launch: Launch, settings: Settings, tee: Tee, stop: St
         if stop.wait(delay):
             return 0
     env = {**os.environ, **launch.env}
-    tee.line(f"starting: {' '.join(launch.command)}")
+    tee.line(f"starting: {shlex.join(launch.command)}")
     started = time.monotonic()
     returncode = run_child(launch.command, tee, stop, env=env, cwd=launch.cwd)
     if returncode == 0 and launch.hold and not stop.is_set:
@@ -52,9 +54,12 @@ def run_launch(name: str, launch: Launch, settings: Settings, tee: Tee, stop: St
         return 0
     ran_s = time.monotonic() - started
     failures = backoff.record_crash(ran_s)
-    tee.line(
-        f"exited with status {returncode} after {ran_s:.1f}s (crash {failures}); supervisord restarts it"
+    how = (
+        f"was killed by {signal.Signals(-returncode).name}"
+        if returncode < 0
+        else f"exited with status {returncode}"
     )
+    tee.line(f"{how} after {ran_s:.1f}s (crash {failures}); supervisord restarts it")
     return exit_status(returncode)
 
 
@@ -79,7 +84,9 @@ def run_provisioning(settings: Settings, tee: Tee, stop: StopFlag) -> int:
     try:
         script = prov.fetch_script(settings)
         tee.line(f"running PROVISIONING_SCRIPT {settings.provisioning_script}")
-        returncode = run_child(prov.provisioning_command(script), tee, stop, cwd=settings.workspace)
+        # The script sees WORKSPACE resolved under TOKENMILL_ROOT, the directory it runs in.
+        env = {**os.environ, "WORKSPACE": str(settings.workspace)}
+        returncode = run_child(prov.provisioning_command(script), tee, stop, env=env, cwd=settings.workspace)
     except (OSError, prov.ProvisioningError) as exc:
         tee.line(str(exc))
     finally:
