@@ -17,7 +17,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 from tokenmill_appliance.portal.tls import ensure_cert_pair
-from tokenmill_appliance.provisioning import prepare_provisioning
+from tokenmill_appliance.provisioning import display_source, prepare_provisioning
 from tokenmill_appliance.settings import (
     PortalApp,
     PortalConfigError,
@@ -134,7 +134,7 @@ def prepare(env: MutableMapping[str, str]) -> Settings:
     prepare_tls(settings)
     is_provisioning = prepare_provisioning(settings)
     if is_provisioning:
-        log(f"first boot: running PROVISIONING_SCRIPT {settings.provisioning_script}")
+        log(f"first boot: running PROVISIONING_SCRIPT {display_source(settings.provisioning_script)}")
     conf = write_supervisord_conf(settings, default_programs(include_provisioning=is_provisioning))
     log(f"wrote {conf}")
     return settings

@@ -38,6 +38,15 @@ def is_url(source: str) -> bool:
     return urlparse(source).scheme in ("http", "https")
 
 
+def display_source(source: str) -> str:
+    """The script's source for logs: a URL without its credentials and query (they may hold a token)."""
+    if not is_url(source):
+        return source
+    parts = urlparse(source)
+    shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    return shown + ("?..." if parts.query else "")
+
+
 def prepare_provisioning(settings: Settings) -> bool:
     """At boot: drop a stale marker (a boot cut short), then create it if the script must run now."""
     marker = settings.provisioning_marker
@@ -45,7 +54,7 @@ def prepare_provisioning(settings: Settings) -> bool:
     if not settings.provisioning_script or done_marker(settings).exists():
         return False
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"provisioning from {settings.provisioning_script}\n", encoding="utf-8")
+    marker.write_text(f"provisioning from {display_source(settings.provisioning_script)}\n", encoding="utf-8")
     return True
 
 
@@ -70,7 +79,9 @@ def fetch_script(settings: Settings) -> Path:
                 shutil.copyfileobj(response, f)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise ProvisioningError(f"cannot download PROVISIONING_SCRIPT {source}: {exc}") from None
+            raise ProvisioningError(
+                f"cannot download PROVISIONING_SCRIPT {display_source(source)}: {exc}"
+            ) from None
     else:
         shutil.copyfile(local_script(settings, source), tmp)
     os.chmod(tmp, 0o700)
@@ -91,5 +102,5 @@ def finish_provisioning(settings: Settings, returncode: int) -> None:
         marker = done_marker(settings)
         marker.parent.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        marker.write_text(f"{stamp} {settings.provisioning_script}\n", encoding="utf-8")
+        marker.write_text(f"{stamp} {display_source(settings.provisioning_script)}\n", encoding="utf-8")
     settings.provisioning_marker.unlink(missing_ok=True)

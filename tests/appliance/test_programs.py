@@ -28,7 +28,14 @@ from tokenmill_appliance.programs.commands import (
     split_args,
     vllm,
 )
-from tokenmill_appliance.programs.runner import Backoff, StopFlag, Tee, exit_status, run_child
+from tokenmill_appliance.programs.runner import (
+    Backoff,
+    StopFlag,
+    Tee,
+    display_command,
+    exit_status,
+    run_child,
+)
 from tokenmill_appliance.settings import Settings, parse_portal_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -295,3 +302,10 @@ def test_backoff_grows_resets_and_caps(tmp_path: Path) -> None:
     assert backoff.delay() == 0
     backoff.state_file.write_text("not json")
     assert backoff.delay() == 0
+
+
+def test_logged_commands_hide_secret_values() -> None:
+    command = ["tokenmill", "serve", "--api-key", "s3cret", "--hf-token=abc", "--port", "1", "my model"]
+    shown = display_command(command)
+    assert "s3cret" not in shown and "abc" not in shown
+    assert shown == "tokenmill serve --api-key '********' '--hf-token=********' --port 1 'my model'"

@@ -17,6 +17,7 @@ import pytest
 
 from tokenmill_appliance.provisioning import (
     ProvisioningError,
+    display_source,
     done_marker,
     fetch_script,
     prepare_provisioning,
@@ -137,3 +138,10 @@ def test_program_failure_is_logged_and_clears_the_marker(tmp_path: Path, script:
     assert not settings.provisioning_marker.exists()
     assert not done_marker(settings).exists()
     assert prepare_provisioning(settings), "a failed script runs again at the next boot"
+
+
+def test_logs_never_show_url_credentials_or_query() -> None:
+    assert (
+        display_source("https://u:pw@example.com:8443/p.sh?token=abc") == "https://example.com:8443/p.sh?..."
+    )
+    assert display_source("/workspace/p.sh") == "/workspace/p.sh"

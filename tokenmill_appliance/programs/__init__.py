@@ -8,7 +8,6 @@ crash exits non-zero so supervisord restarts it, the next start waiting out a gr
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import sys
 import time
@@ -16,7 +15,14 @@ import traceback
 
 from tokenmill_appliance import provisioning as prov
 from tokenmill_appliance.programs.commands import BUILDERS, Launch, Skip
-from tokenmill_appliance.programs.runner import Backoff, StopFlag, Tee, exit_status, run_child
+from tokenmill_appliance.programs.runner import (
+    Backoff,
+    StopFlag,
+    Tee,
+    display_command,
+    exit_status,
+    run_child,
+)
 from tokenmill_appliance.settings import Settings, SettingsError, load_apps
 from tokenmill_appliance.venv_backup import BACKUP_INTERVAL_S, backup_venv
 
@@ -41,7 +47,7 @@ def run_launch(name: str, launch: Launch, settings: Settings, tee: Tee, stop: St
         if stop.wait(delay):
             return 0
     env = {**os.environ, **launch.env}
-    tee.line(f"starting: {shlex.join(launch.command)}")
+    tee.line(f"starting: {display_command(launch.command)}")
     started = time.monotonic()
     returncode = run_child(launch.command, tee, stop, env=env, cwd=launch.cwd)
     if returncode == 0 and launch.hold and not stop.is_set:
@@ -83,7 +89,7 @@ def run_provisioning(settings: Settings, tee: Tee, stop: StopFlag) -> int:
     returncode = 1
     try:
         script = prov.fetch_script(settings)
-        tee.line(f"running PROVISIONING_SCRIPT {settings.provisioning_script}")
+        tee.line(f"running PROVISIONING_SCRIPT {prov.display_source(settings.provisioning_script)}")
         # The script sees WORKSPACE resolved under TOKENMILL_ROOT, the directory it runs in.
         env = {**os.environ, "WORKSPACE": str(settings.workspace)}
         returncode = run_child(prov.provisioning_command(script), tee, stop, env=env, cwd=settings.workspace)

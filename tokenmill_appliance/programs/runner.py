@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -18,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
+_SECRET_FLAG = re.compile(r"^--?[\w-]*(key|token|secret|password)[\w-]*$", re.IGNORECASE)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_BACKOFF_S = 60.0
 STABLE_RUN_S = 60.0
@@ -171,6 +174,19 @@ def run_child(
         child.stdout.close()
     stop.child = None
     return returncode
+
+
+def display_command(command: list[str]) -> str:
+    """The command for a log line, values of flags like --api-key or --hf-token masked."""
+    shown: list[str] = []
+    for word in command:
+        flag, eq, _ = word.partition("=")
+        if shown and shown[-1] != "********" and _SECRET_FLAG.match(shown[-1]):
+            word = "********"
+        elif eq and _SECRET_FLAG.match(flag):
+            word = f"{flag}=********"
+        shown.append(word)
+    return shlex.join(shown)
 
 
 def exit_status(returncode: int) -> int:
