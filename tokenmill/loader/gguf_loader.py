@@ -36,7 +36,7 @@ _HF_MODULE_NAMES: dict[MODEL_TENSOR, str] = {
 _SKIPPED_TENSORS = frozenset({TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]})
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=8)
 def _cached_reader(path: str, mtime_ns: int) -> GGUFReader:
     return GGUFReader(path)
 

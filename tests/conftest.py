@@ -1,0 +1,154 @@
+"""Session-wide fixtures: the embedded default model and tiny random-weight models, built once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    TensorProcessor,
+    get_gguf_hf_weights_map,
+)
+
+from tokenmill.loader import load_hf_config
+from tokenmill.loader.gguf_loader import gguf_reader
+from tokenmill.loader.hub import ModelNotFoundError
+from tokenmill.loader.source import ModelSource, default_model_source
+from tokenmill.tokenizer import load_tokenizer
+
+TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+TINY_MODEL_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def smollm2_source() -> ModelSource:
+    """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF)."""
+    try:
+        return default_model_source()
+    except ModelNotFoundError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_source: ModelSource) -> Path:
+    """Path of the default model's GGUF file."""
+    assert smollm2_source.gguf_file is not None
+    return smollm2_source.gguf_file
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_source: ModelSource) -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer built from the GGUF (vocab 49152, ChatML chat template). Do not mutate it."""
+    return load_tokenizer(smollm2_source)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+    smollm2_source: ModelSource,
+    smollm2_tokenizer: PreTrainedTokenizerBase,
+) -> Path:
+    """The default model converted by transformers to an HF safetensors directory (float32, tied
+    embeddings, so no lm_head.weight), with its tokenizer and generation config."""
+    directory = tmp_path_factory.mktemp("smollm2-hf")
+    config = load_hf_config(smollm2_source)
+    save_file(transformers_gguf_tensors(smollm2_source, config), directory / "model.safetensors")
+    config.save_pretrained(directory)
+    GenerationConfig.from_model_config(config).save_pretrained(directory)
+    smollm2_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: PreTrainedTokenizerBase
+) -> Callable[[str], Path]:
+    """A factory: `tiny_model_dir(arch)` for arch in llama, qwen2, qwen3 is the directory of a tiny
+    random-weight model (float32 safetensors + SmolLM2's tokenizer), built once per session.
+
+    hidden 64, 2 layers, 4 heads, 2 kv heads (GQA), intermediate 128. llama: head_dim 16, untied lm_head;
+    qwen2: random non-zero q/k/v biases, tied embeddings; qwen3: explicit head_dim 32 (not hidden/heads),
+    q/k norms, untied. Norm weights are random too, so a model that skips one fails.
+    """
+    built: dict[str, Path] = {}
+
+    def build(arch: str) -> Path:
+        if arch not in built:
+            directory = tmp_path_factory.mktemp(f"tiny-{arch}")
+            save_tiny_model(arch, directory, smollm2_tokenizer)
+            built[arch] = directory
+        return built[arch]
+
+    return build
+
+
+def transformers_gguf_tensors(source: ModelSource, config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """The float32 state dict transformers' GGUF loading builds: its tensor names and its Q/K
+    un-permutation, applied to tensors that `gguf` dequantizes. (`from_pretrained(gguf_file=...)` does the
+    same but needs `accelerate`, and re-parses the whole GGUF metadata, which takes long.)"""
+    assert source.gguf_file is not None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
+    hf_names = get_gguf_hf_weights_map(model, processor)
+    tensors: dict[str, torch.Tensor] = {}
+    for tensor in gguf_reader(source.gguf_file).tensors:
+        processed = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name)
+        tensors[hf_names[processed.name]] = torch.from_numpy(np.array(processed.weights, dtype=np.float32))
+    return tensors
+
+
+def rope(theta: float) -> dict[str, Any]:
+    # transformers 5 reads `rope_theta` into `config.rope_parameters`; 4.x keeps it as an attribute.
+    return {"rope_theta": theta}
+
+
+def tiny_config(arch: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    common: dict[str, Any] = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        # Wider than the usual 0.02 so logits are spread out and greedy picks are not near-ties.
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common, head_dim=16, **rope(10000.0), tie_word_embeddings=False)
+    if arch == "qwen2":
+        return Qwen2Config(**common, **rope(1000000.0), tie_word_embeddings=True)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=32, **rope(1000000.0), tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny architecture {arch!r}: choose one of {', '.join(TINY_ARCHITECTURES)}")
+
+
+def save_tiny_model(arch: str, directory: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    torch.manual_seed(TINY_MODEL_SEED)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer), dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.2 + (0.0 if name.endswith("bias") else 1.0))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

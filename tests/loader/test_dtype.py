@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmill.loader import dtype as dtype_module
+from tokenmill.loader import resolve_dtype
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)],
+)
+def test_explicit_dtype(name: str, expected: torch.dtype) -> None:
+    assert resolve_dtype(name, "cpu") is expected
+    assert resolve_dtype(name, torch.device("cuda")) is expected
+
+
+def test_unknown_dtype_lists_the_choices() -> None:
+    with pytest.raises(
+        ValueError, match="unknown dtype 'fp8': choose one of auto, float32, bfloat16, float16"
+    ):
+        resolve_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (frozenset({"avx2", "avx512f"}), torch.float32),
+        (frozenset({"avx512f", "avx512_bf16"}), torch.bfloat16),
+        (frozenset({"amx_bf16"}), torch.bfloat16),
+        (frozenset({"fp", "asimd", "bf16"}), torch.bfloat16),
+        (frozenset(), torch.float32),
+    ],
+)
+def test_auto_on_cpu_follows_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, flags: frozenset[str], expected: torch.dtype
+) -> None:
+    monkeypatch.setattr(dtype_module, "cpu_flags", lambda: flags)
+    assert resolve_dtype("auto", "cpu") is expected
+
+
+@pytest.mark.parametrize(("bf16_supported", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_on_gpu(monkeypatch: pytest.MonkeyPatch, bf16_supported: bool, expected: torch.dtype) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    assert resolve_dtype("auto", "cuda:0") is expected
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n", frozenset({"fpu", "avx2", "avx512_bf16"})),
+        ("processor\t: 0\nFeatures\t: fp asimd bf16\n", frozenset({"fp", "asimd", "bf16"})),
+        ("processor\t: 0\n", frozenset()),
+    ],
+)
+def test_cpu_flags_from_cpuinfo(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpuinfo: str, expected: frozenset[str]
+) -> None:
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(cpuinfo)
+    monkeypatch.setattr(dtype_module, "_CPUINFO", fake)
+    dtype_module.cpu_flags.cache_clear()
+    try:
+        assert dtype_module.cpu_flags() == expected
+    finally:
+        dtype_module.cpu_flags.cache_clear()

@@ -1,0 +1,52 @@
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from tokenmill.loader import ModelSource, load_hf_config, resolve_model
+
+
+@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("qwen2", True), ("qwen3", False)])
+def test_directory_config(tiny_model_dir: Callable[[str], Path], arch: str, tied: bool) -> None:
+    config = load_hf_config(resolve_model(str(tiny_model_dir(arch))))
+    assert config.model_type == arch
+    assert config.tie_word_embeddings is tied
+    assert config.vocab_size == 49152
+    assert config.num_key_value_heads == 2
+
+
+def test_overrides_replace_fields(tiny_model_dir: Callable[[str], Path]) -> None:
+    source = resolve_model(str(tiny_model_dir("qwen3")))
+    config = load_hf_config(source, overrides={"max_position_embeddings": 512})
+    assert config.max_position_embeddings == 512
+    assert config.head_dim == 32
+
+
+def test_gguf_config_from_metadata(smollm2_gguf: Path) -> None:
+    config = load_hf_config(resolve_model(str(smollm2_gguf)))
+    assert config.model_type == "llama"
+    assert config.tie_word_embeddings is True  # the GGUF has no output.weight
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (49152, 576, 30)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
+    assert config.rope_parameters["rope_theta"] == 100000.0
+    assert config.eos_token_id == 2
+
+
+def test_gguf_config_is_a_fresh_copy(smollm2_gguf: Path) -> None:
+    source = resolve_model(str(smollm2_gguf))
+    load_hf_config(source, overrides={"max_position_embeddings": 64})
+    assert load_hf_config(source).max_position_embeddings == 8192
+
+
+def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
+    writer = GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = ModelSource(name="gpt2", path=tmp_path, gguf_file=tmp_path / "gpt2.gguf")
+    with pytest.raises(ValueError, match="GGUF architecture 'gpt2' .* is not supported"):
+        load_hf_config(source)

@@ -1,0 +1,97 @@
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tokenmill.loader import ModelSource, resolve_model
+from tokenmill.tokenizer import GenerationDefaults, load_generation_config, load_tokenizer
+
+SAMPLES = [
+    "Hello world",
+    "  leading spaces and\ttabs\nnew lines",
+    "<|im_start|>user\nHi there<|im_end|>",
+    "Unicode: café, 東京, emoji 🙂",
+    "def f(x):\n    return x ** 2",
+]
+
+
+def test_gguf_tokenizer_matches_smollm2_vocabulary(smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
+    assert len(smollm2_tokenizer) == 49152
+    assert smollm2_tokenizer.eos_token == "<|im_end|>"
+    assert smollm2_tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        0,
+        1,
+        2,
+    ]
+    assert smollm2_tokenizer("Hello world").input_ids == [19556, 905]
+    assert smollm2_tokenizer.chat_template is not None
+
+
+def test_directory_tokenizer_encodes_like_the_gguf_one(
+    smollm2_hf_dir: Path, smollm2_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    tokenizer = load_tokenizer(resolve_model(str(smollm2_hf_dir)))
+    reference = AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
+    for text in SAMPLES:
+        ids = smollm2_tokenizer(text).input_ids
+        assert tokenizer(text).input_ids == ids == reference(text).input_ids, text
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.chat_template == smollm2_tokenizer.chat_template
+
+
+def test_gguf_tokenizers_are_independent_copies(smollm2_source: ModelSource) -> None:
+    first = load_tokenizer(smollm2_source, chat_template="{{ 'custom' }}")
+    second = load_tokenizer(smollm2_source)
+    assert first.chat_template == "{{ 'custom' }}"
+    assert second.chat_template is not None and "im_start" in second.chat_template
+
+
+def test_chat_template_from_a_file(smollm2_source: ModelSource, tmp_path: Path) -> None:
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    tokenizer = load_tokenizer(smollm2_source, chat_template=str(template_file))
+    assert tokenizer.chat_template == template_file.read_text()
+
+
+def test_missing_chat_template_file(smollm2_source: ModelSource) -> None:
+    with pytest.raises(ValueError, match="neither an existing file nor a Jinja template"):
+        load_tokenizer(smollm2_source, chat_template="/no/such/template.jinja")
+
+
+def test_generation_defaults_of_the_gguf(smollm2_source: ModelSource) -> None:
+    assert load_generation_config(smollm2_source) == GenerationDefaults(eos_token_ids=frozenset({2}))
+
+
+def model_dir(tmp_path: Path, config: dict, generation_config: dict | None = None) -> ModelSource:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if generation_config is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
+    return ModelSource(name="m", path=tmp_path)
+
+
+def test_generation_config_wins(tmp_path: Path) -> None:
+    generation_config = {
+        "eos_token_id": [2, 7],
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 20,
+        "do_sample": True,
+    }
+    defaults = load_generation_config(model_dir(tmp_path, {"eos_token_id": 5}, generation_config))
+    assert defaults.eos_token_ids == frozenset({2, 7})
+    assert defaults.sampling_defaults() == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    assert defaults.repetition_penalty is None and defaults.max_new_tokens is None
+
+
+def test_eos_from_config_json_without_generation_config(tmp_path: Path) -> None:
+    defaults = load_generation_config(model_dir(tmp_path, {"eos_token_id": 5}))
+    assert defaults == GenerationDefaults(eos_token_ids=frozenset({5}))
+
+
+def test_eos_from_the_tokenizer_last(tmp_path: Path, smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
+    source = model_dir(tmp_path, {}, {"temperature": 0.3})
+    defaults = load_generation_config(source, tokenizer=copy.deepcopy(smollm2_tokenizer))
+    assert defaults.eos_token_ids == frozenset({2})
+    assert defaults.temperature == 0.3
