@@ -92,10 +92,18 @@ async def gpu_figures() -> tuple[float, float] | None:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         out, _ = await asyncio.wait_for(process.communicate(), 5)
-        rows = [[float(x) for x in line.split(",")] for line in out.decode().splitlines() if line.strip()]
-    except (TimeoutError, OSError, ValueError):
+    except (TimeoutError, OSError):
         return None
-    if not rows:
+    return parse_nvidia_smi(out.decode("utf-8", "replace"))
+
+
+def parse_nvidia_smi(text: str) -> tuple[float, float] | None:
+    """`util, mem_used, mem_total` CSV rows (one per GPU) -> (mean utilisation %, mean memory %)."""
+    try:
+        rows = [[float(x) for x in line.split(",")] for line in text.splitlines() if line.strip()]
+    except ValueError:
+        return None
+    if not rows or any(len(r) != 3 for r in rows):
         return None
     util = sum(r[0] for r in rows) / len(rows)
     memory = sum(100 * r[1] / r[2] for r in rows if r[2]) / len(rows)

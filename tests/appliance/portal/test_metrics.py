@@ -1,12 +1,13 @@
 """Parsing the engine's Prometheus text and turning counters into rates."""
 
+import shutil
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.appliance.portal.conftest import Upstream
-from tokenmill_appliance.portal.metrics import MetricsSampler, parse_prometheus
+from tokenmill_appliance.portal.metrics import MetricsSampler, gpu_figures, parse_nvidia_smi, parse_prometheus
 
 
 def test_parse_prometheus_sums_labels_and_skips_comments() -> None:
@@ -44,3 +45,22 @@ async def test_engine_down_gives_no_engine_figures() -> None:
         sampler = MetricsSampler(Path("/"), "http://127.0.0.1:9/metrics", session)
         assert await sampler.engine_figures() == {}
         assert (await sampler.sample()).requests_running is None
+
+
+def test_parse_nvidia_smi() -> None:
+    # The first row is what an idle H200 printed for the query gpu_figures() makes.
+    assert parse_nvidia_smi("0, 0, 143771\n") == (0.0, 0.0)
+    assert parse_nvidia_smi("50, 40, 80\n100, 80, 80\n") == (75.0, 75.0)
+    assert parse_nvidia_smi("[N/A], 0, 1\n") is None
+    assert parse_nvidia_smi("") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.asyncio
+async def test_gpu_figures_from_nvidia_smi() -> None:
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("no nvidia-smi on this machine")
+    figures = await gpu_figures()
+    assert figures is not None
+    utilisation, memory = figures
+    assert 0 <= utilisation <= 100 and 0 <= memory <= 100
