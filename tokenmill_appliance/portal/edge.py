@@ -164,7 +164,12 @@ class SniffingListener:
         loop = asyncio.get_running_loop()
         assert self._sock is not None
         while True:
-            conn, _ = await loop.sock_accept(self._sock)
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # e.g. out of file descriptors: keep the port alive
+                logger.warning("accept on port %d failed: %s", self.port, exc)
+                await asyncio.sleep(0.1)
+                continue
             task = asyncio.create_task(self._dispatch(conn))
             self._dispatching.add(task)
             task.add_done_callback(self._dispatching.discard)

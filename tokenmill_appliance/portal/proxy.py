@@ -25,6 +25,7 @@ HOP_BY_HOP = frozenset(
         "Trailers",
         "Transfer-Encoding",
         "Upgrade",
+        "Expect",  # the edge has already answered any 100-continue itself
     )
 )
 # aiohttp writes these itself when it opens a WebSocket.

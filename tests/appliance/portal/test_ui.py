@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import psutil
 import pytest
 
 from tests.appliance.portal.conftest import TOKEN, RunningPortal, StartPortal
@@ -44,9 +45,10 @@ async def test_internal_port_is_loopback_only_and_ignores_a_forged_edge_header(
         assert response.status == 401
     async with client.get(internal, headers=BEARER) as response:
         assert (await response.json())["authenticated"] is True
-    sockets = [s for r in p.portal._runners for site in r.sites for s in site._server.sockets]  # type: ignore[union-attr]
-    bound = {s.getsockname()[1]: s.getsockname()[0] for s in sockets}
-    assert bound[p.ui_port] == "127.0.0.1"
+    listening = psutil.Process().net_connections(kind="inet")
+    assert {c.laddr.ip for c in listening if c.laddr.port == p.ui_port and c.status == "LISTEN"} == {
+        "127.0.0.1"
+    }
 
 
 async def test_apps_list_status_model_and_links(
