@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -28,6 +28,7 @@ class LiveServer:
     url: str  # http://127.0.0.1:PORT
     process: subprocess.Popen[bytes]
     log: Path
+    clients: dict[bool, openai.OpenAI] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -38,6 +39,12 @@ class LiveServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
     def client(self, strict: bool = True) -> openai.OpenAI:
+        """A shared SDK client (closed with the server); strict validates every response's types."""
+        if strict not in self.clients:
+            self.clients[strict] = self._new_client(strict)
+        return self.clients[strict]
+
+    def _new_client(self, strict: bool) -> openai.OpenAI:
         return openai.OpenAI(
             base_url=self.api_url,
             api_key=API_KEY,
@@ -123,6 +130,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, log)
-        yield LiveServer(url, process, log)
+        live = LiveServer(url, process, log)
+        yield live
+        for client in live.clients.values():
+            client.close()
     finally:
         stop(process)

@@ -1,0 +1,88 @@
+"""Every bad request gets its 4xx with OpenAI's error body, and the server stays healthy after it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
+    ("negative temperature", CHAT, {"messages": HI, "temperature": -1}, 400),
+    ("top_p above 1", COMPLETIONS, {"prompt": "a", "top_p": 1.5}, 400),
+    ("n of 0", CHAT, {"messages": HI, "n": 0}, 400),
+    ("too many logprobs", COMPLETIONS, {"prompt": "a", "logprobs": 50}, 400),
+    ("too many top_logprobs", CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 30}, 400),
+    ("top_logprobs without logprobs", CHAT, {"messages": HI, "top_logprobs": 2}, 400),
+    ("over max_model_len", COMPLETIONS, {"prompt": "a", "max_tokens": 5000}, 400),
+    ("prompt over max_model_len", COMPLETIONS, {"prompt": "word " * 2100, "max_tokens": 1}, 400),
+    ("max_tokens 0", CHAT, {"messages": HI, "max_tokens": 0}, 400),
+    ("missing messages", CHAT, {}, 400),
+    ("empty messages", CHAT, {"messages": []}, 400),
+    ("messages of the wrong type", CHAT, {"messages": "hi"}, 400),
+    ("image content", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
+    ("json response format", CHAT, {"messages": HI, "response_format": {"type": "json_object"}}, 400),
+    ("suffix", COMPLETIONS, {"prompt": "a", "suffix": "b"}, 400),
+    ("empty prompt", COMPLETIONS, {"prompt": ""}, 400),
+    ("token id outside the vocab", COMPLETIONS, {"prompt": [10**9]}, 400),
+    ("bad logit_bias key", COMPLETIONS, {"prompt": "a", "logit_bias": {"x": 1}}, 400),
+    ("stream_options without stream", CHAT, {"messages": HI, "stream_options": {"include_usage": True}}, 400),
+    ("unknown model", CHAT, {"model": "gpt-4", "messages": HI}, 404),
+    ("unknown model, completions", COMPLETIONS, {"model": "nope", "prompt": "a"}, 404),
+    ("streamed bad request", CHAT, {"messages": HI, "stream": True, "max_tokens": 5000}, 400),
+    ("bad detokenize ids", "/detokenize", {"tokens": [-1]}, 400),
+    ("tokenize without input", "/tokenize", {}, 400),
+]
+
+
+def assert_error_body(response: Any, status: int) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"), [case[1:] for case in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_request(server, path: str, body: dict[str, Any], status: int) -> None:
+    with server.http() as http:
+        assert_error_body(http.post(path, json=body), status)
+        assert http.get("/health").status_code == 200
+
+
+def test_malformed_json_content_type_and_routes(server) -> None:
+    with server.http() as http:
+        assert_error_body(
+            http.post(CHAT, content=b"{not json", headers={"content-type": "application/json"}), 400
+        )
+        assert_error_body(
+            http.post(CHAT, content=b'{"messages": []}', headers={"content-type": "text/plain"}), 400
+        )
+        assert_error_body(
+            http.post(CHAT, content=b"[1, 2]", headers={"content-type": "application/json"}), 400
+        )
+        assert_error_body(http.get("/v1/nothing-here"), 404)
+        assert_error_body(http.get(CHAT), 405)
+        assert http.get("/health").status_code == 200
+
+
+def test_api_key(server) -> None:
+    with server.http(authorized=False) as http:
+        assert_error_body(http.post(CHAT, json={"messages": HI}), 401)
+        assert_error_body(http.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        for open_path in ("/health", "/metrics", "/version"):
+            assert http.get(open_path).status_code == 200
+
+
+def test_serves_after_errors(server) -> None:
+    with server.http() as http:
+        for _ in range(3):
+            assert_error_body(http.post(COMPLETIONS, json={"prompt": "a", "max_tokens": -3}), 400)
+        reply = http.post(COMPLETIONS, json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"]

@@ -1,0 +1,78 @@
+"""/v1/completions through the real openai SDK against a live server."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Once upon a time"
+
+
+def test_n_stop_and_logprobs(server) -> None:
+    client = server.client()
+    reply = client.completions.create(
+        model="smol", prompt=PROMPT, n=2, max_tokens=4, temperature=0, logprobs=3
+    )
+    assert reply.object == "text_completion" and sorted(c.index for c in reply.choices) == [0, 1]
+    first = reply.choices[0]
+    assert first.text == reply.choices[1].text  # greedy
+    assert first.logprobs is not None and first.logprobs.tokens is not None
+    assert "".join(first.logprobs.tokens) == first.text
+    assert first.logprobs.token_logprobs is not None and first.logprobs.top_logprobs is not None
+    assert all(len(top) >= 3 for top in first.logprobs.top_logprobs)
+    assert first.logprobs.text_offset == sorted(first.logprobs.text_offset)
+
+    stop = first.text.strip().split()[-1]
+    stopped = client.completions.create(model="smol", prompt=PROMPT, max_tokens=4, temperature=0, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
+    assert first.text.startswith(stopped.choices[0].text)
+
+
+def test_echo_and_prompt_forms(server) -> None:
+    client = server.client()
+    echoed = client.completions.create(model="smol", prompt=PROMPT, max_tokens=2, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith(PROMPT) and len(echoed.choices[0].text) > len(PROMPT)
+
+    with server.http() as http:
+        token_ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    many = client.completions.create(
+        model="smol",
+        prompt=[PROMPT, "The sky is"],
+        max_tokens=2,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    by_ids = client.completions.create(
+        model="smol", prompt=[token_ids, token_ids[:2]], max_tokens=2, temperature=0
+    )
+    single_ids = client.completions.create(model="smol", prompt=token_ids, max_tokens=2, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1] and [c.index for c in by_ids.choices] == [0, 1]
+    assert echoed.choices[0].text == PROMPT + many.choices[0].text
+    assert by_ids.choices[0].text == many.choices[0].text == single_ids.choices[0].text
+    assert many.usage is not None and many.usage.completion_tokens == 4
+
+
+def test_stream_equals_non_stream_and_echo_logprobs(server) -> None:
+    # The SDK types a completion chunk's finish_reason as required, so streamed completions (whose
+    # chunks carry null until the last, as OpenAI's and vLLM's do) need the non-strict client.
+    client = server.client(strict=False)
+    full = client.completions.create(model="smol", prompt=PROMPT, max_tokens=5, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="smol", prompt=PROMPT, max_tokens=5, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+    echoed = client.completions.create(
+        model="smol", prompt=PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=1
+    )
+    logprobs = echoed.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.tokens is not None
+    assert logprobs.token_logprobs[0] is None  # the first prompt token has no logprob
+    assert all(value is not None for value in logprobs.token_logprobs[1:])
+    assert "".join(logprobs.tokens) == echoed.choices[0].text
