@@ -1,0 +1,86 @@
+"""SamplingParams: vLLM's defaults and normalizations; every invalid value names its field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n", 0),
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", -0.1),
+        ("min_p", 1.1),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", -2.5),
+        ("frequency_penalty", 3.0),
+        ("frequency_penalty", -3.0),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("max_tokens", 0),
+        ("min_tokens", -1),
+        ("logprobs", 21),
+        ("logprobs", -1),
+        ("prompt_logprobs", 21),
+        ("prompt_logprobs", -1),
+        ("stop", [""]),
+        ("stop", ["ok", ""]),
+        ("stop_token_ids", [-1]),
+        ("logit_bias", {5: 101.0}),
+        ("logit_bias", {5: -100.5}),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {"5": 1.0}),
+    ],
+)
+def test_invalid_value_raises_naming_the_field(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"^{field} "):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_above_max_tokens() -> None:
+    with pytest.raises(ValueError, match="^min_tokens .*max_tokens"):
+        SamplingParams(min_tokens=10, max_tokens=5)
+    assert SamplingParams(min_tokens=10, max_tokens=None).min_tokens == 10
+
+
+def test_token_ids_checked_against_the_vocabulary() -> None:
+    SamplingParams(logit_bias={99: 1.0}, stop_token_ids=[99]).validate_token_ids(100)
+    with pytest.raises(ValueError, match="^logit_bias .*100"):
+        SamplingParams(logit_bias={100: 1.0}).validate_token_ids(100)
+    with pytest.raises(ValueError, match="^stop_token_ids .*100"):
+        SamplingParams(stop_token_ids=[100]).validate_token_ids(100)
+
+
+def test_normalizations() -> None:
+    params = SamplingParams(stop="###", top_k=-1)
+    assert params.stop == ["###"] and params.stop_strings == ["###"]
+    assert params.top_k == 0
+    assert params.stop_token_ids == []
+
+
+def test_greedy_below_sampling_eps() -> None:
+    assert SamplingParams(temperature=0.0).is_greedy
+    assert SamplingParams(temperature=1e-6).is_greedy
+    assert not SamplingParams(temperature=0.01).is_greedy
+
+
+def test_all_stop_token_ids() -> None:
+    params = SamplingParams(stop_token_ids=[5], eos_token_ids=frozenset({2}))
+    assert params.all_stop_token_ids == {2, 5}
+    ignoring = SamplingParams(stop_token_ids=[5], eos_token_ids=frozenset({2}), ignore_eos=True)
+    assert ignoring.all_stop_token_ids == {5}
+
+
+def test_validate_with_a_smaller_logprobs_limit() -> None:
+    params = SamplingParams(logprobs=8)
+    with pytest.raises(ValueError, match="^logprobs "):
+        params.validate(max_logprobs=5)
