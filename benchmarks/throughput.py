@@ -1,0 +1,151 @@
+"""Offline throughput: a fixed-seed batch of requests through tokenmill or through transformers.
+
+    python benchmarks/throughput.py                  # tokenmill, the embedded default model
+    python benchmarks/throughput.py --backend hf     # the same workload through transformers generate
+
+Prompts are random token ids (lengths uniform in --input-len-range), every request generates exactly
+--output-len tokens (ignore_eos), so both backends do the same work. Prints output and total tok/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Result:
+    backend: str
+    model: str
+    dtype: str
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    seconds: float
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.seconds
+
+
+def make_prompts(vocab_size: int, args: argparse.Namespace) -> list[list[int]]:
+    rng = random.Random(args.seed)
+    low, high = args.input_len_range
+    # Stay clear of the first ids (special tokens in most vocabularies).
+    return [
+        [rng.randrange(100, vocab_size) for _ in range(rng.randint(low, high))]
+        for _ in range(args.num_requests)
+    ]
+
+
+def run_tokenmill(args: argparse.Namespace) -> Result:
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(
+        args.model, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager
+    )
+    prompts = make_prompts(llm.engine.core.vocab_size, args)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    seconds = time.perf_counter() - start
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    dtype = str(llm.engine.core.dtype).removeprefix("torch.")
+    return Result(
+        "tokenmill", args.model or "default", dtype, len(prompts), sum(map(len, prompts)), num_out, seconds
+    )
+
+
+def load_hf_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """The same checkpoint as tokenmill loads (GGUF included), as a transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.engine.core import resolve_device
+    from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
+
+    source = resolve_model(args.model)
+    dtype = resolve_dtype(args.dtype, resolve_device("auto"))
+    model = AutoModelForCausalLM.from_config(load_hf_config(source), dtype=dtype)
+    missing, _ = model.load_state_dict(dict(iter_weights(source, dtype)), strict=False)
+    assert set(missing) <= {"lm_head.weight"}, f"weights missing: {missing}"
+    model.tie_weights()
+    return model.eval(), str(dtype).removeprefix("torch.")
+
+
+def run_hf(args: argparse.Namespace) -> Result:
+    model, dtype = load_hf_model(args)
+    prompts = make_prompts(model.config.vocab_size, args)
+    pad_id = 0
+    start = time.perf_counter()
+    num_out = 0
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(prompts), args.hf_batch_size), desc="hf generate", unit="batch"):
+            batch = prompts[i : i + args.hf_batch_size]
+            width = max(map(len, batch))
+            # Left padding, as decoder-only generation needs.
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=args.output_len,
+                min_new_tokens=args.output_len,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            num_out += (out.shape[1] - width) * len(batch)
+    seconds = time.perf_counter() - start
+    return Result(
+        "hf", args.model or "default", dtype, len(prompts), sum(map(len, prompts)), num_out, seconds
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backend", choices=["tokenmill", "hf"], default="tokenmill")
+    parser.add_argument("--model", default=None, help="HF dir, .gguf or hub id (default: the embedded model)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--input-len-range", type=int, nargs=2, default=(64, 512), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--hf-batch-size", type=int, default=16, help="padded batch size of --backend hf")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    result = run_tokenmill(args) if args.backend == "tokenmill" else run_hf(args)
+    if args.json:
+        print(
+            json.dumps(
+                {**asdict(result), "output_tok_s": result.output_tok_s, "total_tok_s": result.total_tok_s}
+            )
+        )
+    else:
+        print(
+            f"{result.backend} ({result.dtype}): {result.num_requests} requests, "
+            f"{result.prompt_tokens} prompt + "
+            f"{result.output_tokens} output tokens in {result.seconds:.1f} s: "
+            f"{result.output_tok_s:.1f} output tok/s, {result.total_tok_s:.1f} total tok/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
