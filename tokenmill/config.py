@@ -30,6 +30,8 @@ class ModelConfig:
     """Name reported by the API; defaults to the model argument."""
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     """Values that replace the model's config fields."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """auto: the checkpoint's weights; dummy: small random weights (benchmarks of a shape, no checkpoint)."""
 
 
 @dataclass(frozen=True)

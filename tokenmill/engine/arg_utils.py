@@ -7,7 +7,7 @@ from these fields (see `tokenmill/entrypoints/cli_args.py`), so a new option is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from tokenmill.config import (
     CacheConfig,
@@ -59,6 +59,8 @@ class EngineArgs:
     """cpu, cuda or auto."""
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     """Values that replace fields of the model's config."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """auto: load the checkpoint; dummy: random weights of the model's shape (benchmarks)."""
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -80,6 +82,7 @@ class EngineArgs:
                 seed=self.seed,
                 served_model_name=self.served_model_name,
                 hf_overrides=dict(self.hf_overrides),
+                load_format=self.load_format,
             ),
             cache=CacheConfig(
                 block_size=self.block_size,

@@ -52,7 +52,10 @@ class EngineCore:
         self.vocab_size: int = self.hf_config.vocab_size
 
         self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype)
-        self.runner.load_weights(iter_weights(self.source, self.dtype))
+        if config.model.load_format == "dummy":
+            self.runner.init_dummy_weights()
+        else:
+            self.runner.load_weights(iter_weights(self.source, self.dtype))
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)

@@ -44,6 +44,16 @@ class ModelRunner:
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
 
+    @torch.inference_mode()
+    def init_dummy_weights(self) -> None:
+        """Small random weights in place of a checkpoint (norm weights 1), for benchmarks of a model shape."""
+        generator = torch.Generator(device=self.device).manual_seed(self.config.model.seed)
+        for name, param in self.model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.uniform_(-0.05, 0.05, generator=generator)
+
     # --- KV cache ---------------------------------------------------------------------------------
 
     @property
