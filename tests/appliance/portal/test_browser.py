@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.appliance.portal.conftest import TOKEN, StartPortal
+from .conftest import TOKEN, StartPortal
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.asyncio]
 CHROMIUM = "/usr/bin/chromium"

@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.appliance.portal.conftest import PASSWORD, SSE_EVENTS, SSE_INTERVAL_S, TOKEN, StartPortal
+from .conftest import PASSWORD, SSE_EVENTS, SSE_INTERVAL_S, TOKEN, StartPortal
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

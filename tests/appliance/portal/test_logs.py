@@ -11,7 +11,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.appliance.portal.conftest import TOKEN, StartPortal
 from tokenmill_appliance.portal.logs import (
     TAIL_LINES,
     LogPathError,
@@ -21,6 +20,8 @@ from tokenmill_appliance.portal.logs import (
     trim_file,
     zip_logs,
 )
+
+from .conftest import TOKEN, StartPortal
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 

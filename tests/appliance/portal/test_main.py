@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.appliance.portal.conftest import free_port
 from tokenmill_appliance.portal.main import main
+
+from .conftest import free_port
 
 TOKEN = "process-token-0123456789-wxyz"
 

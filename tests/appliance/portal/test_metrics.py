@@ -6,8 +6,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.appliance.portal.conftest import Upstream
 from tokenmill_appliance.portal.metrics import MetricsSampler, gpu_figures, parse_nvidia_smi, parse_prometheus
+
+from .conftest import Upstream
 
 
 def test_parse_prometheus_sums_labels_and_skips_comments() -> None:
@@ -26,6 +27,7 @@ def test_parse_prometheus_sums_labels_and_skips_comments() -> None:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_engine_figures_from_a_live_metrics_endpoint(upstream: Upstream) -> None:
     async with aiohttp.ClientSession() as session:

@@ -8,13 +8,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.appliance.portal.conftest import TOKEN, StartPortal
 from tokenmill_appliance.portal.services import (
     ProtectedProgramError,
     SupervisorClient,
     SupervisorError,
     UnknownProgramError,
 )
+
+from .conftest import TOKEN, StartPortal
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "X-Portal-Request": "1"}

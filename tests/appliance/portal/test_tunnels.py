@@ -14,8 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.appliance.portal.conftest import TOKEN, StartPortal
 from tokenmill_appliance.portal.tunnels import NAMED_TUNNEL_WARNING, TunnelError, TunnelManager
+
+from .conftest import TOKEN, StartPortal
 
 pytestmark = pytest.mark.asyncio
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "X-Portal-Request": "1"}

@@ -8,7 +8,7 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.appliance.portal.conftest import TOKEN, RunningPortal, StartPortal
+from .conftest import TOKEN, RunningPortal, StartPortal
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
