@@ -349,3 +349,24 @@ def test_a_killed_model_server_is_restarted(served: tuple[Appliance, int, int]) 
 
     wait_for(healthy, SERVER_START_S, "/health after the restart")
     assert "was killed by SIGKILL" in appliance.log("vllm")
+
+
+def test_boot_and_wrappers_never_import_the_engine_or_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys, tokenmill_appliance.boot, tokenmill_appliance.programs, tokenmill_appliance.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tokenmill', 'torch')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=base_env(tmp_path), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_tokenmill_boot_is_the_same_entrypoint(tmp_path: Path) -> None:
+    env = base_env(tmp_path, PORTAL_CONFIG=portal_only(free_port()))
+    command = [sys.executable, "-m", "tokenmill.entrypoints.cli", "boot", "--no-exec"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "supervisor.supervisord -n -c" in result.stdout
+    assert (tmp_path / "etc/supervisor/supervisord.conf").exists()

@@ -309,3 +309,35 @@ def test_logged_commands_hide_secret_values() -> None:
     shown = display_command(command)
     assert "s3cret" not in shown and "abc" not in shown
     assert shown == "tokenmill serve --api-key '********' '--hf-token=********' --port 1 'my model'"
+
+
+HOLD_SCRIPT = """
+import sys
+from pathlib import Path
+from tokenmill_appliance.programs import run_launch
+from tokenmill_appliance.programs.commands import Launch
+from tokenmill_appliance.programs.runner import StopFlag, Tee
+from tokenmill_appliance.settings import Settings
+py = sys.executable
+start, stop_command = [py, "-c", "print('daemon started')"], [py, "-c", "print('daemon stopped')"]
+launch = Launch(start, on_exit=stop_command, hold=True)
+tee = Tee("demo", Path(sys.argv[1]))
+with StopFlag().installed() as stop:
+    sys.exit(run_launch("demo", launch, Settings.from_env(), tee, stop))
+"""
+
+
+def test_a_held_launch_stays_up_until_stopped_then_runs_its_exit_command(tmp_path: Path) -> None:
+    """The shape of the `ray` program: `ray start` returns at once, `ray stop` runs on the way out."""
+    log = tmp_path / "demo.log"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(log)], env=program_env(tmp_path))
+    try:
+        wait_for(lambda: log.exists() and "daemon started" in log.read_text(), 60, "the start command")
+        assert proc.poll() is None and "daemon stopped" not in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert log.read_text().rstrip().endswith("stopped") and "daemon stopped" in log.read_text()

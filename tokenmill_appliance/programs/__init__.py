@@ -45,6 +45,7 @@ def run_launch(name: str, launch: Launch, settings: Settings, tee: Tee, stop: St
     if delay:
         tee.line(f"restarting after {backoff.failures} crash(es): waiting {delay:.0f}s first")
         if stop.wait(delay):
+            backoff.clear()  # a manual restart starts at once
             return 0
     env = {**os.environ, **launch.env}
     tee.line(f"starting: {display_command(launch.command)}")
