@@ -27,6 +27,11 @@ class AttentionMetadata:
     query_lens: list[int]  # [num_seqs], host copy
     context_lens: list[int]  # [num_seqs], host copy
     block_size: int
+    # True for a step where every sequence has exactly one new token. CUDA graphs are captured only for
+    # such steps, with context_lens holding an upper bound (max_model_len - 1) rather than each
+    # sequence's value: a backend that supports graphs must read per-sequence lengths from `seq_lens`
+    # (device) and use the host lists only to size its launch grid.
+    decode_only: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -38,6 +43,8 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    supports_cuda_graphs: bool  # its decode path honours the `decode_only` contract above
+
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]

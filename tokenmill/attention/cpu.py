@@ -33,6 +33,8 @@ def gather_kv(
 
 
 class TorchSDPABackend:
+    supports_cuda_graphs = False  # reads per-sequence lengths from the host lists
+
     def forward(
         self,
         query: torch.Tensor,

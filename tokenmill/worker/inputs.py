@@ -50,6 +50,7 @@ def prepare_inputs(scheduler_output: SchedulerOutput, block_size: int, device: t
         query_lens=query_lens,
         context_lens=context_lens,
         block_size=block_size,
+        decode_only=all(q == 1 for q in query_lens),
     )
     return ModelInputs(
         input_ids=to_device(token_ids),
