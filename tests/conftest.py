@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFValueType, GGUFWriter
 from gguf.quants import dequantize
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GenerationConfig,
     LlamaConfig,
@@ -27,7 +29,7 @@ from transformers.modeling_gguf_pytorch_utils import (
 )
 
 from tokenmill.loader import load_hf_config
-from tokenmill.loader.gguf_loader import gguf_reader
+from tokenmill.loader.gguf_loader import gguf_reader, hf_tensor_names
 from tokenmill.loader.hub import ModelNotFoundError
 from tokenmill.loader.source import ModelSource, default_model_source
 from tokenmill.tokenizer import load_tokenizer
@@ -96,6 +98,78 @@ def tiny_model_dir(
         return built[arch]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callable[[str], Path], smollm2_gguf: Path
+) -> Callable[..., Path]:
+    """A factory: `tiny_gguf(arch, float_type="float32", with_tokenizer=False)` is the tiny model of
+    `tiny_model_dir(arch)` converted to one GGUF file the way llama.cpp does (its tensor names, Llama's
+    Q/K row permutation, float32 or float16 matrices). `with_tokenizer` copies SmolLM2's tokenizer metadata
+    in, making the file a complete model; reading that metadata back costs seconds. Built once per session.
+    """
+    built: dict[tuple[str, str, bool], Path] = {}
+
+    def build(arch: str, float_type: str = "float32", with_tokenizer: bool = False) -> Path:
+        key = (arch, float_type, with_tokenizer)
+        if key not in built:
+            name = f"tiny-{arch}-{float_type}{'-tokenizer' if with_tokenizer else ''}"
+            gguf_file = tmp_path_factory.mktemp(name) / f"{name}.gguf"
+            tokenizer_gguf = smollm2_gguf if with_tokenizer else None
+            write_tiny_gguf(tiny_model_dir(arch), gguf_file, np.dtype(float_type), tokenizer_gguf)
+            built[key] = gguf_file
+        return built[key]
+
+    return build
+
+
+def llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """What llama.cpp's convert_hf_to_gguf.py does to Llama's Q/K rows (see `unpermute_rotary_rows`)."""
+    head_dim = weight.shape[0] // num_heads
+    per_head = weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:])
+    return per_head.transpose(1, 2).reshape(weight.shape)
+
+
+def write_tiny_gguf(
+    model_dir: Path, gguf_file: Path, float_type: np.dtype, tokenizer_gguf: Path | None
+) -> None:
+    config = AutoConfig.from_pretrained(model_dir)
+    writer = GGUFWriter(gguf_file, config.model_type)
+    writer.add_name(f"tiny {config.model_type}")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    if "head_dim" in config.to_dict():  # llama.cpp writes it where the HF config has one
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    tokenizer_fields = gguf_reader(tokenizer_gguf).fields if tokenizer_gguf is not None else {}
+    for key, field in tokenizer_fields.items():
+        if key.startswith("tokenizer.") and not key.endswith(("bos_token_id", "eos_token_id")):
+            sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+    gguf_names = {hf: gguf for gguf, hf in hf_tensor_names(config.num_hidden_layers).items()}
+    for name, tensor in load_file(model_dir / "model.safetensors").items():
+        module, _, suffix = name.rpartition(".")
+        if config.model_type == "llama" and module.endswith("q_proj"):
+            tensor = llama_cpp_permute(tensor, config.num_attention_heads)
+        elif config.model_type == "llama" and module.endswith("k_proj"):
+            tensor = llama_cpp_permute(tensor, config.num_key_value_heads)
+        # llama.cpp keeps 1-D tensors (norms, biases) in float32 whatever the file's type.
+        array_type = float_type if tensor.dim() > 1 else np.dtype(np.float32)
+        writer.add_tensor(f"{gguf_names[module]}.{suffix}", tensor.numpy().astype(array_type))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def transformers_gguf_tensors(source: ModelSource, config: PretrainedConfig) -> dict[str, torch.Tensor]:

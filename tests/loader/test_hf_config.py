@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFWriter
+from transformers import AutoConfig
 
 from tokenmill.loader import ModelSource, load_hf_config, resolve_model
 
@@ -32,6 +33,41 @@ def test_gguf_config_from_metadata(smollm2_gguf: Path) -> None:
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
     assert config.rope_parameters["rope_theta"] == 100000.0
     assert config.eos_token_id == 2
+
+
+def test_gguf_config_equals_transformers_own(smollm2_gguf: Path) -> None:
+    ours = load_hf_config(resolve_model(str(smollm2_gguf))).to_dict()
+    reference = AutoConfig.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name).to_dict()
+    names = ("_name_or_path", "_model_name_or_path")
+    assert {k: v for k, v in ours.items() if k not in names} == {
+        k: v for k, v in reference.items() if k not in names
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_config_round_trip(
+    tiny_model_dir: Callable[[str], Path], tiny_gguf: Callable[..., Path], arch: str
+) -> None:
+    expected = load_hf_config(resolve_model(str(tiny_model_dir(arch))))
+    config = load_hf_config(resolve_model(str(tiny_gguf(arch))))
+    assert type(config) is type(expected)
+    fields = [
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    ]
+    assert {f: getattr(config, f, None) for f in fields} == {f: getattr(expected, f, None) for f in fields}
+    assert config.rms_norm_eps == pytest.approx(expected.rms_norm_eps)
 
 
 def test_gguf_config_is_a_fresh_copy(smollm2_gguf: Path) -> None:

@@ -1,5 +1,6 @@
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,11 @@ def test_eos_from_the_tokenizer_last(tmp_path: Path, smollm2_tokenizer: PreTrain
     defaults = load_generation_config(source, tokenizer=copy.deepcopy(smollm2_tokenizer))
     assert defaults.eos_token_ids == frozenset({2})
     assert defaults.temperature == 0.3
+
+
+def test_tokenizer_from_a_complete_tiny_gguf(tiny_gguf: Callable[..., Path]) -> None:
+    source = resolve_model(str(tiny_gguf("qwen2", with_tokenizer=True)))
+    tokenizer = load_tokenizer(source)
+    assert len(tokenizer) == 49152
+    assert tokenizer("Hello world").input_ids == [19556, 905]
+    assert load_generation_config(source).eos_token_ids == frozenset({2})

@@ -7,25 +7,72 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from gguf import MODEL_TENSOR, TENSOR_NAMES
 from transformers import AutoConfig, PretrainedConfig
 
-from tokenmill.loader.gguf_loader import gguf_architecture
+from tokenmill.loader.gguf_loader import gguf_architecture, gguf_metadata, gguf_reader
 from tokenmill.loader.source import ModelSource
 
+# `{architecture}.<key>` GGUF metadata -> transformers config field (llama.cpp's GGUF conventions).
+_GGUF_CONFIG_FIELDS = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    # Absent when it is hidden_size / num_attention_heads (the config's own default); Qwen3 sets it.
+    "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta",
+    "vocab_size": "vocab_size",
+}
+_GGUF_TOKEN_ID_FIELDS = {
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.unknown_token_id": "unk_token_id",
+    "tokenizer.ggml.padding_token_id": "pad_token_id",
+}
 
-@lru_cache(maxsize=2)
+
+def gguf_config_fields(gguf_file: Path) -> dict[str, Any]:
+    """The transformers config fields a GGUF's metadata gives (model_type included)."""
+    architecture = gguf_architecture(gguf_file)
+    # llama.cpp converts Mistral as "llama"; transformers tells them apart by name, and so do we.
+    model_name = str(gguf_metadata(gguf_file, "general.name", "")).lower()
+    model_type = "mistral" if architecture == "llama" and "mistral" in model_name else architecture
+    reader = gguf_reader(gguf_file)
+    output_weight = f"{TENSOR_NAMES[MODEL_TENSOR.OUTPUT]}.weight"
+    fields: dict[str, Any] = {
+        "model_type": model_type,
+        "tie_word_embeddings": all(tensor.name != output_weight for tensor in reader.tensors),
+    }
+    for key, field in _GGUF_CONFIG_FIELDS.items():
+        value = gguf_metadata(gguf_file, f"{architecture}.{key}")
+        if value is not None:
+            fields[field] = value
+    for key, field in _GGUF_TOKEN_ID_FIELDS.items():
+        value = gguf_metadata(gguf_file, key)
+        if value is not None:
+            fields[field] = value
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if "vocab_size" not in fields and tokens is not None:
+        fields["vocab_size"] = len(tokens.data)
+    return fields
+
+
+@lru_cache(maxsize=4)
 def _cached_gguf_config(gguf_file: Path, mtime_ns: int) -> PretrainedConfig:
-    gguf_architecture(gguf_file)  # an unsupported architecture fails here, with the remedy
-    return AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    fields = gguf_config_fields(gguf_file)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def load_hf_config(source: ModelSource, overrides: dict[str, Any] | None = None) -> PretrainedConfig:
-    """The transformers config of `source` (model_type llama, qwen2, qwen3, ...), with `overrides` applied.
+    """The transformers config of `source` (model_type llama, mistral, qwen2, qwen3), with `overrides`.
 
     The checkpoint's own dtype (`config.dtype`) is left as it says; the compute dtype is chosen apart.
     """
     if source.gguf_file is not None:
-        # transformers re-parses the whole GGUF metadata (seconds); later engines in the process reuse it.
         cached = _cached_gguf_config(source.gguf_file, source.gguf_file.stat().st_mtime_ns)
         config: PretrainedConfig = copy.deepcopy(cached)
     else:
