@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core_client import CoreFailed, CoreMessage, CoreOutputs, CoreReady, EngineCoreClient
 from tokenmill.engine.outputs import EngineCoreOutput, RequestOutput
+from tokenmill.engine.processor import PromptType
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.sampling_params import SamplingParams
 
@@ -70,6 +71,7 @@ class AsyncLLM:
         eos_token_ids: frozenset[int],
         max_logprobs: int = 20,
         stat_loggers: Sequence[StatLogger] = (),
+        client_factory: Callable[[EngineConfig, Callable[[CoreMessage], None]], Any] = EngineCoreClient,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -90,7 +92,8 @@ class AsyncLLM:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-tokenize")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready_future: asyncio.Future[None] | None = None
-        self._client: EngineCoreClient | None = None
+        self._client_factory = client_factory
+        self._client: Any = None
         self.input_processor: Any = None
         self.output_processor: Any = None
 
@@ -100,7 +103,7 @@ class AsyncLLM:
         """Starts the core process and waits until the model is loaded; raises EngineDeadError if not."""
         self._loop = asyncio.get_running_loop()
         self._ready_future = self._loop.create_future()
-        self._client = EngineCoreClient(self.config, self._on_message_threadsafe)
+        self._client = self._client_factory(self.config, self._on_message_threadsafe)
         self._client.start()
         await self._ready_future
 
@@ -127,7 +130,7 @@ class AsyncLLM:
     # --- requests -----------------------------------------------------------------------------------
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self, prompt: PromptType, params: SamplingParams, request_id: str
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yields the request's outputs (following params.output_kind) until it finishes.
 

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.engine.processor import TokensPrompt
 from tokenmill.entrypoints.openai.errors import APIError
 from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionLogProb,
@@ -76,8 +77,8 @@ class OpenAIServingChat:
             raise APIError(str(err), 400) from None
         request_id = random_id("chatcmpl")
         self.ctx.log_request(request_id, len(token_ids), params)
-        prompt = {"prompt": text, "prompt_token_ids": token_ids}
-        generator = await first_and_rest(engine.generate(prompt, params, request_id))  # type: ignore[arg-type]
+        prompt = TokensPrompt(prompt=text, prompt_token_ids=token_ids)
+        generator = await first_and_rest(engine.generate(prompt, params, request_id))
         if request.stream:
             events = self._stream(request, generator, request_id, model, params.n)
             return StreamingResponse(sse_stream(events), media_type="text/event-stream")

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from tokenmill.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.engine.processor import TokensPrompt
 from tokenmill.entrypoints.openai.errors import APIError
 from tokenmill.entrypoints.openai.protocol import (
     CompletionLogProbs,
@@ -48,8 +49,8 @@ class OpenAIServingCompletion:
         generators = []
         for i, (text, token_ids) in enumerate(prompts):
             self.ctx.log_request(f"{request_id}-{i}", len(token_ids), params)
-            prompt = {"prompt": text, "prompt_token_ids": token_ids}
-            generator = self.ctx.engine.generate(prompt, params, f"{request_id}-{i}")  # type: ignore[arg-type]
+            prompt = TokensPrompt(prompt=text, prompt_token_ids=token_ids)
+            generator = self.ctx.engine.generate(prompt, params, f"{request_id}-{i}")
             generators.append(await first_and_rest(generator))
         merged = merge_async_iterators(*generators)
         if request.stream:

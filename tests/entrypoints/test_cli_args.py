@@ -1,0 +1,142 @@
+"""`tokenmill serve` flags: vLLM's names and meanings, size suffixes, and helpful errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenmill.entrypoints.cli_args import parse_human_int, parse_serve_args
+
+VLLM_IMAGE_ARGS = [
+    "--max-model-len",
+    "32768",
+    "--enforce-eager",
+    "--download-dir",
+    "/models",
+    "--host",
+    "127.0.0.1",
+    "--port",
+    "18000",
+    "--tensor-parallel-size",
+    "1",
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("2048", 2048),
+        ("32k", 32000),
+        ("32K", 32768),
+        ("1.5k", 1500),
+        ("4GiB", 4 << 30),
+        ("512MB", 512_000_000),
+        ("2M", 2 << 20),
+        ("64MiB", 64 << 20),
+    ],
+)
+def test_human_ints(text: str, value: int) -> None:
+    assert parse_human_int(text) == value
+
+
+def test_vllm_instance_image_flags() -> None:
+    args = parse_serve_args(["org/model", *VLLM_IMAGE_ARGS], environ={})
+    engine = args.engine_args
+    assert engine.model == "org/model" and engine.max_model_len == 32768 and engine.enforce_eager
+    assert engine.download_dir == "/models" and engine.tensor_parallel_size == 1
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 18000, None)
+
+
+def test_other_vllm_flags() -> None:
+    args = parse_serve_args(
+        [
+            "--dtype",
+            "float32",
+            "--max-num-seqs",
+            "8",
+            "--max-num-batched-tokens",
+            "1k",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--kv-cache-memory",
+            "1GiB",
+            "--served-model-name",
+            "a",
+            "b",
+            "--api-key",
+            "k",
+            "--generation-config",
+            "vllm",
+            "--no-enable-prefix-caching",
+            "--seed",
+            "7",
+            "--allowed-origins",
+            '["http://x"]',
+            "--max-logprobs",
+            "5",
+            "--reasoning-parser",
+            "deepseek_r1",
+            "--uvicorn-log-level",
+            "info",
+            "--disable-log-requests",
+            "--chat-template",
+            "{{ messages }}",
+        ],
+        environ={},
+    )
+    engine = args.engine_args
+    assert (engine.dtype, engine.max_num_seqs, engine.max_num_batched_tokens) == ("float32", 8, 1000)
+    assert engine.kv_cache_memory == 1 << 30 and engine.gpu_memory_utilization == 0.5 and engine.seed == 7
+    assert not engine.enable_prefix_caching and engine.model is None
+    assert args.served_model_names == ["a", "b"] and engine.served_model_name == "a"
+    assert args.allowed_origins == ["http://x"] and args.max_logprobs == 5 and args.api_key == "k"
+    assert args.reasoning_parser == "deepseek_r1" and args.chat_template == "{{ messages }}"
+    assert args.generation_config == "vllm" and not args.enable_log_requests
+
+
+def test_defaults_and_api_key_from_environment(tmp_path: Path) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ x }}")
+    args = parse_serve_args(["--chat-template", str(template)], environ={"VLLM_API_KEY": "from-env"})
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert args.api_key == "from-env" and args.chat_template == "{{ x }}"
+    assert parse_serve_args([], environ={"TOKENMILL_API_KEY": "t"}).api_key == "t"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-model-length", "4"], "did you mean --max-model-len?"),
+        (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported"),
+        (["--max-model-len", "lots"], "is not a number"),
+        (["--chat-template", "missing.jinja"], "neither a file nor a Jinja template"),
+        (["a", "--model", "b"], "the model is given twice"),
+    ],
+)
+def test_errors_name_the_fix(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_serve_args(argv, environ={})
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+HELP_WITHOUT_TORCH = """
+import sys
+from tokenmill.entrypoints.cli import main
+try:
+    main(["serve", "--help"])
+except SystemExit:
+    pass
+sys.exit(int("torch" in sys.modules))
+"""
+
+
+def test_help_lists_flags_without_importing_torch() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert "--max-model-len" in result.stdout and "--enable-prefix-caching" in result.stdout
+    assert result.returncode == 0, "serve --help imported torch"
