@@ -32,15 +32,45 @@ def test_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert time.monotonic() - started < 30
 
 
-def test_cached_snapshot_is_used_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # The layout huggingface_hub's cache uses: refs/<revision> names the commit under snapshots/.
-    repo = tmp_path / "models--some-org--cached-model"
+def cached_snapshot(cache_dir: Path, repo_id: str, files: dict[str, str]) -> Path:
+    """A snapshot laid out as huggingface_hub's cache does: refs/main names the commit under snapshots/."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
     commit = "0" * 40
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_offline_gguf_file_not_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model("some-org/some-model-GGUF/model-Q4_K_M.gguf", download_dir=str(tmp_path))
+    assert "model some-org/some-model-GGUF/model-Q4_K_M.gguf not found locally" in str(caught.value)
+    assert REMEDY in str(caught.value)
+
+
+def test_cached_gguf_file_is_used_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    snapshot = cached_snapshot(tmp_path, "some-org/some-model-GGUF", {"model-Q8_0.gguf": ""})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    source = resolve_model("some-org/some-model-GGUF/model-Q8_0.gguf", download_dir=str(tmp_path))
+    assert source.gguf_file == (snapshot / "model-Q8_0.gguf").resolve()
+
+
+def test_repository_without_config_points_to_its_gguf_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cached_snapshot(tmp_path, "some-org/some-model-GGUF", {"README.txt": ""})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError, match="pass one of its files as some-org/some-model-GGUF/<file>"):
+        resolve_model("some-org/some-model-GGUF", download_dir=str(tmp_path))
+
+
+def test_cached_snapshot_is_used_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    snapshot = cached_snapshot(tmp_path, "some-org/cached-model", {"config.json": "{}"})
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     source = resolve_model("some-org/cached-model", download_dir=str(tmp_path))
     assert source.name == "some-org/cached-model"

