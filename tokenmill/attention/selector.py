@@ -6,6 +6,6 @@ from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.cpu import TorchSDPABackend
 
 
-def get_attention_backend(device: torch.device) -> AttentionBackend:
+def get_attention_backend(device: torch.device, dtype: torch.dtype | None = None) -> AttentionBackend:
     # The Triton backend for CUDA plugs in here (GPU issue); SDPA is correct everywhere.
     return TorchSDPABackend()

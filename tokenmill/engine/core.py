@@ -51,7 +51,7 @@ class EngineCore:
         self.max_model_len = resolve_max_model_len(config.model.max_model_len, self.hf_config)
         self.vocab_size: int = self.hf_config.vocab_size
 
-        self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype)
+        self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype, self.max_model_len)
         if config.model.load_format == "dummy":
             self.runner.init_dummy_weights()
         else:

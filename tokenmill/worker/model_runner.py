@@ -20,6 +20,7 @@ from tokenmill.model.registry import get_model_class
 from tokenmill.sample.logprobs import compute_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
 from tokenmill.sample.sampler import Sampler
+from tokenmill.worker.cuda_graph import DecodeGraphs
 from tokenmill.worker.inputs import ModelInputs, prepare_inputs
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,12 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(
-        self, config: EngineConfig, hf_config: Any, device: torch.device, dtype: torch.dtype
+        self,
+        config: EngineConfig,
+        hf_config: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_model_len: int,
     ) -> None:
         self.config, self.hf_config = config, hf_config
         self.device, self.dtype = device, dtype
@@ -36,6 +42,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.decode_graphs: DecodeGraphs | None = None
+        self.max_model_len = max_model_len
         self.default_generator = torch.Generator(device=device).manual_seed(config.model.seed)
 
     def load_weights(self, weights: Any) -> None:
@@ -65,14 +73,29 @@ class ModelRunner:
         per_layer = 2 * self.block_size * cfg.num_key_value_heads * head_dim_of(cfg)
         return per_layer * cfg.num_hidden_layers * self.dtype.itemsize
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        backend = get_attention_backend(self.device)
+    def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
+        """Allocates `num_blocks` usable blocks plus one scratch block (the last) for padded graph rows."""
+        backend = get_attention_backend(self.device, self.dtype)
         self.kv_caches = []
         for layer in self.attention_layers:
-            shape = kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            shape = kv_cache_shape(num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.kv_cache = zeroed_tensor(shape, self.dtype, self.device)
             layer.backend = backend
             self.kv_caches.append(layer.kv_cache)
+        self.decode_graphs = None
+        use_graphs = self.device.type == "cuda" and not self.config.enforce_eager
+        if capture_graphs and use_graphs and backend.supports_cuda_graphs:
+            self.decode_graphs = DecodeGraphs(
+                self.model,
+                self.hf_config.hidden_size,
+                self.config.scheduler.max_num_seqs,
+                self.max_model_len,
+                self.block_size,
+                scratch_block=num_blocks,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            self.decode_graphs.capture()
 
     @torch.inference_mode()
     def profile_peak_memory(self, max_model_len: int) -> int:
@@ -80,7 +103,7 @@ class ModelRunner:
         num_tokens = min(self.config.scheduler.max_num_batched_tokens, max_model_len)
         num_blocks = -(-num_tokens // self.block_size)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.allocate_kv_cache(num_blocks)
+        self.allocate_kv_cache(num_blocks, capture_graphs=False)
         dummy_cache_bytes = num_blocks * self.kv_bytes_per_block()
         metadata = AttentionMetadata(
             slot_mapping=torch.arange(num_tokens, device=self.device),
@@ -112,7 +135,10 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput({})
         inputs = prepare_inputs(scheduler_output, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # [num_tokens, hidden]
+        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
+            hidden = self.decode_graphs.run(inputs)  # [num_tokens, hidden]
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         output = ModelRunnerOutput({})
         self._sample(scheduler_output.scheduled, inputs, hidden, output)
         for i, scheduled in enumerate(scheduler_output.scheduled):
