@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,3 +79,20 @@ def test_cached_snapshot_is_used_offline(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert source.name == "some-org/cached-model"
     assert source.path == snapshot.resolve()
     assert source.gguf_file is None
+
+
+@pytest.mark.timeout(120)
+def test_offline_environment_variable_in_a_fresh_process(tmp_path: Path) -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE at import, so the real variable needs a fresh interpreter.
+    script = "from tokenmill.loader import resolve_model; resolve_model('some-org/some-model', sys.argv[1])"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    result = subprocess.run(
+        [sys.executable, "-c", f"import sys; {script}", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 1
+    assert "ModelNotFoundError: model some-org/some-model not found locally" in result.stderr
+    assert REMEDY in result.stderr
