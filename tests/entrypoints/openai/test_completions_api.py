@@ -60,10 +60,14 @@ def test_stream_equals_non_stream_and_echo_logprobs(server) -> None:
     full = client.completions.create(model="smol", prompt=PROMPT, max_tokens=5, temperature=0)
     chunks = list(
         client.completions.create(
-            model="smol", prompt=PROMPT, max_tokens=5, temperature=0, stream=True,
+            model="smol",
+            prompt=PROMPT,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
-    )  # fmt: skip
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage

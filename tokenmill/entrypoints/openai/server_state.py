@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.engine.async_llm import AsyncLLM
+from tokenmill.engine.core_client import EngineCoreClient
 from tokenmill.entrypoints.cli_args import ServeArgs
 from tokenmill.entrypoints.openai.errors import APIError
 from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -37,8 +38,9 @@ class LoadedModel:
 
 
 class ServerState:
-    def __init__(self, args: ServeArgs) -> None:
+    def __init__(self, args: ServeArgs, client_factory: Any = EngineCoreClient) -> None:
         self.args = args
+        self.client_factory = client_factory  # the core process's client (tests pass a fake core)
         self.engine_config = args.engine_args.create_engine_config()
         self.model_root = args.engine_args.model or DEFAULT_MODEL_NAME
         self.model_names = args.served_model_names or [self.model_root]
@@ -80,6 +82,7 @@ class ServerState:
                 loaded.eos_token_ids,
                 max_logprobs=self.args.max_logprobs,
                 stat_loggers=[self.metrics],
+                client_factory=self.client_factory,
             )
             await self.engine.start()
         except Exception as err:

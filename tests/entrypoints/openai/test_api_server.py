@@ -1,0 +1,123 @@
+"""The whole app in-process over a fake engine core: reasoning split, health while loading and after the
+core dies, 503s, CORS and auth; no model forward passes, so these run in seconds."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tokenmill.engine.core_client import CoreFailed, CoreMessage, CoreOutputs, CoreReady
+from tokenmill.engine.outputs import EngineCoreOutput, FinishReason
+from tokenmill.entrypoints.cli_args import parse_serve_args
+from tokenmill.entrypoints.openai.api_server import build_app
+from tokenmill.entrypoints.openai.server_state import ServerState
+from tokenmill.metrics.stats import SchedulerStats
+
+REPLY = "<think>plan it</think>The answer."
+HI = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+class ScriptedCore:
+    """Answers every request with REPLY's tokens, one per message; `ready` gates the load."""
+
+    instances: list[ScriptedCore] = []
+    ready = threading.Event()
+    token_ids: list[int] = []
+
+    def __init__(self, config: Any, on_message: Callable[[CoreMessage], None]) -> None:
+        self.on_message = on_message
+        ScriptedCore.instances.append(self)
+
+    def start(self) -> None:
+        def report_ready() -> None:
+            ScriptedCore.ready.wait(30)
+            self.on_message(CoreReady(max_model_len=512, vocab_size=49152, stats=SchedulerStats()))
+
+        threading.Thread(target=report_ready, daemon=True).start()
+
+    def add_requests(self, requests: list[Any]) -> None:
+        for request in requests:
+            for i, token_id in enumerate(self.token_ids):
+                last = i == len(self.token_ids) - 1
+                finish = FinishReason.LENGTH if last else None
+                self.on_message(
+                    CoreOutputs([EngineCoreOutput(request.request_id, [token_id], finish_reason=finish)])
+                )
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture
+def app_client(smollm2_tokenizer: Any) -> Iterator[TestClient]:
+    ScriptedCore.instances.clear()
+    ScriptedCore.ready.clear()
+    ScriptedCore.token_ids = smollm2_tokenizer.encode(REPLY)
+    args = parse_serve_args(
+        ["--reasoning-parser", "deepseek_r1", "--api-key", "k", "--allowed-origins", "*"], environ={}
+    )
+    state = ServerState(args, client_factory=ScriptedCore)
+    with TestClient(build_app(state), headers={"Authorization": "Bearer k"}) as client:
+        yield client
+
+
+def wait_status(client: TestClient, status: int) -> None:
+    for _ in range(600):
+        if client.get("/health").status_code == status:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"/health never answered {status}")
+
+
+def test_loading_then_ready_then_dead(app_client: TestClient) -> None:
+    loading = app_client.get("/health")
+    assert loading.status_code == 503 and "loading" in loading.json()["error"]["message"]
+    assert app_client.post("/v1/chat/completions", json=HI).status_code == 503
+    ScriptedCore.ready.set()
+    wait_status(app_client, 200)
+    ScriptedCore.instances[0].on_message(CoreFailed("the engine core process exited (exit code -9)"))
+    wait_status(app_client, 503)
+    response = app_client.post("/v1/chat/completions", json=HI)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "exit code -9" in response.json()["error"]["message"]
+
+
+def test_reasoning_content(app_client: TestClient) -> None:
+    ScriptedCore.ready.set()
+    wait_status(app_client, 200)
+    message = app_client.post("/v1/chat/completions", json=HI).json()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("plan it", "The answer.")
+
+    with app_client.stream("POST", "/v1/chat/completions", json={**HI, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    deltas = [json.loads(line[len("data: ") :])["choices"][0]["delta"] for line in lines[:-1]]
+    assert deltas[0]["role"] == "assistant"
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "plan it"
+    assert "".join(d.get("content") or "" for d in deltas) == "The answer."
+
+
+def test_auth_and_cors(app_client: TestClient) -> None:
+    assert app_client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert app_client.get("/health", headers={"Authorization": ""}).status_code == 503  # open, still loading
+    preflight = app_client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "http://example.com",
+            "Access-Control-Request-Method": "POST",
+            "Authorization": "",
+        },
+    )
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] in (
+        "*",
+        "http://example.com",
+    )
