@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from tokenmill.loader import ModelSource, iter_weights
 from tokenmill.loader.gguf_loader import (
+    count_gguf_tensors,
     gguf_eos_token_ids,
     iter_gguf_weights,
     unpermute_rotary_rows,
@@ -66,6 +67,22 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(ValueError, match="GGUF architecture 'gpt2' .* is not supported"):
         next(iter_gguf_weights(tmp_path / "other.gguf", torch.float32))
+
+
+def test_rope_frequency_factors_are_skipped(tmp_path: Path) -> None:
+    writer = GGUFWriter(tmp_path / "llama3.gguf", "llama")
+    writer.add_block_count(0)
+    writer.add_head_count(2)
+    writer.add_tensor("token_embd.weight", np.ones((4, 2), dtype=np.float32))
+    writer.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert count_gguf_tensors(tmp_path / "llama3.gguf") == 1
+    weights = dict(iter_gguf_weights(tmp_path / "llama3.gguf", torch.float32))
+    assert list(weights) == ["model.embed_tokens.weight"]
+    assert torch.equal(weights["model.embed_tokens.weight"], torch.ones(4, 2))
 
 
 def test_eos_token_ids(smollm2_gguf: Path) -> None:

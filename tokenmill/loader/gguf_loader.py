@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFReader
 from gguf.quants import dequantize
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -31,8 +34,9 @@ _HF_MODULE_NAMES: dict[MODEL_TENSOR, str] = {
     MODEL_TENSOR.FFN_UP: "model.layers.{bid}.mlp.up_proj",
     MODEL_TENSOR.FFN_DOWN: "model.layers.{bid}.mlp.down_proj",
 }
-# Llama 3 GGUFs store the rope-scaling frequency factors as a tensor; transformers recomputes them from
-# the config's rope parameters, so the checkpoint has no such weight.
+# Llama 3.1+ GGUFs keep llama3 rope scaling as this tensor of frequency factors, not as metadata. HF
+# checkpoints have no such weight (the factors follow from config.rope_scaling), so it is skipped, and the
+# config built from such a GGUF has no rope scaling: a known gap, logged when it happens.
 _SKIPPED_TENSORS = frozenset({TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]})
 
 
@@ -42,8 +46,8 @@ def _cached_reader(path: str, mtime_ns: int) -> GGUFReader:
 
 
 def gguf_reader(gguf_file: Path) -> GGUFReader:
-    """A memory-mapped reader of `gguf_file`, shared by config, tokenizer and weight loading: parsing
-    the metadata of a file with a large vocabulary takes seconds."""
+    """A memory-mapped reader of `gguf_file`, shared by config, eos and weight loading: parsing the
+    metadata of a file with a large vocabulary takes seconds."""
     return _cached_reader(str(gguf_file), gguf_file.stat().st_mtime_ns)
 
 
@@ -116,6 +120,7 @@ def iter_gguf_weights(gguf_file: Path, dtype: torch.dtype) -> Iterator[tuple[str
     rows_permuted = architecture == "llama"
     for tensor in reader.tensors:
         if _is_skipped(tensor.name):
+            logger.warning("%s: skipping %s (rope scaling factors are not applied)", gguf_file, tensor.name)
             continue
         base_name, _, suffix = tensor.name.rpartition(".")
         if base_name not in hf_names:
