@@ -60,7 +60,7 @@ class ModelRunner:
             if "norm" in name:
                 param.fill_(1.0)
             else:
-                param.uniform_(-0.05, 0.05, generator=generator)
+                param.uniform_(-1e-3, 1e-3, generator=generator)
 
     # --- KV cache ---------------------------------------------------------------------------------
 

@@ -1,0 +1,286 @@
+"""The GPU check: correctness and speed of every GPU path, in one run that prints a table last.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --tokenizer DIR      (on a CUDA machine; ~5 minutes)
+    PYTHONPATH=. python benchmarks/gpu_check.py --tokenizer DIR --smoke   (tiny shapes; runs on CPU too)
+
+1. attention kernels vs the torch reference (benchmarks/attention_check.py)
+2. greedy fidelity vs transformers: a tiny random-weight Qwen3, float32 (exact) and bfloat16 (agreement)
+3. the nano-vllm workload: Qwen3-0.6B-shaped random weights, 256 requests, input and output lengths
+   uniform in 100-1024, ignore_eos, temperature 0.6, through tokenmill and transformers generate
+4. batch-1 decode of a Llama-3.1-8B-shaped model against the roofline (weight bytes / copy bandwidth)
+5. the same with enforce_eager (no CUDA graphs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROWS: list[tuple[str, str, str]] = []  # (check, result, detail)
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,", "Water boils at"]
+
+
+def record(check: str, result: str, detail: str = "") -> None:
+    ROWS.append((check, result, detail))
+    print(f"[gpu_check] {check}: {result} {detail}", flush=True)
+
+
+def phase(name: str, fn: Callable[[], None]) -> None:
+    start = time.perf_counter()
+    try:
+        fn()
+    except Exception as error:  # one broken phase must not hide the others' results
+        traceback.print_exc()
+        record(name, "ERROR", f"{type(error).__name__}: {str(error)[:200]}")
+    print(f"[gpu_check] {name} took {time.perf_counter() - start:.1f} s", flush=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def model_dir(config: object, tokenizer_dir: Path, weights: bool) -> Path:
+    """A model directory: config + tokenizer, and (weights=True) random weights saved by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    config.save_pretrained(directory)  # type: ignore[attr-defined]
+    if weights:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.copy_(1.0 + 0.2 * torch.randn_like(param))
+        model.save_pretrained(directory)
+    return directory
+
+
+def check_kernels(args: argparse.Namespace) -> None:
+    script = Path(__file__).with_name("attention_check.py")
+    if not script.exists() or not torch.cuda.is_available():
+        record("1 attention kernels", "SKIP", "no CUDA or no attention_check.py")
+        return
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
+    record("1 attention kernels", "PASS" if proc.returncode == 0 else "FAIL", f"exit {proc.returncode}")
+
+
+def check_fidelity(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from tokenmill import LLM, SamplingParams
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    config = Qwen3Config(
+        vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, initializer_range=0.1, tie_word_embeddings=False,
+    )  # fmt: skip
+    directory = model_dir(config, args.tokenizer, weights=True)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(
+            str(directory), dtype=dtype, max_model_len=512, device=args.device, kv_cache_memory=256 << 20
+        )
+        ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        prompt_ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+        del llm
+        hf = (
+            AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
+            .to(args.device)
+            .eval()
+        )
+        theirs = []
+        for ids in prompt_ids:
+            out = hf.generate(
+                torch.tensor([ids], device=args.device), max_new_tokens=32, min_new_tokens=32, do_sample=False
+            )
+            theirs.append(out[0, len(ids) :].tolist())
+        del hf
+        same = sum(a == b for x, y in zip(ours, theirs, strict=True) for a, b in zip(x, y, strict=True))
+        total = sum(len(x) for x in theirs)
+        exact = ours == theirs
+        verdict = "PASS" if exact or dtype != "float32" else "FAIL"
+        record(f"2 greedy vs transformers ({dtype})", verdict, f"{same}/{total} tokens agree")
+
+
+def nano_workload(args: argparse.Namespace) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(0)
+    n, low, high = (256, 100, 1024) if not args.smoke else (8, 10, 40)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(low, high))] for _ in range(n)]
+    return prompts, [rng.randint(low, high) for _ in range(n)]
+
+
+def qwen3_06b_config(args: argparse.Namespace) -> object:
+    from transformers import Qwen3Config
+
+    if args.smoke:
+        return Qwen3Config(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32)  # fmt: skip
+    return Qwen3Config(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000.0, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def check_nano_workload(args: argparse.Namespace) -> None:
+    from tokenmill import LLM, SamplingParams
+
+    config = qwen3_06b_config(args)
+    directory = model_dir(config, args.tokenizer, weights=False)
+    prompts, out_lens = nano_workload(args)
+    useful = sum(out_lens)
+    llm = LLM(str(directory), load_format="dummy", dtype=args.dtype, max_model_len=4096, device=args.device,
+              max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.8)  # fmt: skip
+    params = [SamplingParams(temperature=0.6, max_tokens=m, ignore_eos=True) for m in out_lens]
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params[:2], use_tqdm=False)
+    sync(args)
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    ours = time.perf_counter() - start
+    assert sum(len(o.outputs[0].token_ids) for o in outputs) == useful
+    del llm, outputs
+    gc.collect()
+    theirs = hf_generate_seconds(config, prompts, out_lens, args)
+    ratio = theirs / ours
+    record(
+        "3 nano-vllm workload",
+        "PASS" if ratio >= 10 else "BELOW GOAL",
+        f"tokenmill {useful / ours:.0f} tok/s ({ours:.1f} s), transformers {useful / theirs:.0f} tok/s "
+        f"({theirs:.1f} s): {ratio:.1f}x (goal 10x)",
+    )
+
+
+def hf_generate_seconds(
+    config: object, prompts: list[list[int]], out_lens: list[int], args: argparse.Namespace
+) -> float:
+    """transformers generate, one left-padded batch of every request, up to the longest output."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=args.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=args.device)
+    model.generation_config.eos_token_id = None
+    sync(args)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(out_lens), do_sample=True,
+                       temperature=0.6, top_k=0, pad_token_id=0)  # fmt: skip
+    sync(args)
+    seconds = time.perf_counter() - start
+    del model
+    return seconds
+
+
+def copy_bandwidth(args: argparse.Namespace) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(1 << 30 if not args.smoke else 1 << 24, dtype=torch.uint8, device=args.device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(args)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync(args)
+    return 2 * 10 * src.numel() / (time.perf_counter() - start)
+
+
+def llama_8b_config(args: argparse.Namespace) -> object:
+    from transformers import LlamaConfig
+
+    if args.smoke:
+        return LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def check_batch1_decode(args: argparse.Namespace, enforce_eager: bool) -> None:
+    from tokenmill import LLM, SamplingParams
+
+    directory = model_dir(llama_8b_config(args), args.tokenizer, weights=False)
+    llm = LLM(str(directory), load_format="dummy", dtype=args.dtype, max_model_len=2048, device=args.device,
+              max_num_seqs=8, enforce_eager=enforce_eager, gpu_memory_utilization=0.8)  # fmt: skip
+    model = llm.engine.core.runner.model
+    embed_bytes = model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - embed_bytes
+    prompt = {"prompt_token_ids": list(range(1000, 1128))}
+    num_decode = 512 if not args.smoke else 16
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    timings = []
+    for max_tokens in (1, num_decode + 1):
+        sync(args)
+        start = time.perf_counter()
+        llm.generate(
+            prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False
+        )
+        sync(args)
+        timings.append(time.perf_counter() - start)
+    per_token = (timings[1] - timings[0]) / num_decode
+    bandwidth = copy_bandwidth(args)
+    roofline = weight_bytes / bandwidth
+    name = "5 batch-1 decode, enforce_eager" if enforce_eager else "4 batch-1 decode, CUDA graphs"
+    fraction = roofline / per_token
+    verdict = "PASS" if fraction >= 0.7 or enforce_eager else "BELOW GOAL"
+    record(
+        name,
+        verdict,
+        f"{1 / per_token:.0f} tok/s ({per_token * 1e3:.2f} ms/token); roofline {roofline * 1e3:.2f} ms "
+        f"({weight_bytes / 1e9:.1f} GB at {bandwidth / 1e12:.2f} TB/s): {fraction:.0%} (goal 70%)",
+    )
+
+
+def sync(args: argparse.Namespace) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer directory (no hub here)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
+    parser.add_argument("--only", default="12345", help="which checks to run, e.g. 234")
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"[gpu_check] torch {torch.__version__} on {name}", flush=True)
+    checks = {
+        "1": lambda: check_kernels(args),
+        "2": lambda: check_fidelity(args),
+        "3": lambda: check_nano_workload(args),
+        "4": lambda: check_batch1_decode(args, enforce_eager=False),
+        "5": lambda: check_batch1_decode(args, enforce_eager=True),
+    }
+    for key in args.only:
+        phase(f"check {key}", checks[key])
+    print(f"\n## gpu_check on {name}, torch {torch.__version__}\n| check | result | detail |\n|---|---|---|")
+    for row in ROWS:
+        print("| " + " | ".join(row) + " |")
+    print(json.dumps({"device": name, "rows": ROWS}))
+
+
+if __name__ == "__main__":
+    main()
