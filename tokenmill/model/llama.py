@@ -17,7 +17,7 @@ from tokenmill.model.layers.linear import MergedColumnParallelLinear, QKVParalle
 from tokenmill.model.layers.rotary import RotaryEmbedding, rope_parameters
 
 # checkpoint name fragment -> (our fused parameter's fragment, shard id)
-STACKED_PARAMS = {
+STACKED_PARAMS: dict[str, tuple[str, str | int]] = {
     ".q_proj.": (".qkv_proj.", "q"),
     ".k_proj.": (".qkv_proj.", "k"),
     ".v_proj.": (".qkv_proj.", "v"),

@@ -11,9 +11,9 @@ import logging
 import time
 
 import torch
-from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.model.registry import CausalLM
 from tokenmill.worker.inputs import ModelInputs
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def batch_size_buckets(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(
         self,
-        model: nn.Module,
+        model: CausalLM,
         hidden_size: int,
         max_num_seqs: int,
         max_model_len: int,

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata, kv_cache_shape
 from tokenmill.attention.selector import get_attention_backend
@@ -16,7 +15,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.outputs import LogprobsLists, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.model.layers.attention import Attention
 from tokenmill.model.llama import head_dim_of
-from tokenmill.model.registry import get_model_class
+from tokenmill.model.registry import CausalLM, get_model_class
 from tokenmill.sample.logprobs import compute_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
 from tokenmill.sample.sampler import Sampler
@@ -207,7 +206,7 @@ def zeroed_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
-def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> CausalLM:
     """Allocates the model's parameters (uninitialized) in `dtype` on `device`; weights are loaded after."""
     model_class = get_model_class(hf_config)
     default_dtype = torch.get_default_dtype()
@@ -217,4 +216,4 @@ def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> nn.
             model = model_class(hf_config)
     finally:
         torch.set_default_dtype(default_dtype)
-    return model.eval()
+    return cast(CausalLM, model.eval())

@@ -49,6 +49,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    cos_cache: torch.Tensor  # [max_position, head_dim] float32
+    sin_cache: torch.Tensor
+
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
         inv_freq = _inverse_frequencies(head_dim, params)  # [head_dim / 2], float32
