@@ -196,6 +196,18 @@ def test_an_existing_portal_yaml_wins(tmp_path: Path) -> None:
     assert (tmp_path / "etc/supervisor/supervisord.conf").exists()
 
 
+def test_an_invalid_portal_yaml_is_named_and_left_for_the_user(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    broken = "applications:\n  Mine:\n    hostname: localhost\n    external_port: nope\n"
+    (tmp_path / "etc/portal.yaml").write_text(broken)
+    env = base_env(tmp_path, PORTAL_CONFIG="localhost:1111:11111:/:Instance Portal")
+    command = [sys.executable, "-m", "tokenmill_appliance.cli", "boot", "--no-exec"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "'nope' is not an integer" in result.stdout and "Instance Portal (1111->11111)" in result.stdout
+    assert (tmp_path / "etc/portal.yaml").read_text() == broken
+
+
 PROVISION = """\
 echo "provisioning in $(pwd)"
 test -e "$TOKENMILL_ROOT/.provisioning" && echo "marker present"
@@ -302,11 +314,12 @@ def complete(api_port: int) -> httpx.Response:
 @pytest.mark.slow
 def test_boot_serves_the_api_through_the_edge(served: tuple[Appliance, int, int]) -> None:
     appliance, api_port, _ = served
-    status = appliance.ctl("status").stdout
-    assert [line.split()[1] for line in status.splitlines() if line.split()[0] in ("portal", "vllm")] == [
-        "RUNNING",
-        "RUNNING",
-    ], status
+
+    def both_running() -> bool:
+        lines = [line.split() for line in appliance.ctl("status").stdout.splitlines()]
+        return {"portal", "vllm"} <= {words[0] for words in lines if words[1:2] == ["RUNNING"]}
+
+    wait_for(both_running, 60, "`supervisorctl status` to show portal and vllm RUNNING")
     wait_for_api(appliance, api_port)
     models = edge_get(api_port, "/v1/models", BEARER).json()
     assert [m["id"] for m in models["data"]] == ["tiny model"]
