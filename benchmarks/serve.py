@@ -1,0 +1,204 @@
+"""Serving load: drive any OpenAI-compatible server at several concurrencies, streamed.
+
+    python benchmarks/serve.py --url http://127.0.0.1:8000/v1
+    python benchmarks/serve.py --url http://gpu-box:18000/v1 --concurrency 1,16,64 --json results.json
+
+Every request is a fixed-seed synthetic prompt of about --prompt-words words on /v1/completions, with
+temperature 0, ignore_eos and --max-tokens, so tokenmill and vLLM do the same work. Reports output tok/s
+and the p50/p99 of time to first token (TTFT) and time per output token after the first (TPOT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import openai
+from tqdm.auto import tqdm
+
+WORDS = [
+    "the", "a", "river", "mountain", "city", "engine", "token", "memory", "quiet", "bright", "window",
+    "garden", "signal", "paper", "orbit", "market", "winter", "summer", "coffee", "forest", "bridge",
+    "silver", "planet", "history", "music", "number", "light", "stone", "ocean", "train", "story",
+    "letter", "morning", "evening", "cloud", "thunder", "road", "field", "school", "doctor", "camera",
+]  # fmt: skip
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float = 0.0
+    latency: float = 0.0
+    output_tokens: int = 0
+    error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens < 2:
+            return None
+        return (self.latency - self.ttft) / (self.output_tokens - 1)
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    num_requests: int
+    num_failed: int
+    seconds: float
+    output_tokens: int
+    output_tok_s: float
+    ttft_ms: dict[str, float] = field(default_factory=dict)
+    tpot_ms: dict[str, float] = field(default_factory=dict)
+
+
+def make_prompts(num: int, words: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) for i in range(num)]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return {"p50": at(0.50) * 1000, "p99": at(0.99) * 1000, "mean": sum(ordered) / len(ordered) * 1000}
+
+
+async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> RequestResult:
+    start = time.perf_counter()
+    result = RequestResult(ok=True)
+    chunks = 0
+    usage_tokens = None
+    try:
+        stream = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                if chunks == 0:
+                    result.ttft = time.perf_counter() - start
+                chunks += 1
+            if chunk.usage is not None:
+                usage_tokens = chunk.usage.completion_tokens
+    except openai.OpenAIError as err:
+        return RequestResult(ok=False, error=f"{type(err).__name__}: {err}")
+    result.latency = time.perf_counter() - start
+    result.output_tokens = usage_tokens if usage_tokens is not None else chunks
+    return result
+
+
+async def run_level(
+    client: openai.AsyncOpenAI, model: str, prompts: list[str], concurrency: int, max_tokens: int
+) -> LevelResult:
+    semaphore = asyncio.Semaphore(concurrency)
+    progress = tqdm(total=len(prompts), desc=f"concurrency {concurrency}", unit="req", leave=False)
+
+    async def limited(prompt: str) -> RequestResult:
+        async with semaphore:
+            result = await one_request(client, model, prompt, max_tokens)
+        progress.update(1)
+        return result
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(p) for p in prompts))
+    seconds = time.perf_counter() - start
+    progress.close()
+    done = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in done)
+    return LevelResult(
+        concurrency=concurrency,
+        num_requests=len(prompts),
+        num_failed=len(results) - len(done),
+        seconds=seconds,
+        output_tokens=output_tokens,
+        output_tok_s=output_tokens / seconds if seconds else 0.0,
+        ttft_ms=percentiles([r.ttft for r in done]),
+        tpot_ms=percentiles([t for r in done if (t := r.tpot) is not None]),
+    )
+
+
+def print_table(results: list[LevelResult]) -> None:
+    print(
+        f"{'conc':>5} {'reqs':>5} {'failed':>6} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'TPOT p50':>9} {'TPOT p99':>9}  (ms)"
+    )
+    for r in results:
+        print(
+            f"{r.concurrency:>5} {r.num_requests:>5} {r.num_failed:>6} {r.output_tok_s:>10.1f} "
+            f"{r.ttft_ms.get('p50', 0):>9.1f} {r.ttft_ms.get('p99', 0):>9.1f} "
+            f"{r.tpot_ms.get('p50', 0):>9.1f} {r.tpot_ms.get('p99', 0):>9.1f}"
+        )
+
+
+def int_list(value: str) -> list[int]:
+    return [int(part) for part in value.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's API base URL")
+    parser.add_argument("--model", default=None, help="model name (default: the server's first)")
+    parser.add_argument("--api-key", default="EMPTY")
+    parser.add_argument("--concurrency", type=int_list, default=[1, 16, 64], help="e.g. 1,16,64")
+    parser.add_argument("--num-requests", type=int_list, default=[8, 32, 64], help="requests per level")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt-words", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if len(args.num_requests) != len(args.concurrency):
+        parser.error("--num-requests needs one count per --concurrency level")
+    return args
+
+
+async def main_async(args: argparse.Namespace) -> list[LevelResult]:
+    url = args.url.rstrip("/")
+    url = url if url.endswith("/v1") else f"{url}/v1"
+    async with openai.AsyncOpenAI(base_url=url, api_key=args.api_key, max_retries=0, timeout=600) as client:
+        model = args.model or (await client.models.list()).data[0].id
+        results = []
+        for concurrency, num in zip(args.concurrency, args.num_requests, strict=True):
+            prompts = make_prompts(num, args.prompt_words, args.seed + concurrency)
+            results.append(await run_level(client, model, prompts, concurrency, args.max_tokens))
+        return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = asyncio.run(main_async(args))
+    except openai.APIConnectionError:
+        print(f"cannot reach a server at {args.url}", file=sys.stderr)
+        return 1
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as sink:
+            json.dump(
+                {"url": args.url, "max_tokens": args.max_tokens, "levels": [asdict(r) for r in results]},
+                sink,
+                indent=2,
+            )
+    return 0 if all(r.num_failed == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
