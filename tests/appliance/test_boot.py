@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,24 +62,34 @@ def base_env(root: Path, **extra: str) -> dict[str, str]:
 
 
 class Appliance:
-    """One boot under `root`; `client` talks to its supervisord, `ctl` runs supervisorctl verbatim."""
+    """One boot under `root`; `client` talks to its supervisord, `ctl` runs supervisorctl verbatim.
+
+    Its console is a pipe, as under docker, copied to `root/boot.out`.
+    """
 
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.root = root
         self.conf = root / "etc/supervisor/supervisord.conf"
-        self.out = (root / "boot.out").open("ab")
+        self.out = (root / "boot.out").open("ab", buffering=0)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokenmill_appliance.cli", "boot"],
             env=env,
-            stdout=self.out,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        self.console = threading.Thread(target=self._copy_console, daemon=True)
+        self.console.start()
         self.client = SupervisorClient(root / "var/run/supervisor.sock")
         socket_path = root / "var/run/supervisor.sock"
         wait_for(lambda: socket_path.exists() or self.proc.poll() is not None, 120, "supervisord's socket")
         assert self.proc.poll() is None, (root / "boot.out").read_text()
         wait_for(lambda: self.client.state() == "RUNNING", 60, "supervisord to run")
+
+    def _copy_console(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := os.read(self.proc.stdout.fileno(), 65536):
+            self.out.write(chunk)
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args]
@@ -108,10 +119,13 @@ class Appliance:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.client.close()
-        self.out.close()
         _, alive = psutil.wait_procs(tree, timeout=10)
         for p in alive:
             p.kill()
+        self.console.join(timeout=10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self.out.close()
         assert not alive, f"left behind: {alive}"
 
 
@@ -159,6 +173,8 @@ def test_unconfigured_programs_end_exited_with_their_log_line(
     apps = yaml.safe_load((tmp_path / "etc/portal.yaml").read_text())["applications"]
     assert list(apps) == ["Instance Portal"]
     boot_out = (tmp_path / "boot.out").read_text()
+    # Every program's output also reaches the console (the container log).
+    assert "jupyter: 'Jupyter' is not in" in boot_out
     assert TOKEN not in boot_out and TOKEN not in (tmp_path / "etc/supervisor/supervisord.conf").read_text()
 
 
