@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tokenmill.sample.metadata import SamplingMetadata
-from tokenmill.sample.sampler import Sampler, SamplerOutput
+from tokenmill.sample.sampler import Sampler, SamplerOutput, apply_top_k_top_p
 from tokenmill.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -103,6 +105,22 @@ def test_top_p_with_top_k() -> None:
     logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(4000, 4).contiguous()
     tokens = run(logits, [SamplingParams(top_p=0.95, top_k=2)] * 4000).sampled_token_ids
     assert set(tokens.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("with_greedy_row", [False, True])
+def test_top_k_then_top_p_fast_path_equals_the_full_sort(with_greedy_row: bool) -> None:
+    logits = random_logits(6, seed=5) / 2
+    params = [SamplingParams(temperature=1.0, top_k=k, top_p=p) for k, p in [(5, 0.5), (40, 0.9), (1, 0.3)]]
+    params += [SamplingParams(temperature=0.5, top_k=20), SamplingParams(top_k=63, top_p=0.99)]
+    params.append(SamplingParams(temperature=0.0) if with_greedy_row else SamplingParams(top_k=3, top_p=0.7))
+    metadata = SamplingMetadata.build(params, [[]] * 6, [[]] * 6, [None] * 6, VOCAB, CPU)
+    assert metadata.top_k_on_all_rows
+    fast = apply_top_k_top_p(logits.clone(), metadata)
+    full = apply_top_k_top_p(logits.clone(), dataclasses.replace(metadata, top_k_on_all_rows=False))
+    rows = slice(0, 5 if with_greedy_row else 6)
+    assert torch.equal(fast[rows].isfinite(), full[rows].isfinite())
+    assert torch.equal(fast[rows][fast[rows].isfinite()], logits[rows][full[rows].isfinite()])
+    assert 1 < int(fast[1].isfinite().sum()) < 40  # top_p cuts inside the top 40: both limits matter
 
 
 def test_min_p_drops_unlikely_tokens() -> None:

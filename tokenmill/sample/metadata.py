@@ -42,6 +42,7 @@ class SamplingMetadata:
     is_greedy: torch.Tensor | None  # [num_rows] bool; None when all rows are greedy or all random
     top_k: torch.Tensor | None  # [num_rows] int64, vocab_size where off; None when no row uses it
     max_top_k: int  # largest top_k in use (0 when top_k is None), so top-k needs no device sync
+    top_k_on_all_rows: bool  # every row keeps at most max_top_k tokens: top-p can skip the full sort
     top_p: torch.Tensor | None  # [num_rows] float32, 1.0 where off
     min_p: torch.Tensor | None  # [num_rows] float32, 0.0 where off
     generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded random rows)
@@ -98,7 +99,13 @@ class SamplingMetadata:
         all_greedy, all_random = not random_params, not any(greedy)
         # Greedy rows get neutral values: temperature 1 (never a division by 0), no truncation.
         rows = [(p, not g) for p, g in zip(params, greedy, strict=True)]
-        top_k = [p.top_k if is_random and 0 < p.top_k < vocab_size else vocab_size for p, is_random in rows]
+        # Greedy rows take k = 1: their sampled token is discarded, and a limit on every row is faster.
+        top_k = [
+            (p.top_k if 0 < p.top_k < vocab_size else vocab_size) if is_random else 1 for p, is_random in rows
+        ]
+        random_top_k = [
+            k for k, (_, is_random) in zip(top_k, rows, strict=True) if is_random and k < vocab_size
+        ]
         floats = torch.tensor(
             [
                 [p.temperature if is_random else 1.0 for p, is_random in rows],
@@ -107,15 +114,15 @@ class SamplingMetadata:
             ],
             dtype=torch.float32,
         ).to(device)  # [3, num_rows]
-        use_top_k = any(k < vocab_size for k in top_k)
         return cls(
             num_rows=num_rows,
             all_greedy=all_greedy,
             all_random=all_random,
             temperature=None if all_greedy else floats[0],
             is_greedy=None if all_greedy or all_random else torch.tensor(greedy).to(device),
-            top_k=torch.tensor(top_k, dtype=torch.int64).to(device) if use_top_k else None,
-            max_top_k=max((k for k in top_k if k < vocab_size), default=0),
+            top_k=torch.tensor(top_k, dtype=torch.int64).to(device) if random_top_k else None,
+            max_top_k=max(random_top_k, default=0),
+            top_k_on_all_rows=bool(random_top_k) and all(k < vocab_size for k in top_k),
             top_p=floats[1] if any(p.top_p < 1.0 for p in random_params) else None,
             min_p=floats[2] if any(p.min_p > 0.0 for p in random_params) else None,
             generators={i: gen for i, gen in enumerate(generators) if gen is not None and not greedy[i]},

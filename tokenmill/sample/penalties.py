@@ -7,8 +7,10 @@ and negative ones multiplied. presence_penalty and frequency_penalty (OpenAI): o
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenmill.sampling_params import SamplingParams
@@ -80,12 +82,15 @@ def _token_counts(
 ) -> torch.Tensor:
     """[num_rows, vocab] int32: how often each token id occurs in each row's list (ids >= vocab dropped)."""
     counts = torch.zeros(num_rows, vocab_size, dtype=torch.int32, device=device)
-    flat = [t for ids in token_ids for t in ids]
-    if not flat:
+    lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=num_rows)
+    num_tokens = int(lengths.sum())
+    if num_tokens == 0:
         return counts
-    rows = torch.repeat_interleave(torch.arange(num_rows), torch.tensor([len(ids) for ids in token_ids]))
-    cols = torch.tensor(flat, dtype=torch.int64)
-    in_vocab = (cols >= 0) & (cols < vocab_size)
-    index = (rows[in_vocab].to(device), cols[in_vocab].to(device))
-    counts.index_put_(index, torch.ones_like(index[1], dtype=torch.int32), accumulate=True)
+    # numpy reads the lists several times faster than torch.tensor(list): this runs every step.
+    index = np.empty((2, num_tokens), dtype=np.int64)
+    index[0] = np.repeat(np.arange(num_rows), lengths)
+    index[1] = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=num_tokens)
+    index = index[:, (index[1] >= 0) & (index[1] < vocab_size)]
+    rows, cols = torch.from_numpy(index).to(device)  # one host -> device copy
+    counts.index_put_((rows, cols), torch.ones_like(cols, dtype=torch.int32), accumulate=True)
     return counts

@@ -65,7 +65,7 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     # Mixed batch: greedy rows take the argmax before temperature (their temperature is set to 1).
     greedy = None if metadata.is_greedy is None else logits.argmax(dim=-1)  # [num_rows]
     logits.div_(metadata.temperature.unsqueeze(1))
-    logits = apply_top_k_top_p(logits, metadata.top_k, metadata.max_top_k, metadata.top_p)
+    logits = apply_top_k_top_p(logits, metadata)
     if metadata.min_p is not None:
         apply_min_p(logits, metadata.min_p)
     probs = logits.softmax(dim=-1)  # [num_rows, vocab]
@@ -87,14 +87,13 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     return probs.div_(q).argmax(dim=-1)
 
 
-def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, max_top_k: int, top_p: torch.Tensor | None
-) -> torch.Tensor:
+def apply_top_k_top_p(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     """Mask (-inf) the logits outside each row's top_k tokens and outside its top_p nucleus."""
+    top_k, top_p = metadata.top_k, metadata.top_p
     if top_p is None:
-        if top_k is not None:
-            apply_top_k_only(logits, top_k, max_top_k)
-        return logits
+        return logits if top_k is None else apply_top_k_only(logits, top_k, metadata.max_top_k)
+    if top_k is not None and metadata.top_k_on_all_rows:
+        return apply_top_k_then_top_p(logits, top_k, metadata.max_top_k, top_p)
     sorted_logits, sorted_ids = logits.sort(dim=-1)  # ascending, [num_rows, vocab]
     vocab_size = logits.shape[-1]
     if top_k is not None:
@@ -105,6 +104,21 @@ def apply_top_k_top_p(
     outside[:, -1] = False  # the most likely token always stays
     sorted_logits.masked_fill_(outside, float("-inf"))
     return logits.scatter_(dim=-1, index=sorted_ids, src=sorted_logits)
+
+
+def apply_top_k_then_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Both, when every row has a top_k: the nucleus within one topk of the batch's largest k, which
+    costs far less than sorting the vocabulary."""
+    values, token_ids = logits.topk(max_top_k, dim=-1)  # [num_rows, max_top_k], descending
+    positions = torch.arange(max_top_k, device=logits.device)
+    values.masked_fill_(positions >= top_k.unsqueeze(1), float("-inf"))
+    probs = values.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    has_top_p = (top_p < 1.0).unsqueeze(1)  # [num_rows, 1]; rounding must not cut rows without top_p
+    values.masked_fill_((mass_before >= top_p.unsqueeze(1)) & has_top_p, float("-inf"))
+    return logits.fill_(float("-inf")).scatter_(1, token_ids, values)
 
 
 def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
