@@ -20,7 +20,7 @@ from tokenmill.sample.logprobs import compute_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
 from tokenmill.sample.sampler import Sampler
 from tokenmill.worker.cuda_graph import DecodeGraphs
-from tokenmill.worker.inputs import ModelInputs, prepare_inputs
+from tokenmill.worker.inputs import HostStager, ModelInputs, prepare_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.model = build_model(hf_config, device, dtype)
         self.sampler = Sampler()
+        self.stager = HostStager(device)
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.decode_graphs: DecodeGraphs | None = None
@@ -133,7 +134,7 @@ class ModelRunner:
             self.generators.pop(request_id, None)
         if scheduler_output.is_empty:
             return ModelRunnerOutput({})
-        inputs = prepare_inputs(scheduler_output, self.block_size, self.device)
+        inputs = prepare_inputs(scheduler_output, self.block_size, self.stager)
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
             hidden = self.decode_graphs.run(inputs)  # [num_tokens, hidden]
         else:
