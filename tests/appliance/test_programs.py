@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tokenmill_appliance.programs import run_launch, wait_out_backoff
 from tokenmill_appliance.programs.commands import (
     Launch,
     Skip,
@@ -316,14 +317,13 @@ import sys
 from pathlib import Path
 from tokenmill_appliance.programs import run_launch
 from tokenmill_appliance.programs.commands import Launch
-from tokenmill_appliance.programs.runner import StopFlag, Tee
-from tokenmill_appliance.settings import Settings
+from tokenmill_appliance.programs.runner import Backoff, StopFlag, Tee
 py = sys.executable
 start, stop_command = [py, "-c", "print('daemon started')"], [py, "-c", "print('daemon stopped')"]
 launch = Launch(start, on_exit=stop_command, hold=True)
 tee = Tee("demo", Path(sys.argv[1]))
 with StopFlag().installed() as stop:
-    sys.exit(run_launch("demo", launch, Settings.from_env(), tee, stop))
+    sys.exit(run_launch(launch, Backoff(Path(sys.argv[1] + ".backoff")), tee, stop))
 """
 
 
@@ -341,3 +341,20 @@ def test_a_held_launch_stays_up_until_stopped_then_runs_its_exit_command(tmp_pat
             proc.kill()
             proc.wait()
     assert log.read_text().rstrip().endswith("stopped") and "daemon stopped" in log.read_text()
+
+
+def test_a_crashing_launch_counts_crashes_and_the_next_start_waits(tmp_path: Path) -> None:
+    backoff = Backoff(tmp_path / "demo.backoff")
+    tee = Tee("demo", tmp_path / "demo.log")
+    crash = Launch([sys.executable, "-c", "import sys; sys.exit(3)"])
+    try:
+        assert run_launch(crash, backoff, tee, StopFlag()) == 3
+        assert run_launch(crash, backoff, tee, StopFlag()) == 3
+        assert backoff.failures == 2
+        assert wait_out_backoff(backoff, tee, StopFlag())
+        assert run_launch(Launch([sys.executable, "-c", "pass"]), backoff, tee, StopFlag()) == 0
+    finally:
+        tee.close()
+    assert backoff.failures == 0
+    log = (tmp_path / "demo.log").read_text()
+    assert "exited with status 3" in log and "(crash 2)" in log and "waiting 2s first" in log

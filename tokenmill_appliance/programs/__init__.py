@@ -38,15 +38,19 @@ def wait_for_provisioning(settings: Settings, tee: Tee, stop: StopFlag) -> None:
             pass
 
 
-def run_launch(name: str, launch: Launch, settings: Settings, tee: Tee, stop: StopFlag) -> int:
-    """Run a launch once, with the back-off of earlier crashes; the wrapper's exit status."""
-    backoff = Backoff(settings.path(f"/var/run/tokenmill/{name}.backoff"))
+def wait_out_backoff(backoff: Backoff, tee: Tee, stop: StopFlag) -> bool:
+    """Wait the back-off of earlier crashes; False when stopped meanwhile."""
     delay = backoff.delay()
     if delay:
         tee.line(f"restarting after {backoff.failures} crash(es): waiting {delay:.0f}s first")
         if stop.wait(delay):
             backoff.clear()  # a manual restart starts at once
-            return 0
+            return False
+    return True
+
+
+def run_launch(launch: Launch, backoff: Backoff, tee: Tee, stop: StopFlag) -> int:
+    """Run a launch once; the wrapper's exit status (non-zero after a crash, which `backoff` counts)."""
     env = {**os.environ, **launch.env}
     tee.line(f"starting: {display_command(launch.command)}")
     started = time.monotonic()
@@ -61,13 +65,17 @@ def run_launch(name: str, launch: Launch, settings: Settings, tee: Tee, stop: St
         return 0
     ran_s = time.monotonic() - started
     failures = backoff.record_crash(ran_s)
-    how = (
-        f"was killed by {signal.Signals(-returncode).name}"
-        if returncode < 0
-        else f"exited with status {returncode}"
-    )
-    tee.line(f"{how} after {ran_s:.1f}s (crash {failures}); supervisord restarts it")
+    tee.line(f"{_describe(returncode)} after {ran_s:.1f}s (crash {failures}); supervisord restarts it")
     return exit_status(returncode)
+
+
+def _describe(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
 
 
 def run_venv_backup(settings: Settings, tee: Tee, stop: StopFlag) -> int:
@@ -109,15 +117,23 @@ def run_program(name: str, settings: Settings, tee: Tee, stop: StopFlag) -> int:
     if name == "provisioning":
         return run_provisioning(settings, tee, stop)
     wait_for_provisioning(settings, tee, stop)
-    if stop.is_set:
+    backoff = Backoff(settings.path(f"/var/run/tokenmill/{name}.backoff"))
+    if stop.is_set or not wait_out_backoff(backoff, tee, stop):
         return 0
-    if name == "venv_backup":
-        return run_venv_backup(settings, tee, stop)
-    launch = BUILDERS[name](settings, load_apps(settings))
-    if isinstance(launch, Skip):
-        tee.line(launch.reason)
-        return 0
-    return run_launch(name, launch, settings, tee, stop)
+    try:
+        if name == "venv_backup":
+            return run_venv_backup(settings, tee, stop)
+        launch = BUILDERS[name](settings, load_apps(settings))
+        if isinstance(launch, Skip):
+            backoff.clear()
+            tee.line(launch.reason)
+            return 0
+        return run_launch(launch, backoff, tee, stop)
+    except Exception:
+        # Counted like a crash, so a persistent error backs off instead of looping at full speed.
+        failures = backoff.record_crash(0.0)
+        tee.line(f"wrapper error (crash {failures}):\n{traceback.format_exc()}")
+        return 1
 
 
 def main(argv: list[str]) -> int:
@@ -134,8 +150,5 @@ def main(argv: list[str]) -> int:
     try:
         with StopFlag().installed() as stop:
             return run_program(name, settings, tee, stop)
-    except Exception:
-        tee.line("wrapper error:\n" + traceback.format_exc())
-        return 1
     finally:
         tee.close()
