@@ -40,6 +40,12 @@ def test_sharded_checkpoint_reads_the_shards_its_index_names(tmp_path: Path) -> 
     assert [name for name, _ in iter_safetensors_weights(tmp_path, torch.float32)] == ["a", "b"]
 
 
+def test_mistral_consolidated_copy_is_ignored_beside_hf_files(tmp_path: Path) -> None:
+    save_file({"model.norm.weight": torch.ones(2)}, tmp_path / "model.safetensors")
+    save_file({"norm.weight": torch.ones(2)}, tmp_path / "consolidated.safetensors")
+    assert safetensors_files(tmp_path) == [tmp_path / "model.safetensors"]
+
+
 def test_directory_without_safetensors(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights in .*: convert the checkpoint"):

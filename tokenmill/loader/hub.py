@@ -25,6 +25,9 @@ HUB_ALLOW_PATTERNS = [
     "*.tiktoken",
     "*.txt",
 ]
+# Mistral repositories also ship their own-format copy of the weights (consolidated.safetensors) beside
+# the Hugging Face shards; Llama repositories keep originals under original/.
+HUB_IGNORE_PATTERNS = ["consolidated*.safetensors", "original/*"]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -35,7 +38,11 @@ def download_from_hub(model_id: str, download_dir: str | None = None, revision: 
     """The local snapshot of repository `model_id`, downloaded (with a progress bar) unless cached."""
     with _explained_hub_errors(model_id, download_dir, revision):
         snapshot = snapshot_download(
-            model_id, revision=revision, cache_dir=download_dir, allow_patterns=HUB_ALLOW_PATTERNS
+            model_id,
+            revision=revision,
+            cache_dir=download_dir,
+            allow_patterns=HUB_ALLOW_PATTERNS,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
         )
     return Path(snapshot)
 

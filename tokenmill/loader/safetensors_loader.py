@@ -13,13 +13,16 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's shards: those the index names when there is one, else every *.safetensors."""
+    """The checkpoint's shards: those the index names when there is one, else every *.safetensors but
+    Mistral's own-format copy (consolidated.safetensors) beside HF-format files."""
     index_file = model_dir / SAFETENSORS_INDEX
     if index_file.is_file():
         weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
     else:
         files = sorted(model_dir.glob("*.safetensors"))
+        hf_files = [f for f in files if not f.name.startswith("consolidated")]
+        files = hf_files or files
     if not files:
         raise FileNotFoundError(
             f"no *.safetensors weights in {model_dir}: convert the checkpoint to safetensors "
