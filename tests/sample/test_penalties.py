@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -61,3 +62,16 @@ def test_rows_without_penalties_are_untouched() -> None:
 
 def test_no_penalties_builds_nothing() -> None:
     assert PenaltyTensors.build([SamplingParams()] * 2, [[1], [2]], [[3], [4]], VOCAB, CPU) is None
+
+
+def test_numpy_rows_equal_list_rows() -> None:
+    params = [SamplingParams(repetition_penalty=1.4, frequency_penalty=0.5)] * 2
+    prompts, outputs = [[1, 2, 2, 60], [3]], [[4, 4], []]
+    from_lists = PenaltyTensors.build(params, prompts, outputs, VOCAB, CPU)
+    arrays = [np.asarray(ids, dtype=np.int64) for ids in prompts]
+    from_arrays = PenaltyTensors.build(params, arrays, outputs, VOCAB, CPU)
+    assert from_lists is not None and from_arrays is not None
+    assert from_lists.prompt_mask is not None and from_arrays.prompt_mask is not None
+    assert torch.equal(from_lists.prompt_mask, from_arrays.prompt_mask)
+    assert from_lists.prompt_mask.sum() == 3  # 60 is outside the vocabulary
+    assert torch.equal(from_lists.output_counts[0, 4], torch.tensor(2, dtype=torch.int32))

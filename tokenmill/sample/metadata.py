@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tokenmill.sample.penalties import PenaltyTensors
+from tokenmill.sample.penalties import PenaltyTensors, TokenIds
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -80,8 +81,8 @@ class SamplingMetadata:
     def build(
         cls,
         params: list[SamplingParams],
-        prompt_token_ids: list[list[int]],
-        output_token_ids: list[list[int]],
+        prompt_token_ids: Sequence[TokenIds],
+        output_token_ids: Sequence[TokenIds],
         generators: list[torch.Generator | None],
         vocab_size: int,
         device: torch.device,
@@ -89,7 +90,9 @@ class SamplingMetadata:
         """Metadata of the rows sampled this step, in batch order.
 
         `vocab_size` is the logits' width. `generators[i]` is row i's own generator on `device` (from its
-        seed) or None for the default generator; greedy rows ignore it.
+        seed) or None for the default generator; greedy rows ignore it. Token ids are read only for rows
+        with penalties, every step: a caller can pass each request's prompt as an int64 numpy array it
+        keeps, so that long prompts cost nothing to convert.
         """
         num_rows = len(params)
         if not len(prompt_token_ids) == len(output_token_ids) == len(generators) == num_rows:
@@ -144,7 +147,7 @@ def _logit_bias_entries(params: list[SamplingParams]) -> list[tuple[int, int, fl
 
 
 def _min_tokens_entries(
-    params: list[SamplingParams], output_token_ids: list[list[int]]
+    params: list[SamplingParams], output_token_ids: Sequence[TokenIds]
 ) -> list[tuple[int, int, float]]:
     """(row, stop token id, -inf) for each row whose output is still shorter than its min_tokens."""
     return [

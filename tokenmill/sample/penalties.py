@@ -7,13 +7,18 @@ and negative ones multiplied. presence_penalty and frequency_penalty (OpenAI): o
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from tokenmill.sampling_params import SamplingParams
+
+# One sequence's token ids: a list, or an int64 array that a caller keeps per request (long prompts then
+# cost nothing to convert each step).
+TokenIds = Sequence[int] | npt.NDArray[np.int64]
 
 
 @dataclass
@@ -30,8 +35,8 @@ class PenaltyTensors:
     def build(
         cls,
         params: list[SamplingParams],
-        prompt_token_ids: list[list[int]],
-        output_token_ids: list[list[int]],
+        prompt_token_ids: Sequence[TokenIds],
+        output_token_ids: Sequence[TokenIds],
         vocab_size: int,
         device: torch.device,
     ) -> PenaltyTensors | None:
@@ -43,15 +48,13 @@ class PenaltyTensors:
             [[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params],
             dtype=torch.float32,
         ).to(device)  # [num_rows, 3]
-        output_counts = _token_counts(
-            [ids if has_penalties(p) else [] for p, ids in zip(params, output_token_ids, strict=True)],
-            num_rows,
-            vocab_size,
-            device,
-        )
+        output_ids: list[TokenIds] = [
+            ids if has_penalties(p) else [] for p, ids in zip(params, output_token_ids, strict=True)
+        ]
+        output_counts = _token_counts(output_ids, num_rows, vocab_size, device)
         prompt_mask = None
         if any(p.repetition_penalty != 1.0 for p in params):
-            prompt_ids = [
+            prompt_ids: list[TokenIds] = [
                 ids if p.repetition_penalty != 1.0 else []
                 for p, ids in zip(params, prompt_token_ids, strict=True)
             ]
@@ -78,19 +81,21 @@ def apply_penalties(logits: torch.Tensor, penalties: PenaltyTensors) -> torch.Te
 
 
 def _token_counts(
-    token_ids: list[list[int]], num_rows: int, vocab_size: int, device: torch.device
+    token_ids: Sequence[TokenIds], num_rows: int, vocab_size: int, device: torch.device
 ) -> torch.Tensor:
     """[num_rows, vocab] int32: how often each token id occurs in each row's list (ids >= vocab dropped)."""
     counts = torch.zeros(num_rows, vocab_size, dtype=torch.int32, device=device)
-    lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=num_rows)
-    num_tokens = int(lengths.sum())
-    if num_tokens == 0:
+    # np.fromiter reads a list several times faster than torch.tensor(list): this runs every step.
+    parts = [
+        ids if isinstance(ids, np.ndarray) else np.fromiter(ids, dtype=np.int64, count=len(ids))
+        for ids in token_ids
+    ]
+    lengths = [len(part) for part in parts]
+    if not any(lengths):
         return counts
-    # numpy reads the lists several times faster than torch.tensor(list): this runs every step.
-    index = np.empty((2, num_tokens), dtype=np.int64)
-    index[0] = np.repeat(np.arange(num_rows), lengths)
-    index[1] = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=num_tokens)
-    index = index[:, (index[1] >= 0) & (index[1] < vocab_size)]
-    rows, cols = torch.from_numpy(index).to(device)  # one host -> device copy
-    counts.index_put_((rows, cols), torch.ones_like(cols, dtype=torch.int32), accumulate=True)
+    cols = np.concatenate(parts).astype(np.int64, copy=False)
+    rows = np.repeat(np.arange(num_rows), lengths)
+    index = np.stack([rows, cols])[:, (cols >= 0) & (cols < vocab_size)]  # [2, num_tokens]
+    rows_t, cols_t = torch.from_numpy(index).to(device)  # one host -> device copy
+    counts.index_put_((rows_t, cols_t), torch.ones_like(cols_t, dtype=torch.int32), accumulate=True)
     return counts
