@@ -55,7 +55,7 @@ if INTERPRETED and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3
 
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 # The interpreter checks the algorithm in float32; compiled, float32 dots would round through TF32.
-DTYPES = [torch.float32] if INTERPRETED else [torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16] if INTERPRETED else [torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
