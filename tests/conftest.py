@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -29,7 +29,7 @@ from transformers.modeling_gguf_pytorch_utils import (
 )
 
 from tokenmill.loader import load_hf_config
-from tokenmill.loader.gguf_loader import gguf_reader, hf_tensor_names
+from tokenmill.loader.gguf_loader import hf_tensor_names, read_gguf
 from tokenmill.loader.hub import ModelNotFoundError
 from tokenmill.loader.source import ModelSource, default_model_source
 from tokenmill.tokenizer import load_tokenizer
@@ -151,7 +151,7 @@ def write_tiny_gguf(
     writer.add_vocab_size(config.vocab_size)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
-    tokenizer_fields = gguf_reader(tokenizer_gguf).fields if tokenizer_gguf is not None else {}
+    tokenizer_fields = GGUFReader(tokenizer_gguf).fields if tokenizer_gguf is not None else {}
     for key, field in tokenizer_fields.items():
         if key.startswith("tokenizer.") and not key.endswith(("bos_token_id", "eos_token_id")):
             sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
@@ -182,7 +182,7 @@ def transformers_gguf_tensors(source: ModelSource, config: PretrainedConfig) -> 
     processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
     hf_names = get_gguf_hf_weights_map(model, processor)
     tensors: dict[str, torch.Tensor] = {}
-    for tensor in gguf_reader(source.gguf_file).tensors:
+    for tensor in read_gguf(source.gguf_file).tensors:
         processed = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name)
         tensors[hf_names[processed.name]] = torch.from_numpy(np.array(processed.weights, dtype=np.float32))
     return tensors

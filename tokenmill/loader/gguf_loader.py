@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFReader
+from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
 logger = logging.getLogger(__name__)
@@ -40,21 +41,44 @@ _HF_MODULE_NAMES: dict[MODEL_TENSOR, str] = {
 _SKIPPED_TENSORS = frozenset({TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]})
 
 
+# Arrays longer than this (the vocabulary, merges, token types) are kept as their lengths only.
+_MAX_KEPT_ARRAY = 1024
+
+
+@dataclass(frozen=True)
+class GGUFContents:
+    """What the loader needs of a GGUF file: its metadata, less the long tokenizer arrays (parsed, they
+    take ~150 MB for a 49k vocabulary; transformers reads them itself for the tokenizer), and its
+    tensors, memory-mapped."""
+
+    metadata: dict[str, Any]
+    array_lengths: dict[str, int]
+    tensors: tuple[ReaderTensor, ...]
+
+
 @lru_cache(maxsize=8)
-def _cached_reader(path: str, mtime_ns: int) -> GGUFReader:
-    return GGUFReader(path)
+def _cached_contents(path: str, mtime_ns: int) -> GGUFContents:
+    reader = GGUFReader(path)
+    metadata: dict[str, Any] = {}
+    array_lengths: dict[str, int] = {}
+    for key, field in reader.fields.items():
+        if field.types and field.types[0] == GGUFValueType.ARRAY:
+            array_lengths[key] = len(field.data)
+            if len(field.data) > _MAX_KEPT_ARRAY:
+                continue
+        metadata[key] = field.contents()
+    return GGUFContents(metadata, array_lengths, tuple(reader.tensors))
 
 
-def gguf_reader(gguf_file: Path) -> GGUFReader:
-    """A memory-mapped reader of `gguf_file`, shared by config, eos and weight loading: parsing the
-    metadata of a file with a large vocabulary takes seconds."""
-    return _cached_reader(str(gguf_file), gguf_file.stat().st_mtime_ns)
+def read_gguf(gguf_file: Path) -> GGUFContents:
+    """The contents of `gguf_file`, parsed once per process and shared by config, eos and weight
+    loading: parsing the metadata of a file with a large vocabulary takes seconds."""
+    return _cached_contents(str(gguf_file), gguf_file.stat().st_mtime_ns)
 
 
 def gguf_metadata(gguf_file: Path, key: str, default: Any = None) -> Any:
     """A metadata value (`general.architecture`, `llama.block_count`, ...), or `default` if absent."""
-    field = gguf_reader(gguf_file).get_field(key)
-    return default if field is None else field.contents()
+    return read_gguf(gguf_file).metadata.get(key, default)
 
 
 def gguf_architecture(gguf_file: Path) -> str:
@@ -102,7 +126,7 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def count_gguf_tensors(gguf_file: Path) -> int:
     """How many tensors `iter_gguf_weights` yields."""
-    return sum(not _is_skipped(tensor.name) for tensor in gguf_reader(gguf_file).tensors)
+    return sum(not _is_skipped(tensor.name) for tensor in read_gguf(gguf_file).tensors)
 
 
 def _is_skipped(tensor_name: str) -> bool:
@@ -111,14 +135,14 @@ def _is_skipped(tensor_name: str) -> bool:
 
 def iter_gguf_weights(gguf_file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of `gguf_file` under its HF name, dequantized to `dtype`, in HF layout."""
-    reader = gguf_reader(gguf_file)
+    tensors = read_gguf(gguf_file).tensors
     architecture = gguf_architecture(gguf_file)
     num_heads = int(gguf_metadata(gguf_file, f"{architecture}.attention.head_count"))
     num_kv_heads = int(gguf_metadata(gguf_file, f"{architecture}.attention.head_count_kv", num_heads))
     hf_names = hf_tensor_names(int(gguf_metadata(gguf_file, f"{architecture}.block_count")))
     # Only llama.cpp's Llama converter permutes Q/K (Mistral included); Qwen2/Qwen3 keep HF's layout.
     rows_permuted = architecture == "llama"
-    for tensor in reader.tensors:
+    for tensor in tensors:
         if _is_skipped(tensor.name):
             logger.warning("%s: skipping %s (rope scaling factors are not applied)", gguf_file, tensor.name)
             continue

@@ -10,7 +10,7 @@ from typing import Any
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 from transformers import AutoConfig, PretrainedConfig
 
-from tokenmill.loader.gguf_loader import gguf_architecture, gguf_metadata, gguf_reader
+from tokenmill.loader.gguf_loader import gguf_architecture, gguf_metadata, read_gguf
 from tokenmill.loader.source import ModelSource
 
 # `{architecture}.<key>` GGUF metadata -> transformers config field (llama.cpp's GGUF conventions).
@@ -41,11 +41,11 @@ def gguf_config_fields(gguf_file: Path) -> dict[str, Any]:
     # llama.cpp converts Mistral as "llama"; transformers tells them apart by name, and so do we.
     model_name = str(gguf_metadata(gguf_file, "general.name", "")).lower()
     model_type = "mistral" if architecture == "llama" and "mistral" in model_name else architecture
-    reader = gguf_reader(gguf_file)
+    contents = read_gguf(gguf_file)
     output_weight = f"{TENSOR_NAMES[MODEL_TENSOR.OUTPUT]}.weight"
     fields: dict[str, Any] = {
         "model_type": model_type,
-        "tie_word_embeddings": all(tensor.name != output_weight for tensor in reader.tensors),
+        "tie_word_embeddings": all(tensor.name != output_weight for tensor in contents.tensors),
     }
     for key, field in _GGUF_CONFIG_FIELDS.items():
         value = gguf_metadata(gguf_file, f"{architecture}.{key}")
@@ -55,9 +55,8 @@ def gguf_config_fields(gguf_file: Path) -> dict[str, Any]:
         value = gguf_metadata(gguf_file, key)
         if value is not None:
             fields[field] = value
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    if "vocab_size" not in fields and tokens is not None:
-        fields["vocab_size"] = len(tokens.data)
+    if "vocab_size" not in fields and "tokenizer.ggml.tokens" in contents.array_lengths:
+        fields["vocab_size"] = contents.array_lengths["tokenizer.ggml.tokens"]
     return fields
 
 
