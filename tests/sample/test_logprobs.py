@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -88,6 +90,20 @@ def test_to_sample_logprobs_keeps_each_rows_own_top_n() -> None:
         {7: Logprob(-0.1, 1, "<7>")},
         {9: Logprob(-5.0, 8, "<9>")},
     ]
+
+
+def test_decoded_tokens_with_the_real_tokenizer(smollm2_tokenizer: Any) -> None:
+    """decoded_token is the decode of the single id, as vLLM: a byte of a split character is U+FFFD."""
+    hello, emoji_start = smollm2_tokenizer.encode("Hello")[0], smollm2_tokenizer.encode(" 😀")[0]
+    eos = smollm2_tokenizer.eos_token_id
+    lists = LogprobsLists(token_ids=[[hello, emoji_start, eos]], logprobs=[[-0.1, -1.0, -2.0]], ranks=[1])
+    (row,) = to_sample_logprobs(lists, smollm2_tokenizer, 2)
+    assert [entry.decoded_token for entry in row.values()] == [
+        "Hello",
+        smollm2_tokenizer.decode([emoji_start]),
+        "<|im_end|>",
+    ]
+    assert (row[emoji_start].decoded_token or "").endswith("\ufffd")
 
 
 def test_to_sample_logprobs_checks_row_counts() -> None:

