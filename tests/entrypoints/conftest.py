@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 API_KEY = "test-key"
@@ -108,6 +109,8 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as a supervisor stops it; the engine core process must go with the server."""
+    children = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -115,6 +118,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    _, alive = psutil.wait_procs(children, timeout=STOP_TIMEOUT_S)
+    for child in alive:
+        child.kill()
+    assert not alive, f"processes left behind after SIGTERM: {[c.pid for c in alive]}"
 
 
 @pytest.fixture(scope="session")

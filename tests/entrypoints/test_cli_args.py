@@ -114,6 +114,7 @@ def test_defaults_and_api_key_from_environment(tmp_path: Path) -> None:
         (["--max-model-len", "lots"], "is not a number"),
         (["--chat-template", "missing.jinja"], "neither a file nor a Jinja template"),
         (["a", "--model", "b"], "the model is given twice"),
+        (["--generation-config", "/no/such/dir"], "is not auto, vllm or a directory"),
     ],
 )
 def test_errors_name_the_fix(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

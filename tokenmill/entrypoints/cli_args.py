@@ -232,6 +232,8 @@ def parse_serve_args(
         engine_args.create_engine_config()
     except ValueError as err:
         fail(str(err))
+    if ns.generation_config not in ("auto", "vllm") and not Path(ns.generation_config).is_dir():
+        fail(f"--generation-config {ns.generation_config!r} is not auto, vllm or a directory")
     api_key = ns.api_key or api_key_from_env(environ)
     return ServeArgs(
         engine_args=engine_args,

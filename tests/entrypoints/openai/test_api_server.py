@@ -29,9 +29,11 @@ class ScriptedCore:
     instances: list[ScriptedCore] = []
     ready = threading.Event()
     token_ids: list[int] = []
+    hold = False  # when set, requests get no output until release()
 
     def __init__(self, config: Any, on_message: Callable[[CoreMessage], None]) -> None:
         self.on_message = on_message
+        self.held: list[str] = []
         ScriptedCore.instances.append(self)
 
     def start(self) -> None:
@@ -43,12 +45,19 @@ class ScriptedCore:
 
     def add_requests(self, requests: list[Any]) -> None:
         for request in requests:
-            for i, token_id in enumerate(self.token_ids):
-                last = i == len(self.token_ids) - 1
-                finish = FinishReason.LENGTH if last else None
-                self.on_message(
-                    CoreOutputs([EngineCoreOutput(request.request_id, [token_id], finish_reason=finish)])
-                )
+            if self.hold:
+                self.held.append(request.request_id)
+            else:
+                self.answer(request.request_id)
+
+    def answer(self, request_id: str) -> None:
+        for i, token_id in enumerate(self.token_ids):
+            finish = FinishReason.LENGTH if i == len(self.token_ids) - 1 else None
+            self.on_message(CoreOutputs([EngineCoreOutput(request_id, [token_id], finish_reason=finish)]))
+
+    def release(self) -> None:
+        for request_id in self.held:
+            self.answer(request_id)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         pass
@@ -58,16 +67,29 @@ class ScriptedCore:
 
 
 @pytest.fixture
-def app_client(smollm2_tokenizer: Any) -> Iterator[TestClient]:
+def make_app(smollm2_tokenizer: Any) -> Iterator[Callable[..., TestClient]]:
+    """`make_app(*serve_flags)`: the app over a ScriptedCore, with --reasoning-parser, a key and CORS."""
     ScriptedCore.instances.clear()
     ScriptedCore.ready.clear()
+    ScriptedCore.hold = False
     ScriptedCore.token_ids = smollm2_tokenizer.encode(REPLY)
-    args = parse_serve_args(
-        ["--reasoning-parser", "deepseek_r1", "--api-key", "k", "--allowed-origins", "*"], environ={}
-    )
-    state = ServerState(args, client_factory=ScriptedCore)
-    with TestClient(build_app(state), headers={"Authorization": "Bearer k"}) as client:
-        yield client
+    clients: list[TestClient] = []
+
+    def make(*flags: str) -> TestClient:
+        argv = ["--reasoning-parser", "deepseek_r1", "--api-key", "k", "--allowed-origins", "*", *flags]
+        state = ServerState(parse_serve_args(argv, environ={}), client_factory=ScriptedCore)
+        client = TestClient(build_app(state), headers={"Authorization": "Bearer k"})
+        clients.append(client.__enter__())
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def app_client(make_app: Callable[..., TestClient]) -> TestClient:
+    return make_app()
 
 
 def wait_status(client: TestClient, status: int) -> None:
@@ -121,3 +143,27 @@ def test_auth_and_cors(app_client: TestClient) -> None:
         "*",
         "http://example.com",
     )
+
+
+def test_full_queue_is_503_with_retry_after(make_app: Callable[..., TestClient]) -> None:
+    client = make_app("--max-num-seqs", "1", "--max-waiting", "0")
+    ScriptedCore.ready.set()
+    wait_status(client, 200)
+    ScriptedCore.hold = True
+    first: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: first.update(response=client.post("/v1/chat/completions", json=HI))
+    )
+    thread.start()
+    core = ScriptedCore.instances[0]
+    for _ in range(600):
+        if core.held:
+            break
+        time.sleep(0.05)
+    refused = client.post("/v1/chat/completions", json=HI)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "server_overloaded"
+    core.release()
+    thread.join(30)
+    assert first["response"].status_code == 200
+    assert client.get("/health").status_code == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tokenmill.engine.async_llm import AsyncLLM
@@ -105,7 +106,7 @@ class ServerState:
         await self._announce()
 
     def _load_tokenizer(self) -> LoadedModel:
-        from tokenmill.loader import resolve_model
+        from tokenmill.loader import ModelSource, resolve_model
         from tokenmill.tokenizer import load_generation_config, load_tokenizer
 
         engine_args = self.args.engine_args
@@ -115,9 +116,10 @@ class ServerState:
         sampling: dict[str, Any] = {}
         mode = self.args.generation_config
         if mode != "vllm":
+            chosen = defaults  # auto: the model's own; else a directory holding a generation_config.json
             if mode != "auto":
-                defaults = load_generation_config(resolve_model(mode), tokenizer)
-            sampling = dict(defaults.sampling_defaults())
+                chosen = load_generation_config(ModelSource(name=mode, path=Path(mode)), tokenizer)
+            sampling = dict(chosen.sampling_defaults())
             if "max_new_tokens" in sampling:
                 sampling["max_tokens"] = sampling.pop("max_new_tokens")
         return LoadedModel(tokenizer, defaults.eos_token_ids, sampling, source.name)

@@ -31,6 +31,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     ServingContext,
     clamp_logprob,
     decoded_token,
+    encode,
     first_and_rest,
     sse,
     sse_stream,
@@ -71,7 +72,7 @@ class OpenAIServingChat:
             conversation = request.conversation()
             text = await engine.run_in_executor(render_chat_prompt, self.ctx, request, conversation)
             token_ids = await engine.run_in_executor(
-                _encode, self.ctx.tokenizer, text, request.add_special_tokens
+                encode, self.ctx.tokenizer, text, request.add_special_tokens
             )
         except ValueError as err:
             raise APIError(str(err), 400) from None
@@ -203,10 +204,6 @@ class OpenAIServingChat:
 
 
 MIN_LOGPROB_FALLBACK = -9999.0
-
-
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def _total(usage: UsageInfo) -> UsageInfo:

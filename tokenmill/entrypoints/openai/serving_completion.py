@@ -24,6 +24,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     ServingContext,
     clamp_logprob,
     decoded_token,
+    encode,
     first_and_rest,
     merge_async_iterators,
     sse,
@@ -67,7 +68,7 @@ class OpenAIServingCompletion:
                 if not prompt:
                     raise ValueError("prompt must not be empty")
                 ids = await self.ctx.engine.run_in_executor(
-                    _encode, tokenizer, prompt, request.add_special_tokens
+                    encode, tokenizer, prompt, request.add_special_tokens
                 )
                 results.append((prompt, ids))
             else:
@@ -191,10 +192,6 @@ class OpenAIServingCompletion:
             await merged.aclose()
         if request.stream_options is not None and request.stream_options.include_usage:
             yield sse(_chunk(request_id, created, model, [], usage=_usage(usage)))
-
-
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def _usage(usage: UsageInfo) -> UsageInfo:

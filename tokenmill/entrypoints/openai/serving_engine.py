@@ -172,6 +172,11 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncGenerator[str, None]:
     yield SSE_DONE
 
 
+def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of `text` (called on the tokenizer thread)."""
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
 def clamp_logprob(value: float) -> float:
     return max(value, MIN_LOGPROB)
 

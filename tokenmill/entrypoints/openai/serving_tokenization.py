@@ -13,7 +13,7 @@ from tokenmill.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from tokenmill.entrypoints.openai.serving_chat import render_chat_prompt
-from tokenmill.entrypoints.openai.serving_engine import ServingContext
+from tokenmill.entrypoints.openai.serving_engine import ServingContext, encode
 
 
 class OpenAIServingTokenization:
@@ -38,7 +38,7 @@ class OpenAIServingTokenization:
             else:
                 text = request.prompt or ""
                 add_special = request.add_special_tokens is not False
-            tokens = await engine.run_in_executor(_encode, self.ctx.tokenizer, text, add_special)
+            tokens = await engine.run_in_executor(encode, self.ctx.tokenizer, text, add_special)
         except ValueError as err:
             raise APIError(str(err), 400) from None
         token_strs = self.ctx.tokenizer.convert_ids_to_tokens(tokens) if request.return_token_strs else None
@@ -69,7 +69,3 @@ class OpenAIServingTokenization:
             "unk_token": tokenizer.unk_token,
             "chat_template": self.ctx.chat_template or tokenizer.chat_template,
         }
-
-
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
