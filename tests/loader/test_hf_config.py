@@ -76,6 +76,25 @@ def test_gguf_config_is_a_fresh_copy(smollm2_gguf: Path) -> None:
     assert load_hf_config(source).max_position_embeddings == 8192
 
 
+def test_mistral_converted_as_llama(tmp_path: Path) -> None:
+    writer = GGUFWriter(tmp_path / "mistral.gguf", "llama")
+    writer.add_name("Mistral 7B Instruct v0.3")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_head_count(2)
+    writer.add_vocab_size(4)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config = load_hf_config(ModelSource(name="m", path=tmp_path, gguf_file=tmp_path / "mistral.gguf"))
+    assert config.model_type == "mistral"
+    assert config.sliding_window is None  # llama.cpp attends to the whole context
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (8, 1, 4)
+    assert config.tie_word_embeddings is True
+
+
 def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
     writer = GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 2), dtype=np.float32))

@@ -47,6 +47,9 @@ def gguf_config_fields(gguf_file: Path) -> dict[str, Any]:
         "model_type": model_type,
         "tie_word_embeddings": all(tensor.name != output_weight for tensor in contents.tensors),
     }
+    if model_type == "mistral":
+        # llama.cpp runs GGUF Mistrals with full attention; MistralConfig would default to a 4096 window.
+        fields["sliding_window"] = None
     for key, field in _GGUF_CONFIG_FIELDS.items():
         value = gguf_metadata(gguf_file, f"{architecture}.{key}")
         if value is not None:
