@@ -311,8 +311,13 @@ def edge_get(api_port: int, path: str, headers: dict[str, str] | None = None) ->
 def wait_for_api(appliance: Appliance, api_port: int) -> None:
     """Until the server says it is ready (its /health turns 200 once the model is loaded), via the edge."""
 
+    seen = len(appliance.log("vllm"))
+
     def ready() -> bool:
-        assert appliance.state("vllm") == "RUNNING", appliance.log("vllm")[-3000:]
+        # Fail at the first crash rather than at the deadline: the log says why.
+        log = appliance.log("vllm")
+        assert "supervisord restarts it" not in log[seen:], log[-3000:]
+        assert appliance.state("vllm") in ("STARTING", "RUNNING"), log[-3000:]
         try:
             return edge_get(api_port, "/health", BEARER).status_code == 200
         except httpx.HTTPError:
