@@ -25,10 +25,10 @@ from tokenmill.entrypoints.openai.serving_engine import (
     clamp_logprob,
     decoded_token,
     encode,
-    first_and_rest,
     merge_async_iterators,
     sse,
     sse_stream,
+    start_all,
     top_entries,
     with_disconnect,
 )
@@ -52,8 +52,8 @@ class OpenAIServingCompletion:
             self.ctx.log_request(f"{request_id}-{i}", len(token_ids), params)
             prompt = TokensPrompt(prompt=text, prompt_token_ids=token_ids)
             generator = self.ctx.engine.generate(prompt, params, f"{request_id}-{i}")
-            generators.append(await first_and_rest(generator))
-        merged = merge_async_iterators(*generators)
+            generators.append(generator)
+        merged = merge_async_iterators(*await start_all(generators))
         if request.stream:
             events = self._stream(request, params, merged, request_id, model, num_prompts=len(prompts))
             return StreamingResponse(sse_stream(events), media_type="text/event-stream")

@@ -97,6 +97,18 @@ async def first_and_rest(generator: AsyncGenerator[T, None]) -> AsyncGenerator[T
     return chained()
 
 
+async def start_all(generators: list[AsyncGenerator[T, None]]) -> list[AsyncGenerator[T, None]]:
+    """`first_and_rest` for several generators at once; if one fails, the others are closed."""
+    started = await asyncio.gather(*(first_and_rest(g) for g in generators), return_exceptions=True)
+    failures = [r for r in started if isinstance(r, BaseException)]
+    if failures:
+        for result in started:
+            if not isinstance(result, BaseException):
+                await result.aclose()
+        raise failures[0]
+    return [r for r in started if not isinstance(r, BaseException)]
+
+
 async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncGenerator[tuple[int, T], None]:
     """Yields (index, item) from several generators as items arrive; closing it closes them all."""
     if len(iterators) == 1:
@@ -135,7 +147,10 @@ async def with_disconnect(raw_request: Request, handler: Awaitable[T]) -> T:
             work.cancel()
     if work.cancelled():
         raise APIError("the client disconnected", 499, code="client_disconnected")
-    return work.result()
+    try:
+        return work.result()
+    except (ValueError, EngineOverloadedError, EngineDeadError) as err:
+        raise engine_error(err) from None
 
 
 async def _wait_for_disconnect(raw_request: Request) -> None:

@@ -1,0 +1,43 @@
+"""The `tokenmill` command itself: help, unknown commands and flags, and a model that cannot load."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tokenmill.entrypoints.cli import main
+
+
+def tokenmill(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenmill.entrypoints.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_help_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("serve", "chat", "complete", "portal", "boot"))
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_unknown_serve_flag_names_the_closest() -> None:
+    result = tokenmill("serve", "--max-num-seq", "4")
+    assert result.returncode == 2 and "did you mean --max-num-seqs?" in result.stderr
+
+
+def test_model_that_cannot_load_stops_the_server() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = tokenmill("serve", "/nonexistent/model.gguf", "--port", str(port))
+    assert result.returncode == 1
+    assert "/nonexistent/model.gguf" in result.stderr and "Traceback" not in result.stderr
