@@ -1,12 +1,16 @@
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGUFWriter
-from transformers import AutoConfig
+from transformers import AutoConfig, LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from tokenmill.loader import ModelSource, load_hf_config, resolve_model
+from tokenmill.loader.hf_config import llama3_rope_scaling
 
 
 @pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("qwen2", True), ("qwen3", False)])
@@ -93,6 +97,76 @@ def test_mistral_converted_as_llama(tmp_path: Path) -> None:
     assert config.sliding_window is None  # llama.cpp attends to the whole context
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (8, 1, 4)
     assert config.tie_word_embeddings is True
+
+
+def llama_cpp_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's converter writes for a Llama 3.1 rope scaling."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    factors = []
+    for frequency in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelength = 2 * math.pi / frequency
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def hf_inverse_frequencies(theta: float, head_dim: int, scaling: dict) -> torch.Tensor:
+    config = LlamaConfig(
+        hidden_size=head_dim * 2,
+        num_attention_heads=2,
+        max_position_embeddings=131072,
+        rope_theta=theta,
+        rope_scaling=scaling,
+    )
+    return ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0]
+
+
+LLAMA_3_1 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def test_llama3_rope_scaling_from_frequency_factors() -> None:
+    factors = llama_cpp_rope_factors(500000.0, 128, LLAMA_3_1)
+    assert llama3_rope_scaling(factors.astype(np.float64), 500000.0) == LLAMA_3_1
+
+
+def test_llama3_rope_scaling_gives_hf_frequencies_for_other_parameters() -> None:
+    # low_freq_factor is not recoverable on its own; the frequencies transformers computes are.
+    scaling = {**LLAMA_3_1, "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0}
+    factors = llama_cpp_rope_factors(500000.0, 64, scaling)
+    recovered = llama3_rope_scaling(factors.astype(np.float64), 500000.0)
+    assert recovered is not None
+    torch.testing.assert_close(
+        hf_inverse_frequencies(500000.0, 64, recovered), hf_inverse_frequencies(500000.0, 64, scaling)
+    )
+
+
+def test_gguf_with_rope_frequency_factors(tmp_path: Path) -> None:
+    writer = GGUFWriter(tmp_path / "llama3.gguf", "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(131072)
+    writer.add_embedding_length(256)
+    writer.add_head_count(2)
+    writer.add_rope_freq_base(500000.0)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 256), dtype=np.float32))
+    writer.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(500000.0, 128, LLAMA_3_1))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config = load_hf_config(ModelSource(name="m", path=tmp_path, gguf_file=tmp_path / "llama3.gguf"))
+    assert config.rope_parameters == {**LLAMA_3_1, "rope_theta": 500000.0}
 
 
 def test_unsupported_gguf_architecture(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -13,8 +12,6 @@ import numpy as np
 import torch
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
-
-logger = logging.getLogger(__name__)
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -36,8 +33,7 @@ _HF_MODULE_NAMES: dict[MODEL_TENSOR, str] = {
     MODEL_TENSOR.FFN_DOWN: "model.layers.{bid}.mlp.down_proj",
 }
 # Llama 3.1+ GGUFs keep llama3 rope scaling as this tensor of frequency factors, not as metadata. HF
-# checkpoints have no such weight (the factors follow from config.rope_scaling), so it is skipped, and the
-# config built from such a GGUF has no rope scaling: a known gap, logged when it happens.
+# checkpoints have no such weight: the config's rope scaling stands for it (see hf_config.py).
 _SKIPPED_TENSORS = frozenset({TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]})
 
 
@@ -144,7 +140,6 @@ def iter_gguf_weights(gguf_file: Path, dtype: torch.dtype) -> Iterator[tuple[str
     rows_permuted = architecture == "llama"
     for tensor in tensors:
         if _is_skipped(tensor.name):
-            logger.warning("%s: skipping %s (rope scaling factors are not applied)", gguf_file, tensor.name)
             continue
         base_name, _, suffix = tensor.name.rpartition(".")
         if base_name not in hf_names:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 from transformers import AutoConfig, PretrainedConfig
 
 from tokenmill.loader.gguf_loader import gguf_architecture, gguf_metadata, read_gguf
 from tokenmill.loader.source import ModelSource
+
+logger = logging.getLogger(__name__)
 
 # `{architecture}.<key>` GGUF metadata -> transformers config field (llama.cpp's GGUF conventions).
 _GGUF_CONFIG_FIELDS = {
@@ -60,7 +64,53 @@ def gguf_config_fields(gguf_file: Path) -> dict[str, Any]:
             fields[field] = value
     if "vocab_size" not in fields and "tokenizer.ggml.tokens" in contents.array_lengths:
         fields["vocab_size"] = contents.array_lengths["tokenizer.ggml.tokens"]
+    rope_scaling = gguf_rope_scaling(gguf_file, architecture)
+    if rope_scaling is not None:
+        fields["rope_scaling"] = rope_scaling
     return fields
+
+
+def gguf_rope_scaling(gguf_file: Path, architecture: str) -> dict[str, Any] | None:
+    """The HF rope scaling of a GGUF: linear from its metadata, llama3 from its rope_freqs tensor."""
+    if gguf_metadata(gguf_file, f"{architecture}.rope.scaling.type") == "linear":
+        return {
+            "rope_type": "linear",
+            "factor": float(gguf_metadata(gguf_file, f"{architecture}.rope.scaling.factor")),
+        }
+    rope_freqs = f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.weight"
+    for tensor in read_gguf(gguf_file).tensors:
+        if tensor.name == rope_freqs:
+            theta = float(gguf_metadata(gguf_file, f"{architecture}.rope.freq_base", 10000.0))
+            return llama3_rope_scaling(np.asarray(tensor.data, dtype=np.float64), theta)
+    return None
+
+
+def llama3_rope_scaling(freq_factors: np.ndarray, rope_theta: float) -> dict[str, Any] | None:
+    """Llama 3.1's rope scaling recovered from llama.cpp's per-frequency factors.
+
+    llama.cpp stores 1 / ((1 - s) / factor + s) per frequency, with s = (original_context / wavelength -
+    low_freq_factor) / (high_freq_factor - low_freq_factor) clipped to [0, 1]. In the band 0 < s < 1, s is
+    linear in 1 / wavelength: s = a / wavelength + b. Only a and b matter to the result, so fixing
+    low_freq_factor = 1 gives high_freq_factor = 1 - 1 / b and original_context = -a / b exactly.
+    """
+    factor = float(freq_factors.max())
+    head_dim = 2 * len(freq_factors)
+    inverse_wavelengths = rope_theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * np.pi)
+    in_band = (freq_factors > 1 + 1e-4) & (freq_factors < factor - 1e-4)
+    if factor <= 1 + 1e-4:
+        return None
+    if in_band.sum() < 2:
+        logger.warning("rope_freqs of this GGUF is not Llama 3 rope scaling; it runs without rope scaling")
+        return None
+    smooth = (1 / freq_factors[in_band] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(inverse_wavelengths[in_band], smooth, 1)
+    return {
+        "rope_type": "llama3",
+        "factor": round(factor, 4),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": round(float(1 - 1 / intercept), 4),
+        "original_max_position_embeddings": round(float(-slope / intercept)),
+    }
 
 
 @lru_cache(maxsize=4)
