@@ -1,6 +1,7 @@
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,12 +118,10 @@ def llama_cpp_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.nda
 
 
 def hf_inverse_frequencies(theta: float, head_dim: int, scaling: dict) -> torch.Tensor:
+    # rope_theta and rope_scaling go through **kwargs: transformers 5 folds them into rope_parameters.
+    rope: dict[str, Any] = {"rope_theta": theta, "rope_scaling": scaling}
     config = LlamaConfig(
-        hidden_size=head_dim * 2,
-        num_attention_heads=2,
-        max_position_embeddings=131072,
-        rope_theta=theta,
-        rope_scaling=scaling,
+        hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=131072, **rope
     )
     return ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0]
 
