@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU check in one command (about 6 minutes on an H200): see benchmarks/gpu_check.py.
+#   benchmarks/gpu_check.sh TOKENIZER_DIR [WHEEL_DIR]
+# TOKENIZER_DIR: any saved Hugging Face tokenizer (the check's models are random-weight, built on the spot).
+# WHEEL_DIR: wheels of packages the machine lacks (e.g. gguf), installed into a private target first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tokenizer=${1:?usage: benchmarks/gpu_check.sh TOKENIZER_DIR [WHEEL_DIR]}
+if [ -n "${2:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tokenmill-site "$2"/*.whl
+  export PYTHONPATH=/tmp/tokenmill-site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+# Kernels and fidelity first, the longest (transformers generate on the workload) last.
+exec timeout 480 python3 benchmarks/gpu_check.py --tokenizer "$tokenizer" --only 21453
