@@ -169,6 +169,19 @@ def test_backend_decode_with_graph_style_upper_bounds() -> None:
     assert_close(out, expected)
 
 
+@pytest.mark.parametrize("seqs", [[(20, 1), (33, 1)], [(20, 1), (5, 11)]], ids=["decode", "mixed"])
+def test_backend_reads_a_strided_block_table(seqs: list[tuple[int, int]]) -> None:
+    batch = make_batch(seqs, (4, 2, 16, 8), DTYPES[0])
+    expected = reference_output(replace(batch, kv_cache=batch.kv_cache.clone()))
+    table = batch.metadata.block_tables
+    wide = torch.full((table.shape[0], 2 * table.shape[1]), -1, dtype=table.dtype, device=DEVICE)
+    wide[:, ::2] = table
+    strided = replace(batch.metadata, block_tables=wide[:, ::2])
+    backend = TritonBackend(fp32_kernels=INTERPRETED)
+    out = backend.forward(batch.query, batch.key, batch.value, batch.kv_cache, strided, batch.scale)
+    assert_close(out, expected)
+
+
 def test_backend_plans_once_per_step() -> None:
     batch = make_batch([(3, 4), (0, 2)], (4, 2, 16, 16), DTYPES[0])
     backend = TritonBackend(fp32_kernels=INTERPRETED)

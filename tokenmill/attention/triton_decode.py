@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.attention.triton_kv_write import FP_FUSION
+
 LOG2_E = 1.4426950408889634
 # Below this many tokens per partition, splitting costs more in the merge than it wins in parallelism.
 MIN_PARTITION_TOKENS = 256
@@ -35,6 +37,7 @@ def _decode_kernel(
     stride_c_offset,
     stride_c_head,
     stride_bt,
+    stride_bt_col,
     stride_os,
     stride_oh,
     stride_osplit,
@@ -70,7 +73,8 @@ def _decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         pos_mask = pos < end
-        block = tl.load(block_table_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=pos_mask, other=0)
+        block_ptrs = block_table_ptr + seq * stride_bt + (pos // BLOCK_SIZE) * stride_bt_col
+        block = tl.load(block_ptrs, mask=pos_mask, other=0)
         kv_off = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_offset  # [BLOCK_N]
         kv_mask = pos_mask[:, None] & dim_mask[None, :]
         k = tl.load(cache_head + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
@@ -178,6 +182,7 @@ def paged_decode_attention(
         kv_cache.stride(2),
         kv_cache.stride(3),
         block_tables.stride(0),
+        block_tables.stride(1),
         *target_strides,
         NUM_SPLITS=num_splits,
         GROUP_SIZE=group_size,
@@ -187,6 +192,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
         STORE_LSE=num_splits > 1,
+        enable_fp_fusion=FP_FUSION,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
@@ -200,5 +206,6 @@ def paged_decode_attention(
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             DIM_PAD=dim_pad,
+            enable_fp_fusion=FP_FUSION,
         )
     return out

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.attention.triton_kv_write import FP_FUSION
+
 LOG2_E = 1.4426950408889634
 
 
@@ -38,6 +40,7 @@ def _prefill_kernel(
     stride_c_offset,
     stride_c_head,
     stride_bt,
+    stride_bt_col,
     GROUP_SIZE: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # next power of two
     HEAD_DIM: tl.constexpr,
@@ -76,7 +79,8 @@ def _prefill_kernel(
     for tile_start in range(0, kv_end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         pos_mask = pos < kv_end
-        block = tl.load(block_table_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=pos_mask, other=0)
+        block_ptrs = block_table_ptr + seq * stride_bt + (pos // BLOCK_SIZE) * stride_bt_col
+        block = tl.load(block_ptrs, mask=pos_mask, other=0)
         kv_off = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_offset  # [BLOCK_N]
         kv_mask = pos_mask[:, None] & dim_mask[None, :]
         k = tl.load(cache_head + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
@@ -171,6 +175,7 @@ def paged_prefill_attention(
         kv_cache.stride(2),
         kv_cache.stride(3),
         block_tables.stride(0),
+        block_tables.stride(1),
         GROUP_SIZE=group_size,
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
@@ -179,5 +184,6 @@ def paged_prefill_attention(
         BLOCK_M=tiles.block_q * group_pad,
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
+        enable_fp_fusion=FP_FUSION,
     )
     return out
