@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from tokenmill.sample.metadata import SamplingMetadata
-from tokenmill.sample.sampler import Sampler, SamplerOutput, apply_top_k_top_p
+from tokenmill.sample.sampler import (
+    Sampler,
+    SamplerOutput,
+    apply_top_k_only,
+    apply_top_k_then_top_p,
+    apply_top_k_top_p,
+    apply_top_p_sorted,
+)
 from tokenmill.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -107,20 +112,38 @@ def test_top_p_with_top_k() -> None:
     assert set(tokens.tolist()) == {0, 1}
 
 
-@pytest.mark.parametrize("with_greedy_row", [False, True])
-def test_top_k_then_top_p_fast_path_equals_the_full_sort(with_greedy_row: bool) -> None:
+def test_top_k_then_top_p_without_a_sort_equals_the_sorted_reference() -> None:
     logits = random_logits(6, seed=5) / 2
-    params = [SamplingParams(temperature=1.0, top_k=k, top_p=p) for k, p in [(5, 0.5), (40, 0.9), (1, 0.3)]]
-    params += [SamplingParams(temperature=0.5, top_k=20), SamplingParams(top_k=63, top_p=0.99)]
-    params.append(SamplingParams(temperature=0.0) if with_greedy_row else SamplingParams(top_k=3, top_p=0.7))
-    metadata = SamplingMetadata.build(params, [[]] * 6, [[]] * 6, [None] * 6, VOCAB, CPU)
-    assert metadata.top_k_on_all_rows
-    fast = apply_top_k_top_p(logits.clone(), metadata)
-    full = apply_top_k_top_p(logits.clone(), dataclasses.replace(metadata, top_k_on_all_rows=False))
-    rows = slice(0, 5 if with_greedy_row else 6)
-    assert torch.equal(fast[rows].isfinite(), full[rows].isfinite())
-    assert torch.equal(fast[rows][fast[rows].isfinite()], logits[rows][full[rows].isfinite()])
+    top_k = torch.tensor([5, 40, 1, 20, 63, 3])
+    top_p = torch.tensor([0.5, 0.9, 0.3, 1.0, 0.99, 0.7])
+    fast = apply_top_k_then_top_p(logits.clone(), top_k, 63, top_p)
+    reference = apply_top_p_sorted(apply_top_k_only(logits.clone(), top_k, 63), top_p)
+    assert torch.equal(fast.isfinite(), reference.isfinite())
+    assert torch.equal(fast[fast.isfinite()], logits[reference.isfinite()])
     assert 1 < int(fast[1].isfinite().sum()) < 40  # top_p cuts inside the top 40: both limits matter
+
+
+def test_top_k_and_top_p_of_a_row_do_not_depend_on_the_batch() -> None:
+    """A row's truncated logits are bit-identical alone and among rows with other (or no) top_k/top_p."""
+    logits = random_logits(4, seed=6) / 2
+    params = [
+        SamplingParams(top_k=30, top_p=0.8),
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_k=50, top_p=0.95),
+        SamplingParams(temperature=0.0),
+    ]
+
+    def truncated(rows: list[int]) -> torch.Tensor:
+        batch = [params[i] for i in rows]
+        metadata = SamplingMetadata.build(
+            batch, [[]] * len(rows), [[]] * len(rows), [None] * len(rows), VOCAB, CPU
+        )
+        return apply_top_k_top_p(logits[rows].clone(), metadata)
+
+    together = truncated([0, 1, 2, 3])
+    for row in range(3):
+        assert torch.equal(truncated([row])[0], together[row])
+    assert torch.equal(truncated([2, 0])[1], together[0])
 
 
 def test_min_p_drops_unlikely_tokens() -> None:

@@ -33,6 +33,37 @@ class SparseLogits:
 
 
 @dataclass
+class TopK:
+    """The top_k of each row of a batch in which some random row has one."""
+
+    k: torch.Tensor  # [num_rows] int64, vocab_size on rows without a limit
+    max_k: int  # the largest k, so that topk needs no device sync
+    # When only some rows have a limit: the rows with one and the rows without (top-p takes a different
+    # path for each, chosen by the row's own parameters so that its tokens do not depend on the batch).
+    limited_rows: torch.Tensor | None  # [num_limited] int64
+    unlimited_rows: torch.Tensor | None  # [num_rows - num_limited] int64
+
+    @classmethod
+    def build(
+        cls, rows: list[tuple[SamplingParams, bool]], vocab_size: int, device: torch.device
+    ) -> TopK | None:
+        """`rows`: (params, is_random) per row. None when no random row has a top_k."""
+        # Greedy rows take k = 1: their sampled token is discarded, and a limit on every row is faster.
+        top_k = [(p.top_k if 0 < p.top_k < vocab_size else vocab_size) if r else 1 for p, r in rows]
+        random_top_k = [k for k, (_, r) in zip(top_k, rows, strict=True) if r and k < vocab_size]
+        if not random_top_k:
+            return None
+        limited = [i for i, k in enumerate(top_k) if k < vocab_size]
+        unlimited = [i for i, k in enumerate(top_k) if k >= vocab_size]
+        return cls(
+            k=torch.tensor(top_k, dtype=torch.int64).to(device),
+            max_k=max(random_top_k),
+            limited_rows=torch.tensor(limited).to(device) if unlimited else None,
+            unlimited_rows=torch.tensor(unlimited).to(device) if unlimited else None,
+        )
+
+
+@dataclass
 class SamplingMetadata:
     """How to sample each row of one step's logits. Fields that no row uses are None (fast paths)."""
 
@@ -41,9 +72,7 @@ class SamplingMetadata:
     all_random: bool
     temperature: torch.Tensor | None  # [num_rows] float32, 1.0 on greedy rows; None when all greedy
     is_greedy: torch.Tensor | None  # [num_rows] bool; None when all rows are greedy or all random
-    top_k: torch.Tensor | None  # [num_rows] int64, vocab_size where off; None when no row uses it
-    max_top_k: int  # largest top_k in use (0 when top_k is None), so top-k needs no device sync
-    top_k_on_all_rows: bool  # every row keeps at most max_top_k tokens: top-p can skip the full sort
+    top_k: TopK | None  # None when no row uses it
     top_p: torch.Tensor | None  # [num_rows] float32, 1.0 where off
     min_p: torch.Tensor | None  # [num_rows] float32, 0.0 where off
     generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded random rows)
@@ -102,13 +131,6 @@ class SamplingMetadata:
         all_greedy, all_random = not random_params, not any(greedy)
         # Greedy rows get neutral values: temperature 1 (never a division by 0), no truncation.
         rows = [(p, not g) for p, g in zip(params, greedy, strict=True)]
-        # Greedy rows take k = 1: their sampled token is discarded, and a limit on every row is faster.
-        top_k = [
-            (p.top_k if 0 < p.top_k < vocab_size else vocab_size) if is_random else 1 for p, is_random in rows
-        ]
-        random_top_k = [
-            k for k, (_, is_random) in zip(top_k, rows, strict=True) if is_random and k < vocab_size
-        ]
         floats = torch.tensor(
             [
                 [p.temperature if is_random else 1.0 for p, is_random in rows],
@@ -123,9 +145,7 @@ class SamplingMetadata:
             all_random=all_random,
             temperature=None if all_greedy else floats[0],
             is_greedy=None if all_greedy or all_random else torch.tensor(greedy).to(device),
-            top_k=torch.tensor(top_k, dtype=torch.int64).to(device) if random_top_k else None,
-            max_top_k=max(random_top_k, default=0),
-            top_k_on_all_rows=bool(random_top_k) and all(k < vocab_size for k in top_k),
+            top_k=TopK.build(rows, vocab_size, device),
             top_p=floats[1] if any(p.top_p < 1.0 for p in random_params) else None,
             min_p=floats[2] if any(p.min_p > 0.0 for p in random_params) else None,
             generators={i: gen for i, gen in enumerate(generators) if gen is not None and not greedy[i]},

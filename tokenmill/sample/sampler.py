@@ -90,15 +90,21 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
 def apply_top_k_top_p(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     """Mask (-inf) the logits outside each row's top_k tokens and outside its top_p nucleus."""
     top_k, top_p = metadata.top_k, metadata.top_p
+    if top_k is None:
+        return logits if top_p is None else apply_top_p_sorted(logits, top_p)
     if top_p is None:
-        return logits if top_k is None else apply_top_k_only(logits, top_k, metadata.max_top_k)
-    if top_k is not None and metadata.top_k_on_all_rows:
-        return apply_top_k_then_top_p(logits, top_k, metadata.max_top_k, top_p)
+        return apply_top_k_only(logits, top_k.k, top_k.max_k)
+    if top_k.limited_rows is None or top_k.unlimited_rows is None:  # every row has a top_k
+        return apply_top_k_then_top_p(logits, top_k.k, top_k.max_k, top_p)
+    limited, unlimited = top_k.limited_rows, top_k.unlimited_rows
+    logits[limited] = apply_top_k_then_top_p(logits[limited], top_k.k[limited], top_k.max_k, top_p[limited])
+    logits[unlimited] = apply_top_p_sorted(logits[unlimited], top_p[unlimited])
+    return logits
+
+
+def apply_top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p by sorting the vocabulary: drop the least likely tokens holding at most 1 - top_p."""
     sorted_logits, sorted_ids = logits.sort(dim=-1)  # ascending, [num_rows, vocab]
-    vocab_size = logits.shape[-1]
-    if top_k is not None:
-        threshold = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))  # [num_rows, 1]
-        sorted_logits.masked_fill_(sorted_logits < threshold, float("-inf"))
     cumulative = sorted_logits.softmax(dim=-1).cumsum_(dim=-1)  # [num_rows, vocab]
     outside = cumulative <= 1.0 - top_p.unsqueeze(1)
     outside[:, -1] = False  # the most likely token always stays
@@ -109,16 +115,20 @@ def apply_top_k_top_p(logits: torch.Tensor, metadata: SamplingMetadata) -> torch
 def apply_top_k_then_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int, top_p: torch.Tensor
 ) -> torch.Tensor:
-    """Both, when every row has a top_k: the nucleus within one topk of the batch's largest k, which
-    costs far less than sorting the vocabulary."""
+    """Top-k, then the nucleus within it, from one topk of the batch's largest k: no vocabulary sort.
+
+    Every row must have a top_k. Probabilities come from a softmax over the whole (masked) vocabulary, a
+    length that does not depend on the batch's largest k, so a row's result does not either.
+    """
     values, token_ids = logits.topk(max_top_k, dim=-1)  # [num_rows, max_top_k], descending
     positions = torch.arange(max_top_k, device=logits.device)
     values.masked_fill_(positions >= top_k.unsqueeze(1), float("-inf"))
-    probs = values.softmax(dim=-1)
+    logits.fill_(float("-inf")).scatter_(1, token_ids, values)  # only each row's top-k left
+    probs = logits.softmax(dim=-1).gather(1, token_ids)  # [num_rows, max_top_k], descending
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
     has_top_p = (top_p < 1.0).unsqueeze(1)  # [num_rows, 1]; rounding must not cut rows without top_p
     values.masked_fill_((mass_before >= top_p.unsqueeze(1)) & has_top_p, float("-inf"))
-    return logits.fill_(float("-inf")).scatter_(1, token_ids, values)
+    return logits.scatter_(1, token_ids, values)
 
 
 def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
