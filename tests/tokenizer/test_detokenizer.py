@@ -144,6 +144,11 @@ def test_held_back_text_without_delta(detok_tokenizer: Any) -> None:
     detok.update(detok_tokenizer.encode("hello there"))
     assert detok.get_next_output_text(finished=False, delta=False) == "hello th"
     assert detok.get_next_output_text(finished=True, delta=False) == "hello there"
+    short = IncrementalDetokenizer(detok_tokenizer, [], SamplingParams(stop=["a long stop"]))
+    short.update(detok_tokenizer.encode("hi"))
+    assert short.get_next_output_text(finished=False, delta=False) == ""
+    assert short.get_next_output_text(finished=False, delta=True) == ""
+    assert short.get_next_output_text(finished=True, delta=True) == "hi"
 
 
 def test_earliest_stop_string_wins(detok_tokenizer: Any) -> None:

@@ -90,9 +90,9 @@ class IncrementalDetokenizer:
         string is never sent.
         """
         buffer_length = 0 if finished else self.stop_buffer_length
-        end = len(self._output_text) - buffer_length
+        end = max(len(self._output_text) - buffer_length, 0)
         if not delta:
-            return self._output_text[:end] if buffer_length else self._output_text
+            return self._output_text[:end]
         start = self._last_output_offset
         if start >= end:
             return ""
