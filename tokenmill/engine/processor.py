@@ -78,6 +78,7 @@ class InputProcessor:
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         params.validate(max_logprobs=self.max_logprobs)
+        params.validate_token_ids(self.vocab_size)
         if not token_ids:
             raise ValueError("the prompt is empty: give at least one token")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]

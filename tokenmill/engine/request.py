@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
+import numpy as np
+
 from tokenmill.engine.outputs import EngineCoreRequest, FinishReason
 from tokenmill.sampling_params import SamplingParams
 
@@ -34,6 +36,8 @@ class Request:
     def __init__(self, core_request: EngineCoreRequest) -> None:
         self.request_id = core_request.request_id
         self.prompt_token_ids = list(core_request.prompt_token_ids)
+        # For the sampler's penalties: converting a long Python list every step would dominate it.
+        self.prompt_token_ids_array = np.asarray(self.prompt_token_ids, dtype=np.int64)
         self.sampling_params: SamplingParams = core_request.sampling_params
         self.arrival_time = core_request.arrival_time
         self.output_token_ids: list[int] = []

@@ -159,7 +159,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [num_rows, vocab]
         metadata = SamplingMetadata.build(
             [r.request.sampling_params for r in rows],
-            [r.request.prompt_token_ids for r in rows],
+            [r.request.prompt_token_ids_array for r in rows],
             [r.request.output_token_ids for r in rows],
             [self._generator(r) for r in rows],
             vocab_size=logits.shape[-1],
