@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from tokenmill.attention.cpu import TorchSDPABackend
 from tokenmill.attention.selector import BACKEND_ENV, get_attention_backend
+from tokenmill.attention.triton_interpret import interpret_without_cuda
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # a forced Triton backend imports the kernels
+interpret_without_cuda()  # a forced Triton backend imports the kernels
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

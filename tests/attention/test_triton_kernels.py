@@ -1,21 +1,20 @@
 """Each Triton attention kernel against the plain-torch reference.
 
 Without CUDA the kernels run in triton's interpreter (TRITON_INTERPRET=1, set before triton is imported)
-on small float32 shapes; with CUDA they are compiled and checked in fp16 and bf16, plus the larger
-gpu-marked shapes at the end.
+on small float32 and float16 shapes; with CUDA they are compiled and checked in fp16 and bf16, plus the
+larger gpu-marked shapes at the end.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
+from tokenmill.attention.triton_interpret import interpret_without_cuda
 
+INTERPRETED = interpret_without_cuda()  # before triton is imported
 triton = pytest.importorskip("triton")
 
 from tokenmill.attention.cpu import TorchSDPABackend  # noqa: E402
@@ -31,30 +30,11 @@ from tokenmill.attention.triton_decode import MAX_SPLITS, choose_num_splits, pag
 from tokenmill.attention.triton_kv_write import write_kv_cache  # noqa: E402
 from tokenmill.attention.triton_prefill import build_prefill_tiles, paged_prefill_attention  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-
-def _fix_interpreter_for_numpy_2_4() -> None:
-    # triton < 3.7's interpreter turns scalars into Python ints with int(1-element array), which
-    # numpy >= 2.4 refuses; a loop bound loaded from memory then fails. 3.7 squeezes first: do the same.
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor: object, scope: object) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))  # type: ignore[attr-defined]
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-if INTERPRETED and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
-    _fix_interpreter_for_numpy_2_4()
-
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
-# The interpreter checks the algorithm in float32; compiled, float32 dots would round through TF32.
+# Compiled, float32 dots would round through TF32: the GPU checks the half-precision types.
 DTYPES = [torch.float32, torch.float16] if INTERPRETED else [torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 

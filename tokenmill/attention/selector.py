@@ -12,6 +12,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.cpu import TorchSDPABackend
+from tokenmill.attention.triton_interpret import INTERPRET_ENV, fix_interpreter_scalars
 
 BACKEND_ENV = "TOKENMILL_ATTENTION_BACKEND"
 BACKEND_CHOICES = ("auto", "sdpa", "triton")
@@ -40,13 +41,15 @@ def get_attention_backend(device: torch.device, dtype: torch.dtype | None = None
 
 
 def _forced_triton_backend(device: torch.device) -> AttentionBackend:
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = os.environ.get(INTERPRET_ENV) == "1"
     if device.type != "cuda" and not interpreted:
         raise ValueError(
             f"{BACKEND_ENV}=triton needs a CUDA device ({device} given), or TRITON_INTERPRET=1 to run the "
             "kernels in triton's interpreter: set one, or unset the variable"
         )
     try:
+        if interpreted:
+            fix_interpreter_scalars()
         # Asked for by name, float32 runs through the kernels too (on a GPU with TF32 dots).
         return _triton_backend(fp32_kernels=True)
     except ImportError as error:
