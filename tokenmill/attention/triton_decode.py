@@ -41,7 +41,6 @@ def _decode_kernel(
     stride_os,
     stride_oh,
     stride_osplit,
-    NUM_SPLITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,  # GROUP_SIZE padded to a power of two >= 16 (tl.dot's minimum)
@@ -53,8 +52,9 @@ def _decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)  # a runtime value: one compiled kernel serves every split count
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -96,7 +96,7 @@ def _decode_kernel(
         has_keys = l_i > 0.0
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))  # empty: -inf
         num_heads = GROUP_SIZE * tl.num_programs(1)
-        tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=row_mask)
+        tl.store(lse_ptr + (seq * num_heads + heads) * num_splits + split, lse, mask=row_mask)
 
 
 @triton.jit  # type: ignore[misc]
@@ -106,23 +106,22 @@ def _merge_splits_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
     stride_os,
     stride_oh,
-    NUM_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    num_splits,
+    SPLITS_PAD: tl.constexpr,  # num_splits padded to a power of two
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    row = seq * NUM_HEADS + head
+    row = seq * tl.num_programs(1) + head
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, DIM_PAD)
-    split_mask = splits < NUM_SPLITS
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=float("-inf"))
+    split_mask = splits < num_splits
+    lse = tl.load(lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
     weights = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
     weights = weights / tl.sum(weights, 0)
     mask = split_mask[:, None] & (dims[None, :] < HEAD_DIM)
-    partial_ptrs = partial_ptr + (row * NUM_SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :]
+    partial_ptrs = partial_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM + dims[None, :]
     partial = tl.load(partial_ptrs, mask=mask, other=0.0)
     out = tl.sum(partial * weights[:, None], 0)
     out_ptrs = out_ptr + seq * stride_os + head * stride_oh + dims
@@ -184,7 +183,6 @@ def paged_decode_attention(
         block_tables.stride(0),
         block_tables.stride(1),
         *target_strides,
-        NUM_SPLITS=num_splits,
         GROUP_SIZE=group_size,
         HEAD_DIM=head_dim,
         BLOCK_H=max(16, triton.next_power_of_2(group_size)),
@@ -201,8 +199,7 @@ def paged_decode_attention(
             out,
             out.stride(0),
             out.stride(1),
-            NUM_HEADS=num_heads,
-            NUM_SPLITS=num_splits,
+            num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             DIM_PAD=dim_pad,
