@@ -16,6 +16,12 @@ from typing import Any
 
 import pytest
 
+from tokenmill.attention.triton_interpret import interpret_without_cuda
+
+if __name__ != "__main__":
+    # In pytest, the process may run the other tests' interpreted kernels: whoever imports triton first
+    # must have set TRITON_INTERPRET. The script run below compiles, so it must not.
+    interpret_without_cuda()
 triton = pytest.importorskip("triton")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
