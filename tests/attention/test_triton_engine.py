@@ -31,7 +31,6 @@ PROMPTS = [SHARED + " alpha", "Hi", SHARED + " beta gamma", "The quick brown fox
 
 def generate(model: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     monkeypatch.setenv(BACKEND_ENV, backend)
-    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")  # on a GPU, float32 dots in full precision, not TF32
     llm = LLM(
         str(model), dtype="float32", max_model_len=256, kv_cache_memory=4 << 20, max_num_batched_tokens=32
     )

@@ -50,7 +50,7 @@ def _forced_triton_backend(device: torch.device) -> AttentionBackend:
     try:
         if interpreted:
             fix_interpreter_scalars()
-        # Asked for by name, float32 runs through the kernels too (on a GPU with TF32 dots).
+        # Asked for by name, float32 runs through the kernels too (full-precision dots).
         return _triton_backend(fp32_kernels=True)
     except ImportError as error:
         message = f"{BACKEND_ENV}=triton but triton does not import ({error}): pip install triton"

@@ -35,9 +35,9 @@ class _StepPlan:
 class TritonBackend:
     """Paged attention with Triton kernels (CUDA; or on CPU under TRITON_INTERPRET=1 for tests).
 
-    float32 steps go to the SDPA backend unless `fp32_kernels` is set: on a GPU, tl.dot would round
-    float32 through TF32, which is not what a float32 model asks for. (SDPA cannot be captured in a CUDA
-    graph, so the selector gives float32 models this backend only with `fp32_kernels`.)
+    The kernels serve fp16 and bf16; float32 steps go to the SDPA backend unless `fp32_kernels` is set
+    (then the kernels run with full-precision float32 dots, without tensor cores). SDPA cannot be captured
+    in a CUDA graph, so the selector gives float32 models this backend only with `fp32_kernels`.
 
     CUDA graphs: a decode step reads per-sequence lengths from `metadata.seq_lens` on the device and uses
     the host lists only to size its grid (with upper bounds the result is the same), allocates only from

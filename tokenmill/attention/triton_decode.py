@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.attention.triton_kv_write import FP_FUSION
+from tokenmill.attention.triton_kv_write import FP_FUSION, dot_precision
 
 LOG2_E = 1.4426950408889634
 # Below this many tokens per partition, splitting costs more in the merge than it wins in parallelism.
@@ -47,6 +47,7 @@ def _decode_kernel(
     DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_SIZE: tl.constexpr,  # KV-cache block size
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32 rounding); None: triton's default
     STORE_LSE: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -80,13 +81,15 @@ def _decode_kernel(
         k = tl.load(cache_head + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(cache_head + stride_c_kv + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
 
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
+        s = (
+            tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        )  # [BLOCK_H, BLOCK_N], log2 domain
         s = tl.where(pos_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty split (start >= seq_len) stores zeros
@@ -189,6 +192,7 @@ def paged_decode_attention(
         DIM_PAD=dim_pad,
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
+        DOT_PRECISION=dot_precision(query.dtype),
         STORE_LSE=num_splits > 1,
         enable_fp_fusion=FP_FUSION,
     )

@@ -10,6 +10,11 @@ import triton.language as tl
 FP_FUSION = True
 
 
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input precision: full float32 for float32 inputs (the default would round through TF32)."""
+    return "ieee" if dtype == torch.float32 else None
+
+
 @triton.jit  # type: ignore[misc]
 def _write_kv_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim]

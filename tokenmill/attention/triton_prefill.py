@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.attention.triton_kv_write import FP_FUSION
+from tokenmill.attention.triton_kv_write import FP_FUSION, dot_precision
 
 LOG2_E = 1.4426950408889634
 
@@ -49,6 +49,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,  # rows per tile = BLOCK_Q tokens * GROUP_PAD heads
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_SIZE: tl.constexpr,  # KV-cache block size
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32 rounding); None: triton's default
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -86,14 +87,16 @@ def _prefill_kernel(
         k = tl.load(cache_head + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(cache_head + stride_c_kv + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
 
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+        s = (
+            tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        )  # [BLOCK_M, BLOCK_N], log2 domain
         causal = (pos[None, :] <= q_pos[:, None]) & pos_mask[None, :]
         s = tl.where(causal, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i is 0 only on masked (unstored) rows
@@ -184,6 +187,7 @@ def paged_prefill_attention(
         BLOCK_M=tiles.block_q * group_pad,
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
+        DOT_PRECISION=dot_precision(query.dtype),
         enable_fp_fusion=FP_FUSION,
     )
     return out
