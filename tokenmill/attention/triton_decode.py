@@ -134,11 +134,11 @@ def _merge_splits_kernel(
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Enough partitions to fill about two waves of the GPU, none shorter than MIN_PARTITION_TOKENS.
 
-    A power of two, so the kernels compile for only a handful of values.
+    A power of two (rounded down), so the merge kernel compiles for only a handful of padded sizes.
     """
     wanted = triton.cdiv(2 * num_sms, num_seqs * num_kv_heads)
-    longest = max(1, max_seq_len // MIN_PARTITION_TOKENS)
-    return min(triton.next_power_of_2(min(wanted, longest)), MAX_SPLITS)
+    splits = min(wanted, max_seq_len // MIN_PARTITION_TOKENS, MAX_SPLITS)
+    return 1 << (max(splits, 1).bit_length() - 1)
 
 
 def paged_decode_attention(
