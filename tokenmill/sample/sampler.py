@@ -2,9 +2,15 @@
 
 Order, as in vLLM: logprobs of the raw logits; logit_bias; min_tokens masking; penalties; greedy argmax
 for temperature-0 rows; temperature; top_k, top_p, min_p; then random rows sample with the
-exponential-race trick, argmax(probs / q) with q ~ Exponential(1), which draws exactly `vocab` numbers per
-row. A seeded row draws its q from its own generator only, so its tokens do not depend on the other rows
-of the batch and reruns reproduce them.
+exponential-race trick, argmax(probs / q) with q ~ Exponential(1). A seeded row draws its q from its own
+generator only, and how many it draws depends on its own row alone, so its tokens do not depend on the
+other rows of the batch and reruns reproduce them.
+
+CPU fast paths (a vocabulary sort and a vocabulary of Exponential draws per row dominate a CPU decode
+step): top_p looks for the nucleus in each row's FAST_PATH_CANDIDATES most likely tokens and sorts only
+the rows whose nucleus is wider, keeping exactly the tokens the full sort keeps; a row left with at most
+FAST_PATH_CANDIDATES tokens after truncation races over those only. Both need host-side decisions, so
+CUDA tensors always take the sync-free full-vocabulary paths.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from tokenmill.sample.logprobs import LogprobsTensors, gather_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
 from tokenmill.sample.penalties import apply_penalties
 
+# How many of a row's most likely tokens the CPU fast paths look at (a topk of 256 costs ~1/20 of a sort
+# of a 49152-token vocabulary, one of 1024 ~1/8).
+FAST_PATH_CANDIDATES = 256
+
 
 @dataclass
 class SamplerOutput:
@@ -27,7 +37,14 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
-    """Samples one token per row of `logits` ([num_rows, vocab], any float dtype) as `metadata` says."""
+    """Samples one token per row of `logits` ([num_rows, vocab], any float dtype) as `metadata` says.
+
+    `cpu_fast_paths=False` keeps CPU tensors on the full-vocabulary paths (the benchmark's baseline).
+    """
+
+    def __init__(self, cpu_fast_paths: bool = True) -> None:
+        super().__init__()
+        self.cpu_fast_paths = cpu_fast_paths
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         raw_logprobs = None
@@ -38,7 +55,8 @@ class Sampler(torch.nn.Module):
         else:
             # A float32 copy: the steps below work in place and must not touch the caller's logits.
             processed = apply_logits_processing(logits.to(torch.float32, copy=True), metadata)
-            sampled = sample(processed, metadata)
+            fast = self.cpu_fast_paths and logits.device.type == "cpu"
+            sampled = sample(processed, metadata, fast)
         logprobs = None
         if raw_logprobs is not None and metadata.max_num_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
@@ -58,25 +76,35 @@ def apply_logits_processing(logits: torch.Tensor, metadata: SamplingMetadata) ->
     return logits
 
 
-def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """[num_rows] int64 token ids from processed float32 `logits` [num_rows, vocab] (modified in place)."""
+def sample(logits: torch.Tensor, metadata: SamplingMetadata, cpu_fast_paths: bool = False) -> torch.Tensor:
+    """[num_rows] int64 token ids from processed float32 `logits` [num_rows, vocab] (modified in place).
+
+    `cpu_fast_paths`: the caller has checked that `logits` is on the CPU and allows the fast paths.
+    """
     if metadata.temperature is None:  # all rows greedy
         return logits.argmax(dim=-1)
     # Mixed batch: greedy rows take the argmax before temperature (their temperature is set to 1).
     greedy = None if metadata.is_greedy is None else logits.argmax(dim=-1)  # [num_rows]
     logits.div_(metadata.temperature.unsqueeze(1))
-    logits = apply_top_k_top_p(logits, metadata)
+    logits = apply_top_k_top_p(logits, metadata, cpu_fast_paths)
     if metadata.min_p is not None:
         apply_min_p(logits, metadata.min_p)
     probs = logits.softmax(dim=-1)  # [num_rows, vocab]
-    sampled = random_sample(probs, metadata.generators)
+    is_truncated = not (metadata.no_top_k and metadata.no_top_p and metadata.no_min_p)
+    if cpu_fast_paths and is_truncated:
+        sampled = random_sample_candidates(probs, metadata.generators, metadata.is_greedy)
+    else:
+        sampled = random_sample(probs, metadata.generators)
     if greedy is None or metadata.is_greedy is None:
         return sampled
     return torch.where(metadata.is_greedy, greedy, sampled)
 
 
 def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """argmax(probs / q), q ~ Exponential(1): a sample from each row of `probs` [num_rows, vocab]."""
+    """argmax(probs / q), q ~ Exponential(1): a sample from each row of `probs` [num_rows, width].
+
+    A seeded row draws exactly `width` numbers from its generator.
+    """
     q = torch.empty_like(probs)
     if len(generators) < probs.shape[0]:
         q.exponential_()
@@ -87,29 +115,97 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     return probs.div_(q).argmax(dim=-1)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+def random_sample_candidates(
+    probs: torch.Tensor, generators: dict[int, torch.Generator], is_greedy: torch.Tensor | None
+) -> torch.Tensor:
+    """`random_sample` of CPU `probs` [num_rows, vocab], racing only over each row's candidates.
+
+    A row with at most FAST_PATH_CANDIDATES tokens of nonzero probability races over its
+    FAST_PATH_CANDIDATES most likely tokens (the zeros among them never win), so a seeded row draws
+    exactly that many numbers; a wider row draws a whole vocabulary. Either way the count depends on the
+    row alone, and the distribution is that of the full race.
+    """
+    num_rows, vocab = probs.shape
+    width = min(FAST_PATH_CANDIDATES, vocab)
+    num_candidates = (probs > 0).sum(dim=-1)  # [num_rows]
+    if is_greedy is not None:
+        num_candidates.masked_fill_(is_greedy, 0)  # their sample is discarded: the cheapest race will do
+    fits = num_candidates <= width  # [num_rows]
+    sampled = torch.empty(num_rows, dtype=torch.int64)
+    narrow, wide = fits.nonzero().squeeze(1), (~fits).nonzero().squeeze(1)
+    if narrow.numel() > 0:
+        top_probs, top_ids = probs[narrow].topk(width, dim=-1)  # [num_narrow, width]
+        winners = random_sample(top_probs, _generators_of(narrow, generators))  # [num_narrow]
+        sampled[narrow] = top_ids.gather(1, winners.unsqueeze(1)).squeeze(1)
+    if wide.numel() > 0:
+        sampled[wide] = random_sample(probs[wide], _generators_of(wide, generators))
+    return sampled
+
+
+def _generators_of(rows: torch.Tensor, generators: dict[int, torch.Generator]) -> dict[int, torch.Generator]:
+    """`generators` re-keyed by position in `rows` (a CPU [num_selected] int64 tensor of row numbers)."""
+    return {i: generators[row] for i, row in enumerate(rows.tolist()) if row in generators}
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, metadata: SamplingMetadata, cpu_fast_paths: bool = False
+) -> torch.Tensor:
     """Mask (-inf) the logits outside each row's top_k tokens and outside its top_p nucleus."""
     top_k, top_p = metadata.top_k, metadata.top_p
     if top_k is None:
-        return logits if top_p is None else apply_top_p_sorted(logits, top_p)
+        return logits if top_p is None else apply_top_p(logits, top_p, cpu_fast_paths)
     if top_p is None:
         return apply_top_k_only(logits, top_k.k, top_k.max_k)
     if top_k.limited_rows is None or top_k.unlimited_rows is None:  # every row has a top_k
         return apply_top_k_then_top_p(logits, top_k.k, top_k.max_k, top_p)
     limited, unlimited = top_k.limited_rows, top_k.unlimited_rows
     logits[limited] = apply_top_k_then_top_p(logits[limited], top_k.k[limited], top_k.max_k, top_p[limited])
-    logits[unlimited] = apply_top_p_sorted(logits[unlimited], top_p[unlimited])
+    logits[unlimited] = apply_top_p(logits[unlimited], top_p[unlimited], cpu_fast_paths)
     return logits
 
 
+def nucleus_threshold(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest probability top_p keeps in each row, from the row's most likely probabilities.
+
+    `sorted_probs` [num_rows, width] holds each row's `width` largest probabilities in descending order
+    (the whole sorted vocabulary, or a prefix of it). Top-p keeps a token when the tokens before it hold
+    less than top_p, and every token as likely as the last one kept (ties are all in or all out, as in
+    top_k). Returns the threshold [num_rows, 1] (0 on rows with top_p >= 1: nothing is cut) and whether
+    the prefix decided the row [num_rows] bool: when its mass reaches top_p, the full sort's cut lies
+    inside it. On CPU, cumsum adds sequentially in float64, so a prefix's sums are bit-equal to the full
+    sort's: the fast path and the full sort keep the same tokens.
+    """
+    cumulative = sorted_probs.cumsum(dim=-1)  # [num_rows, width]
+    top_p = top_p.unsqueeze(1)  # [num_rows, 1]
+    num_kept = 1 + (cumulative[:, :-1] < top_p).sum(dim=-1, keepdim=True)  # [num_rows, 1]
+    no_cut = top_p >= 1.0  # rounding must not cut rows without top_p
+    threshold = sorted_probs.gather(1, num_kept - 1).masked_fill_(no_cut, 0.0)
+    is_decided = (cumulative[:, -1:] >= top_p) | no_cut
+    return threshold, is_decided.squeeze(1)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, cpu_fast_paths: bool = False) -> torch.Tensor:
+    """Top-p; on CPU with `cpu_fast_paths`, without sorting the rows whose nucleus is in their top tokens.
+
+    Keeps the same tokens as `apply_top_p_sorted`. Whether a row is sorted depends on that row alone.
+    """
+    if not cpu_fast_paths or logits.shape[-1] <= FAST_PATH_CANDIDATES:
+        return apply_top_p_sorted(logits, top_p)
+    probs = logits.softmax(dim=-1)  # [num_rows, vocab]
+    top_probs = probs.topk(FAST_PATH_CANDIDATES, dim=-1).values  # [num_rows, FAST_PATH_CANDIDATES]
+    threshold, is_decided = nucleus_threshold(top_probs, top_p)
+    undecided = (~is_decided).nonzero().squeeze(1)  # [num_undecided]: nucleus wider than the top tokens
+    if undecided.numel() > 0:
+        sorted_probs = probs[undecided].sort(dim=-1, descending=True).values  # [num_undecided, vocab]
+        threshold[undecided] = nucleus_threshold(sorted_probs, top_p[undecided])[0]
+    return logits.masked_fill_(probs < threshold, float("-inf"))
+
+
 def apply_top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Top-p by sorting the vocabulary: drop the least likely tokens holding at most 1 - top_p."""
-    sorted_logits, sorted_ids = logits.sort(dim=-1)  # ascending, [num_rows, vocab]
-    cumulative = sorted_logits.softmax(dim=-1).cumsum_(dim=-1)  # [num_rows, vocab]
-    outside = cumulative <= 1.0 - top_p.unsqueeze(1)
-    outside[:, -1] = False  # the most likely token always stays
-    sorted_logits.masked_fill_(outside, float("-inf"))
-    return logits.scatter_(dim=-1, index=sorted_ids, src=sorted_logits)
+    """Top-p by sorting the vocabulary: keep the most likely tokens until they hold top_p. No host sync."""
+    probs = logits.softmax(dim=-1)  # [num_rows, vocab]
+    threshold, _ = nucleus_threshold(probs.sort(dim=-1, descending=True).values, top_p)
+    return logits.masked_fill_(probs < threshold, float("-inf"))
 
 
 def apply_top_k_then_top_p(
@@ -125,9 +221,8 @@ def apply_top_k_then_top_p(
     values.masked_fill_(positions >= top_k.unsqueeze(1), float("-inf"))
     logits.fill_(float("-inf")).scatter_(1, token_ids, values)  # only each row's top-k left
     probs = logits.softmax(dim=-1).gather(1, token_ids)  # [num_rows, max_top_k], descending
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-    has_top_p = (top_p < 1.0).unsqueeze(1)  # [num_rows, 1]; rounding must not cut rows without top_p
-    values.masked_fill_((mass_before >= top_p.unsqueeze(1)) & has_top_p, float("-inf"))
+    threshold, _ = nucleus_threshold(probs, top_p)  # the top-k hold all the mass: always decided
+    values.masked_fill_(probs < threshold, float("-inf"))
     return logits.scatter_(1, token_ids, values)
 
 
