@@ -124,6 +124,22 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     assert not alive, f"processes left behind after SIGTERM: {[c.pid for c in alive]}"
 
 
+def check_health_after_core_dies(live: LiveServer) -> None:
+    """Last, with no test left to serve: kill the engine core and see /health turn 503."""
+    cores = [
+        child
+        for child in psutil.Process(live.process.pid).children()
+        if "multiprocessing.spawn" in " ".join(child.cmdline())
+    ]
+    assert len(cores) == 1, cores
+    cores[0].kill()
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{live.url}/health", timeout=10).status_code != 503:
+        assert time.monotonic() < deadline, "/health stayed 200 after the engine core died"
+        time.sleep(0.2)
+    assert "exited" in httpx.get(f"{live.url}/health", timeout=10).json()["error"]["message"]
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     port = free_port()
@@ -141,5 +157,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         yield live
         for client in live.clients.values():
             client.close()
+        check_health_after_core_dies(live)
     finally:
         stop(process)

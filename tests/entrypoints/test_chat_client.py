@@ -24,7 +24,9 @@ def tokenmill(*args: str, stdin: str = "", timeout: int = 300) -> subprocess.Com
 
 @pytest.mark.slow
 def test_chat_quick(server) -> None:
-    result = tokenmill("chat", "--url", server.api_url, "--api-key", API_KEY, "-q", "hi")
+    result = tokenmill(
+        "chat", "--url", server.api_url, "--api-key", API_KEY, "-q", "hi", "--max-tokens", "16"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "Using model: smol" and "".join(lines[1:]).strip()

@@ -28,6 +28,7 @@ from tokenmill.entrypoints.openai.protocol import (
 )
 from tokenmill.entrypoints.openai.reasoning import ReasoningStream, get_reasoning_parser
 from tokenmill.entrypoints.openai.serving_engine import (
+    MIN_LOGPROB,
     ServingContext,
     clamp_logprob,
     decoded_token,
@@ -79,9 +80,9 @@ class OpenAIServingChat:
         request_id = random_id("chatcmpl")
         self.ctx.log_request(request_id, len(token_ids), params)
         prompt = TokensPrompt(prompt=text, prompt_token_ids=token_ids)
-        generator = await first_and_rest(engine.generate(prompt, params, request_id))
+        generator = engine.generate(prompt, params, request_id)
         if request.stream:
-            events = self._stream(request, generator, request_id, model, params.n)
+            events = self._stream(request, await first_and_rest(generator), request_id, model, params.n)
             return StreamingResponse(sse_stream(events), media_type="text/event-stream")
         body = await with_disconnect(raw_request, self._collect(request, generator, request_id, model))
         return Response(body.model_dump_json(), media_type="application/json")
@@ -140,7 +141,7 @@ class OpenAIServingChat:
         ]
         return ChatCompletionLogProb(
             token=token,
-            logprob=clamp_logprob(chosen.logprob) if chosen is not None else MIN_LOGPROB_FALLBACK,
+            logprob=clamp_logprob(chosen.logprob) if chosen is not None else MIN_LOGPROB,
             bytes=list(token.encode("utf-8", errors="replace")),
             top_logprobs=top,
         )
@@ -201,9 +202,6 @@ class OpenAIServingChat:
             finish_reason=out.finish_reason,
             stop_reason=out.stop_reason,
         )
-
-
-MIN_LOGPROB_FALLBACK = -9999.0
 
 
 def _total(usage: UsageInfo) -> UsageInfo:

@@ -53,10 +53,11 @@ class OpenAIServingCompletion:
             prompt = TokensPrompt(prompt=text, prompt_token_ids=token_ids)
             generator = self.ctx.engine.generate(prompt, params, f"{request_id}-{i}")
             generators.append(generator)
-        merged = merge_async_iterators(*await start_all(generators))
         if request.stream:
+            merged = merge_async_iterators(*await start_all(generators))
             events = self._stream(request, params, merged, request_id, model, num_prompts=len(prompts))
             return StreamingResponse(sse_stream(events), media_type="text/event-stream")
+        merged = merge_async_iterators(*generators)
         body = await with_disconnect(raw_request, self._collect(request, params, merged, request_id, model))
         return Response(body.model_dump_json(), media_type="application/json")
 
