@@ -126,19 +126,22 @@ def random_sample_candidates(
     row alone, and the distribution is that of the full race.
     """
     num_rows, vocab = probs.shape
-    width = min(FAST_PATH_CANDIDATES, vocab)
-    num_candidates = (probs > 0).sum(dim=-1)  # [num_rows]
+    if vocab <= FAST_PATH_CANDIDATES:
+        return random_sample(probs, generators)
+    # One more than the candidates: a row fits when that one has probability 0.
+    top_probs, top_ids = probs.topk(FAST_PATH_CANDIDATES + 1, dim=-1)  # [num_rows, candidates + 1]
+    fits = top_probs[:, -1] == 0.0  # [num_rows]
     if is_greedy is not None:
-        num_candidates.masked_fill_(is_greedy, 0)  # their sample is discarded: the cheapest race will do
-    fits = num_candidates <= width  # [num_rows]
+        fits |= is_greedy  # their sample is discarded: the cheapest race will do
+    if bool(fits.all()):
+        winners = random_sample(top_probs[:, :-1], generators)  # [num_rows]
+        return top_ids.gather(1, winners.unsqueeze(1)).squeeze(1)
     sampled = torch.empty(num_rows, dtype=torch.int64)
     narrow, wide = fits.nonzero().squeeze(1), (~fits).nonzero().squeeze(1)
     if narrow.numel() > 0:
-        top_probs, top_ids = probs[narrow].topk(width, dim=-1)  # [num_narrow, width]
-        winners = random_sample(top_probs, _generators_of(narrow, generators))  # [num_narrow]
-        sampled[narrow] = top_ids.gather(1, winners.unsqueeze(1)).squeeze(1)
-    if wide.numel() > 0:
-        sampled[wide] = random_sample(probs[wide], _generators_of(wide, generators))
+        winners = random_sample(top_probs[narrow, :-1], _generators_of(narrow, generators))  # [num_narrow]
+        sampled[narrow] = top_ids[narrow].gather(1, winners.unsqueeze(1)).squeeze(1)
+    sampled[wide] = random_sample(probs[wide], _generators_of(wide, generators))
     return sampled
 
 
