@@ -4,12 +4,13 @@
     OMP_NUM_THREADS=1 python benchmarks/sampler_bench.py --rows 64 --logits flat --also-rev 3904f7b
 
 Each case times `Sampler(cpu_fast_paths=False)` (the baseline: a vocabulary sort for top_p, a vocabulary
-of Exponential draws per row) and `Sampler()` alternately on the same fixed-seed logits, and reports the
-median of at least --repeats calls and their ratio. --also-rev REV times the sampler.py of a git revision as well
-(the code before the fast paths existed). Logits: `lm` gives each row a power-law head (exponent uniform
-in [1.1, 2.5] over a random permutation of the vocabulary, like a language model's next-token
-distribution); `flat` is N(0, 3^2) noise, whose top_p nucleus is thousands of tokens wide, so every row
-falls back to the sort (the fast path's worst case).
+of Exponential draws per row) and `Sampler()` one after the other on the same fixed-seed logits, and
+reports the median of at least --repeats calls and their ratio. --also-rev REV times the sampler.py of a
+git revision as well (the code before the fast paths existed).
+
+Logits: `lm` gives each row a power-law head (exponent uniform in [1.1, 2.5] over a random permutation of
+the vocabulary, like a language model's next-token distribution); `flat` is N(0, 3^2) noise, whose top_p
+nucleus is thousands of tokens wide, so every row falls back to the sort (the fast path's worst case).
 """
 
 from __future__ import annotations
