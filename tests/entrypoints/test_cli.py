@@ -41,3 +41,12 @@ def test_model_that_cannot_load_stops_the_server() -> None:
     result = tokenmill("serve", "/nonexistent/model.gguf", "--port", str(port))
     assert result.returncode == 1
     assert "/nonexistent/model.gguf" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_portal_and_boot_are_forwarded_to_the_appliance(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tokenmill_appliance.cli
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(tokenmill_appliance.cli, "main", lambda argv: calls.append(argv) or 0)
+    assert main(["portal", "--flag", "x"]) == 0 and main(["boot"]) == 0
+    assert calls == [["portal", "--flag", "x"], ["boot"]]
