@@ -73,10 +73,19 @@ def test_stream_equals_non_stream_and_echo_logprobs(server) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
 
     echoed = client.completions.create(
-        model="smol", prompt=PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=1
+        model="smol",
+        prompt=PROMPT,
+        max_tokens=1,
+        temperature=0,
+        echo=True,
+        logprobs=1,
+        extra_body={"prompt_logprobs": 1},
     )
     logprobs = echoed.choices[0].logprobs
     assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.tokens is not None
     assert logprobs.token_logprobs[0] is None  # the first prompt token has no logprob
     assert all(value is not None for value in logprobs.token_logprobs[1:])
     assert "".join(logprobs.tokens) == echoed.choices[0].text
+    prompt_logprobs = (echoed.choices[0].model_extra or {})["prompt_logprobs"]  # vLLM's extra field
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(logprobs.tokens) - 1
+    assert all("logprob" in entry for step in prompt_logprobs[1:] for entry in step.values())

@@ -179,12 +179,17 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
 
 
+# vLLM's prompt_logprobs: per prompt token (None for the first), token id -> logprob, rank, decoded token.
+PromptLogprobsJSON = list[dict[str, dict[str, Any]] | None]
+
+
 class CompletionResponseChoice(OpenAIBaseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsJSON | None = None
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -231,7 +236,6 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     response_format: ResponseFormat | None = None
-    echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -298,6 +302,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobsJSON | None = None
 
 
 class DeltaMessage(OpenAIBaseModel):

@@ -34,6 +34,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     decoded_token,
     encode,
     first_and_rest,
+    prompt_logprobs_json,
     sse,
     sse_stream,
     top_entries,
@@ -115,7 +116,12 @@ class OpenAIServingChat:
         usage = UsageInfo(
             prompt_tokens=num_prompt, completion_tokens=num_generated, total_tokens=num_prompt + num_generated
         )
-        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+        prompt_logprobs = (
+            prompt_logprobs_json(final.prompt_logprobs) if request.prompt_logprobs is not None else None
+        )
+        return ChatCompletionResponse(
+            id=request_id, model=model, choices=choices, usage=usage, prompt_logprobs=prompt_logprobs
+        )
 
     def _logprobs(
         self, request: ChatCompletionRequest, out: CompletionOutput

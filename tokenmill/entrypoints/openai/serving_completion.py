@@ -26,6 +26,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     decoded_token,
     encode,
     merge_async_iterators,
+    prompt_logprobs_json,
     sse,
     sse_stream,
     start_all,
@@ -123,6 +124,9 @@ class OpenAIServingCompletion:
             logprobs=logprobs,
             finish_reason=out.finish_reason,
             stop_reason=out.stop_reason,
+            prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs)
+            if params.prompt_logprobs is not None
+            else None,
         )
 
     def _logprobs(

@@ -13,7 +13,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
-from tokenmill.engine.outputs import Logprob
+from tokenmill.engine.outputs import Logprob, PromptLogprobs
 from tokenmill.entrypoints.openai.errors import APIError, error_body
 
 logger = logging.getLogger(__name__)
@@ -200,6 +200,27 @@ def decoded_token(tokenizer: Any, token_id: int, logprob: Logprob | None) -> str
     if logprob is not None and logprob.decoded_token is not None:
         return logprob.decoded_token
     return str(tokenizer.decode([token_id]))
+
+
+def prompt_logprobs_json(
+    prompt_logprobs: PromptLogprobs | None,
+) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's JSON shape of prompt logprobs (None when they were not asked for)."""
+    if prompt_logprobs is None:
+        return None
+    return [
+        None
+        if step is None
+        else {
+            str(token_id): {
+                "logprob": clamp_logprob(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
+            for token_id, lp in step.items()
+        }
+        for step in prompt_logprobs
+    ]
 
 
 def top_entries(step: dict[int, Logprob], num_top: int) -> list[tuple[int, Logprob]]:
