@@ -76,7 +76,8 @@ class OpenAIServingCompletion:
             else:
                 if any(not 0 <= t < len(tokenizer) for t in prompt):
                     raise ValueError(f"prompt token ids must be between 0 and {len(tokenizer) - 1}")
-                results.append((tokenizer.decode(prompt), list(prompt)))
+                text = await self.ctx.engine.run_in_executor(tokenizer.decode, prompt)
+                results.append((text, list(prompt)))
         return results
 
     async def _collect(
