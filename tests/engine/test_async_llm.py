@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tokenmill.config import EngineConfig, ModelConfig, SchedulerConfig
-from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
+from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError, RequestAbortedError
 from tokenmill.engine.core_client import CoreFailed, CoreMessage, CoreOutputs, CoreReady, EngineCoreClient
 from tokenmill.engine.outputs import EngineCoreOutput, FinishReason
 from tokenmill.metrics.stats import SchedulerStats
@@ -100,6 +100,21 @@ def test_cancelled_consumer_aborts_its_sequences(smollm2_tokenizer: Any) -> None
         with pytest.raises(asyncio.CancelledError):
             await task
         assert sorted(core.aborted) == ["0_r2", "1_r2"]
+        llm.shutdown()
+
+    asyncio.run(run())
+
+
+def test_abort_ends_a_running_generate(smollm2_tokenizer: Any) -> None:
+    async def run() -> None:
+        llm, core = await started(smollm2_tokenizer)
+        generator = llm.generate("a", delta(), "r8")
+        pending = asyncio.create_task(anext(generator))
+        await wait_for(lambda: core.added == ["0_r8"])
+        llm.abort("r8")
+        with pytest.raises(RequestAbortedError):
+            await pending
+        assert core.aborted == ["0_r8"]
         llm.shutdown()
 
     asyncio.run(run())

@@ -30,6 +30,10 @@ class EngineOverloadedError(RuntimeError):
     """The waiting queue is full; the client should retry later."""
 
 
+class RequestAbortedError(RuntimeError):
+    """The request was aborted with `AsyncLLM.abort()` while its outputs were being read."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine core is not running (it failed to load or died)."""
 
@@ -155,7 +159,7 @@ class AsyncLLM:
             while not finished:
                 item = await output_queue.get()
                 if isinstance(item, Exception):
-                    finished = True  # the core is gone: nothing left to abort
+                    finished = True  # the core is gone, or the request was aborted already
                     raise item
                 finished = item.finished
                 yield item
@@ -165,7 +169,11 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Stops a request and frees its KV blocks (no-op when it already finished)."""
+        """Stops a request and frees its KV blocks (no-op when it already finished); a `generate()`
+        still iterating it raises RequestAbortedError."""
+        output_queue = self._queues.get(request_id)
+        if output_queue is not None:
+            output_queue.put_nowait(RequestAbortedError(f"request {request_id} was aborted"))
         self._forget(request_id)
         if self.output_processor is None or self._client is None:
             return
