@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+QUANTIZATION_METHODS = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class ModelConfig:
     """Values that replace the model's config fields."""
     load_format: Literal["auto", "dummy"] = "auto"
     """auto: the checkpoint's weights; dummy: small random weights (benchmarks of a shape, no checkpoint)."""
+    quantization: str | None = None
+    """Applied after loading. int8: weight-only per-channel int8 linear layers (faster single-stream CPU
+    decode, a quarter of float32's weight memory); None: the weights as loaded."""
 
 
 @dataclass(frozen=True)

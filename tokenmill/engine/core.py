@@ -17,6 +17,7 @@ from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
 from tokenmill.metrics.stats import SchedulerStats
+from tokenmill.model.quantization import quantize
 from tokenmill.worker.memory import GiB, kv_cache_budget
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -56,6 +57,7 @@ class EngineCore:
             self.runner.init_dummy_weights()
         else:
             self.runner.load_weights(iter_weights(self.source, self.dtype))
+        quantize(self.runner.model, config.model.quantization)
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
