@@ -16,12 +16,15 @@ and more rows (prefill, large decode batches) dequantize the weight on the fly i
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import QUANTIZATION_METHODS
 from tokenmill.model.layers.linear import LinearBase
+from tokenmill.model.registry import CausalLM
 
 # Most rows (tokens) per call that take the int8 GEMV kernel; more rows dequantize the weight instead.
 MAX_INT8_KERNEL_ROWS = 16
@@ -37,6 +40,10 @@ def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 
 class Int8Linear(nn.Module):
     """`y = x @ (q * scales).T + bias` with int8 `q` [out, in] and float `scales` [out]."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    kernel_scales: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -80,10 +87,11 @@ def quantize_int8_weight_only(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize(model: nn.Module, method: str | None) -> nn.Module:
-    """Applies the quantization `method` (None: none) to a loaded model."""
+def quantize(model: CausalLM, method: str | None) -> None:
+    """Applies the quantization `method` (None: none) to a loaded model, in place."""
     if method is None:
-        return model
+        return
     if method == "int8":
-        return quantize_int8_weight_only(model)
+        quantize_int8_weight_only(cast(nn.Module, model))
+        return
     raise ValueError(f"unknown quantization {method!r}: choose one of {', '.join(QUANTIZATION_METHODS)}")
