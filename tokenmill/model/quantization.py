@@ -12,6 +12,9 @@ Why two paths in `Int8Linear.forward` (measured on an AVX2 EPYC, torch 2.13, one
 all layers' linears). Its float32 kernel is scalar on AVX2 (3x slower than float32 `F.linear`), so the
 activations go in as bfloat16, whose kernel is vectorized. From about 16 rows on it loses to a float GEMM,
 and more rows (prefill, large decode batches) dequantize the weight on the fly instead.
+Caveat: the kernel splits every call across the OpenMP threads; where those threads share their cores
+with other busy processes each call waits on a descheduled thread (2 threads on a loaded 2-core machine:
+8 ms instead of 0.15 ms for SmolLM2's gate_up). Give it dedicated cores or OMP_NUM_THREADS=1.
 """
 
 from __future__ import annotations
