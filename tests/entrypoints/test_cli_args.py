@@ -50,6 +50,12 @@ def test_vllm_instance_image_flags() -> None:
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 18000, None)
 
 
+def test_vllm_flags_without_an_effect_are_accepted() -> None:
+    plain = parse_serve_args(["org/model"], environ={})
+    args = parse_serve_args(["org/model", "--trust-remote-code", "--disable-log-stats"], environ={})
+    assert args.engine_args == plain.engine_args and (args.host, args.port) == (plain.host, plain.port)
+
+
 def test_other_vllm_flags() -> None:
     args = parse_serve_args(
         [

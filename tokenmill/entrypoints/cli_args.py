@@ -142,6 +142,15 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--enable-log-requests", action="store_true", help="log one line per request")
     add("--disable-log-requests", action="store_true", help="do not log requests (the default)")
+    # Accepted so vLLM command lines work unchanged; neither changes what tokenmill does.
+    add(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for vLLM compatibility: tokenmill never runs code from a model repository",
+    )
+    add(
+        "--disable-log-stats", action="store_true", help="accepted for vLLM compatibility (no periodic stats)"
+    )
 
 
 def _origins(value: str) -> list[str]:
