@@ -104,4 +104,4 @@ class EngineCore:
         return self.scheduler.get_stats()
 
     def shutdown(self) -> None:
-        self.runner.kv_caches.clear()
+        self.runner.release_kv_cache()

@@ -88,11 +88,9 @@ class OutputProcessor:
 
     def abort_request(self, request_id: str) -> list[str]:
         """Forgets a request; returns the child ids the core must abort."""
-        state = self.requests.pop(request_id, None)
-        if state is None:
+        if request_id not in self.requests:
             return []
-        for child_id in state.sequences:
-            self.parent_of.pop(child_id, None)
+        state = self._forget(request_id)
         return [c for c, s in state.sequences.items() if not s.finished]
 
     def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
@@ -189,7 +187,8 @@ class OutputProcessor:
             stop_reason=seq.stop_reason,
         )
 
-    def _forget(self, request_id: str) -> None:
+    def _forget(self, request_id: str) -> RequestState:
         state = self.requests.pop(request_id)
         for child_id in state.sequences:
             self.parent_of.pop(child_id, None)
+        return state

@@ -166,9 +166,7 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
                 continue
-            if request in self.running:
-                self.running.remove(request)
-            else:
+            if request not in self.running:
                 self.waiting.remove(request)
             request.status = status
             self._free(request)

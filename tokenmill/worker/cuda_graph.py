@@ -29,13 +29,11 @@ class DecodeGraphs:
     def __init__(
         self,
         model: CausalLM,
-        hidden_size: int,
         max_num_seqs: int,
         max_model_len: int,
         block_size: int,
         scratch_block: int,
         device: torch.device,
-        dtype: torch.dtype,
     ) -> None:
         self.model, self.device = model, device
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -52,7 +50,6 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_num_seqs, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.hidden_size, self.dtype = hidden_size, dtype
 
     def _metadata(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(

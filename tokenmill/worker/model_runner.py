@@ -41,7 +41,6 @@ class ModelRunner:
         self.sampler = Sampler()
         self.stager = HostStager(device)
         self.generators: dict[str, torch.Generator] = {}
-        self.kv_caches: list[torch.Tensor] = []
         self.decode_graphs: DecodeGraphs | None = None
         self.max_model_len = max_model_len
         self.default_generator = torch.Generator(device=device).manual_seed(config.model.seed)
@@ -76,24 +75,20 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
         """Allocates `num_blocks` usable blocks plus one scratch block (the last) for padded graph rows."""
         backend = get_attention_backend(self.device, self.dtype)
-        self.kv_caches = []
         for layer in self.attention_layers:
             shape = kv_cache_shape(num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.kv_cache = zeroed_tensor(shape, self.dtype, self.device)
             layer.backend = backend
-            self.kv_caches.append(layer.kv_cache)
         self.decode_graphs = None
         use_graphs = self.device.type == "cuda" and not self.config.enforce_eager
         if capture_graphs and use_graphs and backend.supports_cuda_graphs:
             self.decode_graphs = DecodeGraphs(
                 self.model,
-                self.hf_config.hidden_size,
                 self.config.scheduler.max_num_seqs,
                 self.max_model_len,
                 self.block_size,
                 scratch_block=num_blocks,
                 device=self.device,
-                dtype=self.dtype,
             )
             self.decode_graphs.capture()
 
@@ -120,11 +115,14 @@ class ModelRunner:
         self.model.compute_logits(hidden[-num_rows:]).float().softmax(-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - dummy_cache_bytes
-        for layer in self.attention_layers:
-            layer.kv_cache = torch.empty(0)
-        self.kv_caches = []
+        self.release_kv_cache()
         torch.cuda.empty_cache()
         return peak
+
+    def release_kv_cache(self) -> None:
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.empty(0)
+        self.decode_graphs = None
 
     # --- one step ---------------------------------------------------------------------------------
 
