@@ -103,3 +103,20 @@ def test_tokenizer_from_a_complete_tiny_gguf(tiny_gguf: Callable[..., Path]) -> 
     assert len(tokenizer) == 49152
     assert tokenizer("Hello world").input_ids == [19556, 905]
     assert tokenizer.eos_token_id == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_tokenizer_is_the_one_auto_tokenizer_builds(tiny_gguf: Callable[..., Path], arch: str) -> None:
+    gguf_file = tiny_gguf(arch, with_tokenizer=True)
+    ours = load_tokenizer(resolve_model(str(gguf_file)))
+    reference = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    for text in SAMPLES:
+        assert ours(text).input_ids == reference(text).input_ids
+        assert ours.decode(reference(text).input_ids) == reference.decode(reference(text).input_ids)
+    assert ours.all_special_tokens == reference.all_special_tokens
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
+        reference.bos_token_id,
+        reference.eos_token_id,
+        reference.pad_token_id,
+    )
+    assert ours.chat_template == reference.chat_template

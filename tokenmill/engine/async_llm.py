@@ -103,13 +103,32 @@ class AsyncLLM:
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Starts the core process and waits until the model is loaded; raises EngineDeadError if not."""
+    def launch(self) -> None:
+        """Starts the core process, which loads the model meanwhile; call from the event loop's thread."""
         self._loop = asyncio.get_running_loop()
         self._ready_future = self._loop.create_future()
         self._client = self._client_factory(self.config, self._on_message_threadsafe)
         self._client.start()
+
+    def set_tokenizer(self, tokenizer: Any, eos_token_ids: frozenset[int]) -> None:
+        """For a server that loads the tokenizer while the core loads the model: before `start()` ends."""
+        self.tokenizer, self.eos_token_ids = tokenizer, eos_token_ids
+
+    async def start(self) -> None:
+        """Starts the core process (unless `launch()` did) and waits until the model is loaded; raises
+        EngineDeadError if it is not."""
+        if self._client is None:
+            self.launch()
+        assert self._ready_future is not None
         await self._ready_future
+        from tokenmill.engine.output_processor import OutputProcessor
+        from tokenmill.engine.processor import InputProcessor
+
+        self.input_processor = InputProcessor(
+            self.tokenizer, self.max_model_len, self.vocab_size, self.eos_token_ids, self.max_logprobs
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ready = True
 
     @property
     def is_ready(self) -> bool:
@@ -213,16 +232,8 @@ class AsyncLLM:
             self._on_failed(message)
 
     def _on_ready(self, message: CoreReady) -> None:
-        from tokenmill.engine.output_processor import OutputProcessor
-        from tokenmill.engine.processor import InputProcessor
-
         self.max_model_len, self.vocab_size = message.max_model_len, message.vocab_size
         self._stats = message.stats
-        self.input_processor = InputProcessor(
-            self.tokenizer, self.max_model_len, self.vocab_size, self.eos_token_ids, self.max_logprobs
-        )
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self._ready = True
         if self._ready_future is not None and not self._ready_future.done():
             self._ready_future.set_result(None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -10,8 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFReader, GGUFValueType, ReaderTensor
+from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
 from gguf.quants import dequantize
+from transformers.integrations.gguf import GgufHeader, read_gguf_metadata
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -37,38 +39,45 @@ _HF_MODULE_NAMES: dict[MODEL_TENSOR, str] = {
 _SKIPPED_TENSORS = frozenset({TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]})
 
 
-# Arrays longer than this (the vocabulary, merges, token types) are kept as their lengths only.
-_MAX_KEPT_ARRAY = 1024
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file, as `gguf.quants.dequantize` takes it: `data` is a read-only memory map of
+    its bytes, [*rows, bytes per row] (`tensor_type` says how those bytes encode the row's values)."""
+
+    name: str
+    tensor_type: GGMLQuantizationType
+    data: np.ndarray
 
 
 @dataclass(frozen=True)
 class GGUFContents:
-    """What the loader needs of a GGUF file: its metadata, less the long tokenizer arrays (parsed, they
-    take ~150 MB for a 49k vocabulary; transformers reads them itself for the tokenizer), and its
-    tensors, memory-mapped."""
+    """What the loader needs of a GGUF file: its metadata and its tensors, memory-mapped.
+
+    String arrays (the vocabulary, the merges) appear in `metadata` as their lengths: transformers reads
+    them itself for the tokenizer. The header is read with transformers' GGUF reader, which walks it in
+    ~20 ms; gguf's `GGUFReader` builds a numpy view per vocabulary entry (5 s for a 49k vocabulary).
+    """
 
     metadata: dict[str, Any]
-    array_lengths: dict[str, int]
-    tensors: tuple[ReaderTensor, ...]
+    tensors: tuple[GGUFTensor, ...]
 
 
 @lru_cache(maxsize=8)
 def _cached_contents(path: str, mtime_ns: int) -> GGUFContents:
-    reader = GGUFReader(path)
-    metadata: dict[str, Any] = {}
-    array_lengths: dict[str, int] = {}
-    for key, field in reader.fields.items():
-        if field.types and field.types[0] == GGUFValueType.ARRAY:
-            array_lengths[key] = len(field.data)
-            if len(field.data) > _MAX_KEPT_ARRAY:
-                continue
-        metadata[key] = field.contents()
-    return GGUFContents(metadata, array_lengths, tuple(reader.tensors))
+    metadata, _ = read_gguf_metadata(path)
+    header = GgufHeader.from_file(path)
+    blob = np.memmap(path, mode="r", dtype=np.uint8)
+    tensors = []
+    for info in header.tensors:
+        start = header.data_start + info.offset
+        num_rows = math.prod(info.shape[:-1])
+        data = blob[start : start + info.nbytes].reshape(*info.shape[:-1], info.nbytes // num_rows)
+        tensors.append(GGUFTensor(info.name, GGMLQuantizationType(info.ggml_type), data))
+    return GGUFContents(metadata, tuple(tensors))
 
 
 def read_gguf(gguf_file: Path) -> GGUFContents:
-    """The contents of `gguf_file`, parsed once per process and shared by config, eos and weight
-    loading: parsing the metadata of a file with a large vocabulary takes seconds."""
+    """The contents of `gguf_file`, read once per process and shared by config, eos and weight loading."""
     return _cached_contents(str(gguf_file), gguf_file.stat().st_mtime_ns)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES
+from gguf.quants import dequantize
 from transformers import AutoConfig, PretrainedConfig
 
 from tokenmill.loader.gguf_loader import gguf_architecture, gguf_metadata, read_gguf
@@ -62,8 +63,9 @@ def gguf_config_fields(gguf_file: Path) -> dict[str, Any]:
         value = gguf_metadata(gguf_file, key)
         if value is not None:
             fields[field] = value
-    if "vocab_size" not in fields and "tokenizer.ggml.tokens" in contents.array_lengths:
-        fields["vocab_size"] = contents.array_lengths["tokenizer.ggml.tokens"]
+    vocabulary_length = contents.metadata.get("tokenizer.ggml.tokens")  # a string array: its length
+    if "vocab_size" not in fields and vocabulary_length is not None:
+        fields["vocab_size"] = vocabulary_length
     rope_scaling = gguf_rope_scaling(gguf_file, architecture)
     if rope_scaling is not None:
         fields["rope_scaling"] = rope_scaling
@@ -81,7 +83,8 @@ def gguf_rope_scaling(gguf_file: Path, architecture: str) -> dict[str, Any] | No
     for tensor in read_gguf(gguf_file).tensors:
         if tensor.name == rope_freqs:
             theta = float(gguf_metadata(gguf_file, f"{architecture}.rope.freq_base", 10000.0))
-            return llama3_rope_scaling(np.asarray(tensor.data, dtype=np.float64), theta)
+            freq_factors = dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
+            return llama3_rope_scaling(freq_factors, theta)
     return None
 
 

@@ -75,16 +75,18 @@ class ServerState:
     async def load(self) -> None:
         """Loads the tokenizer here and the model in the core process; stops the server on failure."""
         try:
-            loaded = await asyncio.to_thread(self._load_tokenizer)
-            self.model_root = loaded.root
             self.engine = AsyncLLM(
                 self.engine_config,
-                loaded.tokenizer,
-                loaded.eos_token_ids,
+                tokenizer=None,
+                eos_token_ids=frozenset(),
                 max_logprobs=self.args.max_logprobs,
                 stat_loggers=[self.metrics],
                 client_factory=self.client_factory,
             )
+            self.engine.launch()  # the core loads the model while this process loads the tokenizer
+            loaded = await asyncio.to_thread(self._load_tokenizer)
+            self.model_root = loaded.root
+            self.engine.set_tokenizer(loaded.tokenizer, loaded.eos_token_ids)
             await self.engine.start()
         except Exception as err:
             self.load_error = str(err) or type(err).__name__
