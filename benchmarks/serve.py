@@ -2,10 +2,15 @@
 
     python benchmarks/serve.py --url http://127.0.0.1:8000/v1
     python benchmarks/serve.py --url http://gpu-box:18000/v1 --concurrency 1,16,64 --json results.json
+    python benchmarks/serve.py --url http://127.0.0.1:8000/v1 --launch "tokenmill serve --port 8000"
 
 Every request is a fixed-seed synthetic prompt of about --prompt-words words on /v1/completions, with
 temperature 0, ignore_eos and --max-tokens, so tokenmill and vLLM do the same work. Reports output tok/s
 and the p50/p99 of time to first token (TTFT) and time per output token after the first (TPOT).
+
+With --launch the benchmark also starts the server itself (a shell command), reports how long it took
+to answer /health with 200 ("ready after"), samples the resident memory of the server's whole process
+tree (an API process and an engine process count together) and reports its peak, then stops it.
 """
 
 from __future__ import annotations
@@ -13,12 +18,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import shlex
+import signal
+import subprocess
 import sys
+import threading
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 
 import openai
+import psutil
 from tqdm.auto import tqdm
 
 WORDS = [
@@ -147,6 +161,75 @@ def print_table(results: list[LevelResult]) -> None:
         )
 
 
+class PeakRSS:
+    """Samples the summed RSS of a process and all its descendants on a thread; `peak` in bytes."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def tree_rss(self) -> int:
+        total = 0
+        for process in [self.root, *self.root.children(recursive=True)]:
+            with suppress(psutil.Error):  # it exited between the listing and the reading
+                total += process.memory_info().rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.tree_rss())
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.tree_rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def wait_until_serving(url: str, server: subprocess.Popen[bytes], timeout: float) -> float:
+    """Seconds from now until the server's /health answers 200 (tokenmill, vLLM and llama-server all say
+    503 or do not listen while loading); raises if the server exits or times out."""
+    health = url.removesuffix("/v1") + "/health"
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(health, timeout=1) as response:
+                if response.status == 200:
+                    return time.perf_counter() - start
+        except OSError:
+            pass  # not listening yet, or still loading (503)
+        time.sleep(0.1)
+    raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
+
+
+@contextmanager
+def launched_server(
+    command: str, url: str, timeout: float
+) -> Iterator[tuple[subprocess.Popen[bytes], float]]:
+    """Starts `command` in its own process group; yields (process, seconds until ready); stops it."""
+    start = time.perf_counter()
+    server = subprocess.Popen(shlex.split(command), start_new_session=True)
+    try:
+        wait_until_serving(url, server, timeout)
+        yield server, time.perf_counter() - start
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 def int_list(value: str) -> list[int]:
     return [int(part) for part in value.split(",") if part.strip()]
 
@@ -164,6 +247,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-words", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--launch", default=None, metavar="COMMAND", help="start the server with this command (see above)"
+    )
+    parser.add_argument("--ready-timeout", type=float, default=600, help="seconds --launch waits for it")
     args = parser.parse_args(argv)
     if len(args.num_requests) != len(args.concurrency):
         parser.error("--num-requests needs one count per --concurrency level")
@@ -171,9 +258,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def main_async(args: argparse.Namespace) -> list[LevelResult]:
-    url = args.url.rstrip("/")
-    url = url if url.endswith("/v1") else f"{url}/v1"
-    async with openai.AsyncOpenAI(base_url=url, api_key=args.api_key, max_retries=0, timeout=600) as client:
+    async with openai.AsyncOpenAI(
+        base_url=api_url(args.url), api_key=args.api_key, max_retries=0, timeout=600
+    ) as client:
         model = args.model or (await client.models.list()).data[0].id
         results = []
         for concurrency, num in zip(args.concurrency, args.num_requests, strict=True):
@@ -182,21 +269,43 @@ async def main_async(args: argparse.Namespace) -> list[LevelResult]:
         return results
 
 
+def api_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else f"{url}/v1"
+
+
+def run_against_launched(args: argparse.Namespace) -> tuple[list[LevelResult], dict[str, float]]:
+    with launched_server(args.launch, api_url(args.url), args.ready_timeout) as (server, ready_s):
+        print(f"ready after {ready_s:.1f} s", flush=True)
+        with PeakRSS(server.pid) as rss:
+            results = asyncio.run(main_async(args))
+        return results, {"ready_s": ready_s, "peak_rss_bytes": rss.peak}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    server_facts: dict[str, float] = {}
     try:
-        results = asyncio.run(main_async(args))
+        if args.launch:
+            results, server_facts = run_against_launched(args)
+        else:
+            results = asyncio.run(main_async(args))
     except openai.APIConnectionError:
         print(f"cannot reach a server at {args.url}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        print(f"serve.py: {err}", file=sys.stderr)
+        return 1
     print_table(results)
+    if server_facts:
+        print(
+            f"ready after {server_facts['ready_s']:.1f} s; "
+            f"peak RSS of the server's processes {server_facts['peak_rss_bytes'] / 1e9:.2f} GB"
+        )
     if args.json:
+        report = {"url": args.url, "max_tokens": args.max_tokens, "levels": [asdict(r) for r in results]}
         with open(args.json, "w") as sink:
-            json.dump(
-                {"url": args.url, "max_tokens": args.max_tokens, "levels": [asdict(r) for r in results]},
-                sink,
-                indent=2,
-            )
+            json.dump(report | server_facts, sink, indent=2)
     return 0 if all(r.num_failed == 0 for r in results) else 1
 
 

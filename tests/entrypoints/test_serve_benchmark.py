@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +48,42 @@ def test_serve_benchmark_reports_levels(server, tmp_path: Path) -> None:
     for level in levels:
         assert level["num_failed"] == 0 and level["output_tokens"] == 3 * level["num_requests"]
         assert level["output_tok_s"] > 0 and set(level["ttft_ms"]) == {"p50", "p99", "mean"}
+
+
+@pytest.mark.slow
+def test_serve_benchmark_launches_the_server_and_measures_it(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    output = tmp_path / "serve.json"
+    serve = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--port", str(port)]
+    command = shlex.join([*serve, "--max-model-len", "512", "--kv-cache-memory", "256MiB"])
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--url", f"http://127.0.0.1:{port}/v1", "--launch", command]
+        + ["--concurrency", "2", "--num-requests", "2", "--max-tokens", "3", "--prompt-words", "10"]
+        + ["--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(output.read_text())
+    assert 0 < report["ready_s"] < 300
+    # The engine core is a child process holding the weights: the tree's RSS is far above one interpreter.
+    assert report["peak_rss_bytes"] > 500e6
+    assert "peak RSS of the server's processes" in result.stdout
+    with pytest.raises(ConnectionRefusedError):  # the server was stopped
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_serve_benchmark_reports_a_server_that_exits(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--url", "http://127.0.0.1:9/v1", "--launch", "false"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "exited with code 1 before it was ready" in result.stderr
