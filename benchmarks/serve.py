@@ -9,8 +9,9 @@ temperature 0, ignore_eos and --max-tokens, so tokenmill and vLLM do the same wo
 and the p50/p99 of time to first token (TTFT) and time per output token after the first (TPOT).
 
 With --launch the benchmark also starts the server itself (a shell command), reports how long it took
-to answer /health with 200 ("ready after"), samples the resident memory of the server's whole process
-tree (an API process and an engine process count together) and reports its peak, then stops it.
+to answer /health with 200 ("ready after"), samples the memory of the server's whole process tree (an API
+process and engine processes count together; RSS and PSS, see PeakMemory) and reports the peaks, then
+stops it.
 """
 
 from __future__ import annotations
@@ -161,29 +162,32 @@ def print_table(results: list[LevelResult]) -> None:
         )
 
 
-class PeakRSS:
-    """Samples the summed RSS of a process and all its descendants on a thread; `peak` in bytes."""
+class PeakMemory:
+    """Samples the memory of a process and all its descendants on a thread, keeping the peaks in bytes:
+    `rss` sums each process's resident set (pages shared between them count once per process), `pss`
+    sums proportional set sizes (each shared page split among its sharers: the tree's real footprint)."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         self.root = psutil.Process(pid)
         self.interval = interval
-        self.peak = 0
+        self.rss = self.pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def tree_rss(self) -> int:
-        total = 0
+    def sample(self) -> None:
+        rss = pss = 0
         for process in [self.root, *self.root.children(recursive=True)]:
             with suppress(psutil.Error):  # it exited between the listing and the reading
-                total += process.memory_info().rss
-        return total
+                info = process.memory_full_info()
+                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+        self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.tree_rss())
+            self.sample()
 
-    def __enter__(self) -> PeakRSS:
-        self.peak = self.tree_rss()
+    def __enter__(self) -> PeakMemory:
+        self.sample()
         self._thread.start()
         return self
 
@@ -277,9 +281,9 @@ def api_url(url: str) -> str:
 def run_against_launched(args: argparse.Namespace) -> tuple[list[LevelResult], dict[str, float]]:
     with launched_server(args.launch, api_url(args.url), args.ready_timeout) as (server, ready_s):
         print(f"ready after {ready_s:.1f} s", flush=True)
-        with PeakRSS(server.pid) as rss:
+        with PeakMemory(server.pid) as memory:
             results = asyncio.run(main_async(args))
-        return results, {"ready_s": ready_s, "peak_rss_bytes": rss.peak}
+        return results, {"ready_s": ready_s, "peak_rss_bytes": memory.rss, "peak_pss_bytes": memory.pss}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print_table(results)
     if server_facts:
+        rss_gb, pss_gb = server_facts["peak_rss_bytes"] / 1e9, server_facts["peak_pss_bytes"] / 1e9
         print(
             f"ready after {server_facts['ready_s']:.1f} s; "
-            f"peak RSS of the server's processes {server_facts['peak_rss_bytes'] / 1e9:.2f} GB"
+            f"server processes at peak: RSS {rss_gb:.2f} GB, PSS {pss_gb:.2f} GB"
         )
     if args.json:
         report = {"url": args.url, "max_tokens": args.max_tokens, "levels": [asdict(r) for r in results]}

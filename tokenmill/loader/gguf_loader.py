@@ -62,8 +62,7 @@ class GGUFContents:
     tensors: tuple[GGUFTensor, ...]
 
 
-@lru_cache(maxsize=8)
-def _cached_contents(path: str, mtime_ns: int) -> GGUFContents:
+def _read_contents(path: str) -> GGUFContents:
     metadata, _ = read_gguf_metadata(path)
     header = GgufHeader.from_file(path)
     blob = np.memmap(path, mode="r", dtype=np.uint8)
@@ -74,6 +73,11 @@ def _cached_contents(path: str, mtime_ns: int) -> GGUFContents:
         data = blob[start : start + info.nbytes].reshape(*info.shape[:-1], info.nbytes // num_rows)
         tensors.append(GGUFTensor(info.name, GGMLQuantizationType(info.ggml_type), data))
     return GGUFContents(metadata, tuple(tensors))
+
+
+@lru_cache(maxsize=8)
+def _cached_contents(path: str, mtime_ns: int) -> GGUFContents:
+    return _read_contents(path)
 
 
 def read_gguf(gguf_file: Path) -> GGUFContents:
@@ -140,7 +144,8 @@ def _is_skipped(tensor_name: str) -> bool:
 
 def iter_gguf_weights(gguf_file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of `gguf_file` under its HF name, dequantized to `dtype`, in HF layout."""
-    tensors = read_gguf(gguf_file).tensors
+    # Its own memory map, not the cached one: the pages it reads are unmapped when loading ends.
+    tensors = _read_contents(str(gguf_file)).tensors
     architecture = gguf_architecture(gguf_file)
     num_heads = int(gguf_metadata(gguf_file, f"{architecture}.attention.head_count"))
     num_kv_heads = int(gguf_metadata(gguf_file, f"{architecture}.attention.head_count_kv", num_heads))

@@ -31,7 +31,9 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
+    def __init__(
+        self, config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool = False, qk_norm: bool = False
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -40,9 +42,7 @@ class LlamaAttention(nn.Module):
             config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=qkv_bias
         )
         self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        self.rotary_emb = RotaryEmbedding(
-            self.head_dim, config.max_position_embeddings, rope_parameters(config)
-        )
+        self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
@@ -75,9 +75,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
+    def __init__(
+        self, config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool = False, qk_norm: bool = False
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias=qkv_bias, qk_norm=qk_norm)
+        self.self_attn = LlamaAttention(config, rotary_emb, qkv_bias=qkv_bias, qk_norm=qk_norm)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -102,8 +104,11 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        # One cos/sin table for all layers (8 MB per copy at 8k positions and head_dim 128).
+        rope = rope_parameters(config)
+        rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, rope)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias=qkv_bias, qk_norm=qk_norm)
+            LlamaDecoderLayer(config, rotary_emb, qkv_bias=qkv_bias, qk_norm=qk_norm)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
