@@ -22,7 +22,7 @@ from tokenmill_appliance.portal.edge import (
     build_redirect_app,
 )
 from tokenmill_appliance.portal.metrics import MetricsSampler
-from tokenmill_appliance.portal.services import SupervisorClient
+from tokenmill_appliance.portal.services import ProgramControl
 from tokenmill_appliance.portal.state import PortalState
 from tokenmill_appliance.portal.tunnels import TunnelManager
 from tokenmill_appliance.portal.ui import build_ui_app
@@ -92,7 +92,7 @@ class Portal:
             auth=auth,
             edge_secret=edge_secret,
             session=self._session,
-            supervisor=SupervisorClient(settings.supervisor_socket),
+            supervisor=ProgramControl(settings.supervisor_socket),
             tunnels=self.tunnels,
             metrics=MetricsSampler(settings.workspace if settings.workspace.exists() else settings.root,
                                    self._engine_metrics_url(), self._session),

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
-from supervisor.xmlrpc import Faults, SupervisorTransport
+from supervisor.xmlrpc import Faults
+
+from tokenmill_appliance.supervisor import SupervisorClient
 
 PROTECTED_PROGRAMS = frozenset({"portal", "edge", "tunnel_manager"})
 """The portal itself, the edge and the tunnel manager: stopping them here would cut the UI off."""
@@ -45,8 +48,9 @@ def describe(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class SupervisorClient:
-    """A client of supervisord's XML-RPC interface on a unix socket; blocking calls run in a thread."""
+class ProgramControl:
+    """The portal's view of supervisord's programs, over the appliance's `SupervisorClient`: each call
+    opens its own connection in a worker thread, and supervisord's faults become `SupervisorError`s."""
 
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
@@ -54,18 +58,15 @@ class SupervisorClient:
     def _call(self, method: str, *args: Any) -> Any:
         if not self.socket_path.exists():
             raise SupervisorError(f"supervisord is not running (no socket at {self.socket_path})")
-        transport = SupervisorTransport(None, None, f"unix://{self.socket_path}")
         try:
-            proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-            return getattr(proxy.supervisor, method)(*args)
+            with SupervisorClient(self.socket_path) as client:
+                return client.call(method, *args)
         except xmlrpc.client.Fault as fault:
             if fault.faultCode == Faults.BAD_NAME:
                 raise UnknownProgramError(f"no program {args[0]!r} in supervisord") from None
             raise SupervisorError(f"supervisord refused {method}: {fault.faultString}") from None
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise SupervisorError(f"cannot reach supervisord at {self.socket_path}: {exc}") from None
-        finally:
-            transport.close()
 
     async def programs(self) -> list[dict[str, Any]]:
         infos = await asyncio.to_thread(self._call, "getAllProcessInfo")

@@ -10,7 +10,7 @@ from aiohttp import web
 from tokenmill_appliance.portal.auth import Authenticator
 from tokenmill_appliance.portal.edge import EdgeSecret
 from tokenmill_appliance.portal.metrics import MetricsSampler
-from tokenmill_appliance.portal.services import SupervisorClient
+from tokenmill_appliance.portal.services import ProgramControl
 from tokenmill_appliance.portal.tunnels import TunnelManager
 from tokenmill_appliance.settings import PortalApp, Settings
 
@@ -24,7 +24,7 @@ class PortalState:
     auth: Authenticator
     edge_secret: EdgeSecret
     session: aiohttp.ClientSession
-    supervisor: SupervisorClient
+    supervisor: ProgramControl
     tunnels: TunnelManager
     metrics: MetricsSampler
     is_tls: bool

