@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from tokenmill.entrypoints.cli import main
@@ -50,3 +51,11 @@ def test_portal_and_boot_are_forwarded_to_the_appliance(monkeypatch: pytest.Monk
     monkeypatch.setattr(tokenmill_appliance.cli, "main", lambda argv: calls.append(argv) or 0)
     assert main(["portal", "--flag", "x"]) == 0 and main(["boot"]) == 0
     assert calls == [["portal", "--flag", "x"], ["boot"]]
+
+
+@pytest.mark.slow
+def test_served_engine_core_lets_idle_openmp_threads_sleep(server) -> None:
+    # The core shares the cores with the API process (see `tokenmill serve` in cli.py).
+    children = psutil.Process(server.process.pid).children()
+    (core,) = [child for child in children if any("spawn_main" in part for part in child.cmdline())]
+    assert core.environ().get("OMP_WAIT_POLICY") == "PASSIVE"
