@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter, quants
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -87,3 +87,24 @@ def test_rope_frequency_factors_are_skipped(tmp_path: Path) -> None:
 
 def test_eos_token_ids(smollm2_gguf: Path) -> None:
     assert gguf_eos_token_ids(smollm2_gguf) == frozenset({2})
+
+
+@pytest.mark.parametrize("quant_type", ["Q4_1", "Q8_0", "Q5_0", "Q5_1"])
+def test_quantized_tensors_dequantize_like_gguf(tmp_path: Path, quant_type: str) -> None:
+    # Q5_0/Q5_1 are block types transformers' fast header reader cannot size: gguf's reader reads those.
+    qtype = GGMLQuantizationType[quant_type]
+    weight = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    blocks = quants.quantize(weight, qtype)
+    path = tmp_path / f"{quant_type}.gguf"
+    writer = GGUFWriter(path, "llama")
+    writer.add_block_count(0)
+    writer.add_head_count(2)
+    writer.add_tensor("token_embd.weight", blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    weights = dict(iter_gguf_weights(path, torch.float32))
+    expected = torch.from_numpy(quants.dequantize(blocks, qtype))
+    assert torch.equal(weights["model.embed_tokens.weight"], expected)
+    assert (weights["model.embed_tokens.weight"] - torch.from_numpy(weight)).abs().max() < 0.2

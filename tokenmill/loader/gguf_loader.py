@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType
+from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from transformers.integrations.gguf import GgufHeader, read_gguf_metadata
 
@@ -63,8 +63,13 @@ class GGUFContents:
 
 
 def _read_contents(path: str) -> GGUFContents:
+    try:
+        header = GgufHeader.from_file(path)
+    except ValueError as error:
+        if "is not supported yet" not in str(error):
+            raise
+        return _read_contents_with_gguf(path)  # a block type transformers does not size (Q5_0, Q5_1, ...)
     metadata, _ = read_gguf_metadata(path)
-    header = GgufHeader.from_file(path)
     blob = np.memmap(path, mode="r", dtype=np.uint8)
     tensors = []
     for info in header.tensors:
@@ -73,6 +78,17 @@ def _read_contents(path: str) -> GGUFContents:
         data = blob[start : start + info.nbytes].reshape(*info.shape[:-1], info.nbytes // num_rows)
         tensors.append(GGUFTensor(info.name, GGMLQuantizationType(info.ggml_type), data))
     return GGUFContents(metadata, tuple(tensors))
+
+
+def _read_contents_with_gguf(path: str) -> GGUFContents:
+    """The same contents through gguf's complete but slow reader (seconds for a large vocabulary)."""
+    reader = GGUFReader(path)
+    metadata: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        is_string_array = field.types[:1] == [GGUFValueType.ARRAY] and field.types[-1] == GGUFValueType.STRING
+        metadata[key] = len(field.data) if is_string_array else field.contents()
+    tensors = tuple(GGUFTensor(t.name, t.tensor_type, t.data) for t in reader.tensors)
+    return GGUFContents(metadata, tensors)
 
 
 @lru_cache(maxsize=8)
