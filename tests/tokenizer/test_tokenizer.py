@@ -3,7 +3,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFWriter
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tokenmill.loader import ModelSource, resolve_model
@@ -120,3 +122,31 @@ def test_gguf_tokenizer_is_the_one_auto_tokenizer_builds(tiny_gguf: Callable[...
         reference.pad_token_id,
     )
     assert ours.chat_template == reference.chat_template
+
+
+def test_sentencepiece_style_gguf_tokenizer_is_the_one_auto_tokenizer_builds(tmp_path: Path) -> None:
+    # tokenizer.ggml.model "llama" (Llama 2, Mistral): scored pieces with byte fallback, BOS added.
+    pieces = ["▁", "a", "e", "h", "l", "o", "t", "w", "r", "d", "▁t", "▁the", "he", "llo", "▁hello", "▁world"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *pieces]
+    writer = GGUFWriter(tmp_path / "sp.gguf", "llama")
+    writer.add_block_count(1)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = load_tokenizer(resolve_model(str(tmp_path / "sp.gguf")))
+    reference = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
+    for text in ["hello world", " the world", "Hello  wörld\n", *SAMPLES]:
+        ids = reference(text).input_ids
+        assert ours(text).input_ids == ids and ids[0] == 1
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
