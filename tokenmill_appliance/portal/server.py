@@ -85,7 +85,8 @@ class Portal:
         self._session = proxy.new_client_session()
         auth = Authenticator(settings)
         edge_secret = EdgeSecret(secrets.token_urlsafe(32))
-        self.tunnels = TunnelManager(self.cloudflared or None, settings.cf_tunnel_token)
+        edge_ports = [app.external_port for app in self.apps if app.is_proxied]
+        self.tunnels = TunnelManager(self.cloudflared or None, edge_ports, settings.cf_tunnel_token)
         state = PortalState(
             settings=settings,
             apps=self.apps,

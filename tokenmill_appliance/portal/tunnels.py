@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,11 +63,18 @@ class Tunnel:
         }
 
 
-def check_target(target: str) -> str:
-    """Tunnels may only point at this machine (the edge ports)."""
+def check_target(target: str, edge_ports: Collection[int]) -> str:
+    """Tunnels may only point at this machine's edge ports: any other port would publish a service
+    without the portal's login in front of it."""
     parts = urlsplit(target)
     if parts.scheme not in ("http", "https") or parts.hostname not in LOCAL_HOSTS or not parts.port:
         raise TunnelError(f"tunnel target {target!r} must be http(s)://localhost:PORT")
+    if parts.port not in edge_ports:
+        ports = ", ".join(str(port) for port in sorted(edge_ports))
+        raise TunnelError(
+            f"tunnel target port {parts.port} is not one of the edge's ports ({ports}): a tunnel to it would "
+            "skip the portal's login; point it at the edge port of that service"
+        )
     return target
 
 
@@ -74,9 +82,14 @@ class TunnelManager:
     """Starts, lists, refreshes and stops cloudflared processes."""
 
     def __init__(
-        self, binary: str | None, named_token: str = "", url_timeout_s: float = URL_TIMEOUT_S
+        self,
+        binary: str | None,
+        edge_ports: Collection[int],
+        named_token: str = "",
+        url_timeout_s: float = URL_TIMEOUT_S,
     ) -> None:
         self.binary = binary
+        self.edge_ports = frozenset(edge_ports)
         self.named_token = named_token
         self.url_timeout_s = url_timeout_s
         self._tunnels: dict[str, Tunnel] = {}
@@ -124,7 +137,7 @@ class TunnelManager:
 
     async def start(self, target: str, tunnel_id: str | None = None) -> dict[str, Any]:
         """Start a quick tunnel to `target`; returns once its public URL is known."""
-        check_target(target)
+        check_target(target, self.edge_ports)
         args = ["--no-autoupdate", "--url", target]
         if target.startswith("https:"):
             args.append("--no-tls-verify")  # the edge's certificate is usually self-signed

@@ -20,6 +20,7 @@ from .conftest import TOKEN, StartPortal
 
 pytestmark = pytest.mark.asyncio
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "X-Portal-Request": "1"}
+EDGE_PORTS = (1111, 8000)
 
 STAND_IN = """#!/bin/sh
 # cloudflared stand-in for tests (NOT the real cloudflared): records its arguments, prints a quick
@@ -58,7 +59,7 @@ def is_alive(pid: int) -> bool:
 
 async def test_start_list_refresh_stop(tmp_path: Path) -> None:
     binary, args_file = write_stand_in(tmp_path, STAND_IN)
-    manager = TunnelManager(binary)
+    manager = TunnelManager(binary, EDGE_PORTS)
     try:
         tunnel = await manager.start("https://localhost:1111")
         assert tunnel["public_url"] == f"https://stand-in-{tunnel['pid']}.trycloudflare.com"
@@ -84,23 +85,27 @@ async def test_start_list_refresh_stop(tmp_path: Path) -> None:
 
 async def test_no_url_in_time_is_an_error_and_the_process_is_gone(tmp_path: Path) -> None:
     binary, _ = write_stand_in(tmp_path, SILENT_STAND_IN)
-    manager = TunnelManager(binary, url_timeout_s=0.5)
+    manager = TunnelManager(binary, EDGE_PORTS, url_timeout_s=0.5)
     with pytest.raises(TunnelError, match="no tunnel URL within 0.5 s.*failed to reach the edge"):
         await manager.start("http://localhost:8000")
     assert manager.status()["tunnels"] == []
     await manager.close()
 
 
-async def test_only_local_targets(tmp_path: Path) -> None:
+async def test_only_edge_ports_on_this_machine(tmp_path: Path) -> None:
     binary, _ = write_stand_in(tmp_path, STAND_IN)
-    manager = TunnelManager(binary)
+    manager = TunnelManager(binary, EDGE_PORTS)
     for target in ["http://example.com:80", "file:///etc/passwd", "http://localhost"]:
         with pytest.raises(TunnelError, match="must be"):
             await manager.start(target)
+    # An internal port (the model server behind the edge) would skip the portal's login.
+    with pytest.raises(TunnelError, match=r"not one of the edge's ports \(1111, 8000\): .* portal's login"):
+        await manager.start("http://localhost:18000")
+    assert manager.status()["tunnels"] == []
 
 
 async def test_without_cloudflared_says_so() -> None:
-    manager = TunnelManager(None)
+    manager = TunnelManager(None, EDGE_PORTS)
     assert manager.status()["message"] == "cloudflared is not installed on this machine"
     with pytest.raises(TunnelError, match="not installed"):
         await manager.start("http://localhost:8000")
@@ -108,7 +113,7 @@ async def test_without_cloudflared_says_so() -> None:
 
 async def test_named_tunnel_token_in_env_and_warning(tmp_path: Path) -> None:
     binary, args_file = write_stand_in(tmp_path, STAND_IN)
-    manager = TunnelManager(binary, named_token="cf-secret")
+    manager = TunnelManager(binary, EDGE_PORTS, named_token="cf-secret")
     try:
         await manager.start_named()
         for _ in range(100):
@@ -138,6 +143,11 @@ async def test_tunnels_api(tmp_path: Path, start_portal: StartPortal, client: ai
         assert response.status == 200
         tunnel = (await response.json())["tunnel"]
     assert tunnel["public_url"].endswith(".trycloudflare.com")
+    # The dashboard's own internal port (behind the edge): a tunnel there would skip the login.
+    internal = {"target": f"http://localhost:{p.ui_port}"}
+    async with client.post(base, json=internal, headers=HEADERS) as response:
+        assert response.status == 400
+        assert "skip the portal's login" in (await response.json())["error"]
     async with client.post(f"{base}/{tunnel['id']}/stop", headers=HEADERS) as response:
         assert response.status == 200
     async with client.get(base, headers=HEADERS) as response:
