@@ -1,4 +1,4 @@
-"""Decode time per step, float vs weight-only int8, side by side in one run.
+"""Decode time per step, float vs `quantization="int8"`, side by side in one run.
 
     python benchmarks/decode_bench.py                         # SmolLM2 (embedded), float32, batch 1 16 64
     OMP_NUM_THREADS=1 python benchmarks/decode_bench.py --repeats 5

@@ -1,7 +1,8 @@
-"""Weight-only int8: per-layer error bounds, the model transform, and greedy quality on SmolLM2."""
+"""Int8 layers: error bounds on both paths, the model transform, and greedy quality on SmolLM2."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.arg_utils import EngineArgs
-from tokenmill.model.quantization import MAX_INT8_KERNEL_ROWS, Int8Linear, quantize
+from tokenmill.kernels import cpu
+from tokenmill.model import quantization
+from tokenmill.model.quantization import MAX_KERNEL_ROWS, Int8Linear, quantize
 
 PROMPTS = [
     "The capital of France is",
@@ -21,33 +24,53 @@ PROMPTS = [
     "Water boils at a temperature of",
 ]
 NUM_TOKENS = 32
-BF16_EPS = 2.0**-8  # bfloat16's relative rounding error is at most 2^-9; 2^-8 leaves room
 
 
-@pytest.mark.parametrize("num_rows", [1, MAX_INT8_KERNEL_ROWS, 64])
+@pytest.mark.parametrize("num_rows", [1, 16, MAX_KERNEL_ROWS + 1])
 def test_int8_linear_within_rounding_bound(num_rows: int) -> None:
+    """Few rows take the C kernel where it runs (it also rounds x per block of 32 features), more rows
+    the dequantized weight; either way within the rounding bounds."""
     torch.manual_seed(0)
     weight, bias = torch.randn(384, 256) * 0.05, torch.randn(384)
     x = torch.randn(num_rows, 256)
     layer = Int8Linear(weight, bias)
     ours, reference = layer(x), F.linear(x, weight, bias)  # [num_rows, 384]
-    # Per-channel rounding moves each weight by at most scale/2, so |error_j| <= scale_j / 2 * |x|_1. The
-    # int8 kernel (few rows) also rounds x and its output to bfloat16: x by BF16_EPS * |x| against weights
-    # of at most 127 * scale, the output by BF16_EPS * |y|.
-    x_l1 = x.abs().sum(-1, keepdim=True)  # [num_rows, 1]
-    bound = layer.scales * x_l1 * (0.5 + 127 * BF16_EPS) + BF16_EPS * reference.abs() + 1e-5
-    assert ((ours - reference).abs() <= bound).all()
+    # Per-channel rounding moves each weight by at most scale/2: |error_j| <= scale_j / 2 * |x|_1. Rounding
+    # x to int8 per block moves each x_i by at most its block's max|x| / 254, against weights of at most
+    # 127 * scale_j.
+    blocks = x.reshape(num_rows, 8, 32).abs()
+    x_rounding = (blocks.amax(-1, keepdim=True) / 254).expand_as(blocks).reshape(num_rows, 256)
+    weight_bound = layer.scales * x.abs().sum(-1, keepdim=True) / 2
+    x_bound = 127 * layer.scales * x_rounding.sum(-1, keepdim=True)
+    assert ((ours - reference).abs() <= weight_bound + x_bound + 1e-4).all()
     # Gaussian weights: rounding error ~ scale / sqrt(12) against weights of std ~ max / 3.5, about 0.8%
-    # of the output; bfloat16 activations add ~0.3%.
-    assert (ours - reference).norm() / reference.norm() < 0.015
+    # of the output; rounding x adds about as much.
+    assert (ours - reference).norm() / reference.norm() < 0.02
 
 
-def test_dequantized_path_equals_int8_times_scales() -> None:
+def test_dequantized_path_equals_int8_times_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantization, "int8_library", lambda: None)  # as on a CPU without the kernel
     torch.manual_seed(0)
-    layer = Int8Linear(torch.randn(64, 32), None)
-    x = torch.randn(MAX_INT8_KERNEL_ROWS + 1, 32)
-    expected = x @ (layer.weight.float() * layer.scales[:, None]).T
+    layer = Int8Linear(torch.randn(64, 32), torch.randn(64))
+    x = torch.randn(5, 32)
+    expected = x @ (layer.weight.float() * layer.scales[:, None]).T + layer.bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(cpu.unavailable_reason() is not None, reason="no int8 CPU kernel here")
+def test_few_rows_take_the_kernel_and_many_the_dequantized_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    kernel = quantization.int8_linear
+
+    def counting_kernel(library, x, *args):  # type: ignore[no-untyped-def]
+        calls.append(x.shape[0])
+        return kernel(library, x, *args)
+
+    monkeypatch.setattr(quantization, "int8_linear", counting_kernel)
+    layer = Int8Linear(torch.randn(64, 32), None)
+    layer(torch.randn(2, 3, 32))  # any leading shape: 6 rows
+    layer(torch.randn(MAX_KERNEL_ROWS + 1, 32))
+    assert calls == [6]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -57,23 +80,19 @@ def test_tiny_models_quantized(arch: str, tiny_model_dir: Callable[[str], Path])
     llm = LLM(str(tiny_model_dir(arch)), quantization="int8", **kwargs)
     model = llm.engine.core.runner.model
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    assert len(layers) == 4 * reference.config.num_hidden_layers
-    # float32: the LM head stays float (its logits would otherwise come back in bfloat16).
-    assert not isinstance(model.lm_head, Int8Linear)
+    assert len(layers) == 4 * reference.config.num_hidden_layers + 1  # and the LM head
+    assert isinstance(model.lm_head, Int8Linear)
     qkv = model.model.layers[0].self_attn.qkv_proj
     reference_qkv = reference.model.layers[0].self_attn.qkv_proj
     if arch == "qwen2":
         assert qkv.bias is not None and torch.equal(qkv.bias, reference_qkv.bias)
-        assert model.lm_head.weight is model.model.embed_tokens.weight
     else:
         assert qkv.bias is None
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     assert all(len(o.outputs[0].token_ids) == 4 for o in llm.generate(PROMPTS, params, use_tqdm=False))
 
 
-def test_tied_lm_head_of_bfloat16_model_gets_its_own_int8_copy(
-    tiny_model_dir: Callable[[str], Path],
-) -> None:
+def test_tied_lm_head_gets_its_own_int8_copy(tiny_model_dir: Callable[[str], Path]) -> None:
     llm = LLM(
         str(tiny_model_dir("qwen2")),
         dtype="bfloat16",
@@ -84,9 +103,11 @@ def test_tied_lm_head_of_bfloat16_model_gets_its_own_int8_copy(
     model = llm.engine.core.runner.model
     embedding = model.model.embed_tokens.weight  # [vocab, hidden], untouched bfloat16
     assert isinstance(model.lm_head, Int8Linear) and embedding.dtype == torch.bfloat16
-    dequantized = model.lm_head.weight.float() * model.lm_head.scales.float()[:, None]
-    scales = model.lm_head.scales.float()[:, None]
-    assert ((dequantized - embedding.float()).abs() <= scales * (0.5 + BF16_EPS * 127)).all()
+    scales = model.lm_head.scales[:, None]
+    dequantized = model.lm_head.weight.float() * scales
+    assert ((dequantized - embedding.float()).abs() <= scales * (0.5 + 1e-4)).all()  # float rounding
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert len(llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
 
 
 def test_unknown_quantization_is_a_clear_error() -> None:
@@ -97,23 +118,33 @@ def test_unknown_quantization_is_a_clear_error() -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_int8_greedy_agrees_with_float() -> None:
-    """Int8 rounding shifts logits slightly, so greedy tokens may part ways where the float model is nearly
-    tied; once they part, the continuations differ. Checked: tokens agree up to each parting, every parting
-    is at a near-tie of the float model (top-2 gap under 0.5 nats), and most tokens (>= 80 of 160; 96
-    measured) come before the partings."""
-    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=2)
+def test_smollm2_int8_predicts_the_float_models_tokens() -> None:
+    """Int8 rounding (weights, LM head and activations) shifts logits slightly. Teacher-forced on the float
+    model's own greedy continuations, the int8 model's top token must be the float model's at >= 90% of
+    the 160 positions (152 measured), only where the float model was nearly tied (top-2 gap under 1 nat),
+    and its perplexity of those continuations within 5% of the float model's (1.1% higher measured)."""
+    greedy = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=2)
     kwargs = dict(dtype="float32", max_model_len=1024, kv_cache_memory=64 << 20)
-    floats = LLM(**kwargs).generate(PROMPTS, params, use_tqdm=False)
-    int8s = LLM(quantization="int8", **kwargs).generate(PROMPTS, params, use_tqdm=False)
-    num_agreeing = 0
+    floats = LLM(**kwargs).generate(PROMPTS, greedy, use_tqdm=False)
+    texts = [{"prompt_token_ids": out.prompt_token_ids + out.outputs[0].token_ids} for out in floats]
+    scoring = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    int8s = LLM(quantization="int8", **kwargs).generate(texts, scoring, use_tqdm=False)
+    agreeing, float_nll, int8_nll = 0, 0.0, 0.0
     for float_out, int8_out in zip(floats, int8s, strict=True):
-        a, b = float_out.outputs[0], int8_out.outputs[0]
-        pairs = enumerate(zip(a.token_ids, b.token_ids, strict=True))
-        parting = next((i for i, (x, y) in pairs if x != y), NUM_TOKENS)
-        num_agreeing += parting
-        if parting < NUM_TOKENS:
-            assert a.logprobs is not None
-            top2 = sorted((lp.logprob for lp in a.logprobs[parting].values()), reverse=True)[:2]
-            assert top2[0] - top2[1] < 0.5, f"int8 left a confident float token in {float_out.prompt!r}"
-    assert num_agreeing >= 80
+        completion, start = float_out.outputs[0], len(float_out.prompt_token_ids)
+        assert completion.logprobs is not None and int8_out.prompt_logprobs is not None
+        for step, token in enumerate(completion.token_ids):
+            float_top2 = sorted((lp.logprob for lp in completion.logprobs[step].values()), reverse=True)
+            int8_scores = int8_out.prompt_logprobs[start + step]
+            assert int8_scores is not None
+            int8_top = max(int8_scores, key=lambda t: int8_scores[t].logprob)
+            if int8_top == token:
+                agreeing += 1
+            else:
+                gap = float_top2[0] - float_top2[1]
+                assert gap < 1.0, f"int8 left a confident token: {float_out.prompt!r}"
+            float_nll -= completion.logprobs[step][token].logprob
+            int8_nll -= int8_scores[token].logprob
+    num_positions = len(PROMPTS) * NUM_TOKENS
+    assert agreeing >= 0.9 * num_positions
+    assert math.exp(int8_nll / num_positions) < 1.05 * math.exp(float_nll / num_positions)
