@@ -37,6 +37,22 @@ def test_reference_backend_matches_sdpa_backend(case: str, num_heads: int, num_k
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_sdpa_backend_plans_once_per_step() -> None:
+    """The backend keeps one decode plan per step's metadata for all layers; a new step gets a new one."""
+    backend = TorchSDPABackend()
+    for seed, case in enumerate(["decode", "prefix_hits_and_decode", "decode"]):
+        torch.manual_seed(seed)
+        batch = random_paged_batch(CASES[case], 4, 2, head_dim=16, block_size=8)
+        expected = ReferenceBackend().forward(
+            batch.query, batch.key, batch.value, batch.kv_cache.clone(), batch.metadata, batch.scale
+        )
+        for _layer in range(2):
+            out = backend.forward(
+                batch.query, batch.key, batch.value, batch.kv_cache.clone(), batch.metadata, batch.scale
+            )
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_gather_matches_cpu_backend_on_a_permuted_table() -> None:
     batch = random_paged_batch([(3, 2), (21, 19)], 4, 2, head_dim=8, block_size=4)
     table = batch.metadata.block_tables[1]

@@ -6,6 +6,8 @@ tokens, possibly after cached context) one sequence at a time with a causal mask
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +34,43 @@ def gather_kv(
     return key, value
 
 
+@dataclass
+class _DecodePlan:
+    """A step's decode rows and what every layer needs to attend over their blocks: built by the first
+    layer, reused by the others (it depends on the metadata only)."""
+
+    metadata: AttentionMetadata
+    rows: list[int]  # sequences with one query token
+    token_index: torch.Tensor | None  # their rows in the batch; None when they are all of it, in order
+    flat_table: torch.Tensor  # [len(rows) * num_blocks] their block tables, cut to the longest
+    max_len: int
+    mask: torch.Tensor  # [len(rows), 1, 1, max_len] True where a key position exists
+
+    @classmethod
+    def build(cls, metadata: AttentionMetadata, block_size: int, device: torch.device) -> _DecodePlan:
+        rows = [i for i, q in enumerate(metadata.query_lens) if q == 1]
+        token_idx = [metadata.query_start_loc[i] for i in rows]
+        everything = len(rows) == len(metadata.query_lens) and token_idx == list(range(len(rows)))
+        token_index = None if everything else torch.tensor(token_idx, device=device)
+        max_len = max((metadata.context_lens[i] + 1 for i in rows), default=0)
+        num_blocks = (max_len + block_size - 1) // block_size
+        flat_table = metadata.block_tables[rows, :num_blocks].flatten()
+        lengths = metadata.seq_lens[rows]
+        mask = torch.arange(max_len, device=device)[None, :] < lengths[:, None]
+        return cls(metadata, rows, token_index, flat_table, max_len, mask[:, None, None, :])
+
+
 class TorchSDPABackend:
     supports_cuda_graphs = False  # reads per-sequence lengths from the host lists
+
+    def __init__(self) -> None:
+        self._plan: _DecodePlan | None = None
+
+    def _decode_plan(self, metadata: AttentionMetadata, block_size: int, device: torch.device) -> _DecodePlan:
+        # Holding the metadata keeps its identity unique while the plan is cached.
+        if self._plan is None or self._plan.metadata is not metadata:
+            self._plan = _DecodePlan.build(metadata, block_size, device)
+        return self._plan
 
     def forward(
         self,
@@ -45,10 +82,12 @@ class TorchSDPABackend:
         scale: float,
     ) -> torch.Tensor:
         write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        plan = self._decode_plan(metadata, kv_cache.shape[2], query.device)
+        if plan.rows and plan.token_index is None:  # a decode-only step
+            return self._decode(query, kv_cache, plan, scale)
         output = torch.empty_like(query)
-        decode_rows = [i for i, q in enumerate(metadata.query_lens) if q == 1]
-        if decode_rows:
-            self._decode(query, kv_cache, metadata, decode_rows, output, scale)
+        if plan.rows:
+            output[plan.token_index] = self._decode(query, kv_cache, plan, scale)
         for i, query_len in enumerate(metadata.query_lens):
             if query_len > 1:
                 self._prefill(query, key, value, kv_cache, metadata, i, output, scale)
@@ -88,30 +127,19 @@ class TorchSDPABackend:
         output[start:end] = out.transpose(0, 1)
 
     def _decode(
-        self,
-        query: torch.Tensor,
-        kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-        rows: list[int],
-        output: torch.Tensor,
-        scale: float,
-    ) -> None:
-        token_idx = [metadata.query_start_loc[i] for i in rows]
-        batch, (num_heads, head_dim), num_kv_heads = len(rows), query.shape[1:], kv_cache.shape[3]
-        max_len = max(metadata.context_lens[i] + 1 for i in rows)
-        block_size = kv_cache.shape[2]
-        num_blocks = (max_len + block_size - 1) // block_size
+        self, query: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan, scale: float
+    ) -> torch.Tensor:  # [len(plan.rows), num_heads, head_dim]
+        batch, (num_heads, head_dim), num_kv_heads = len(plan.rows), query.shape[1:], kv_cache.shape[3]
         # index_select over whole blocks is several times faster than advanced indexing here.
-        flat_table = metadata.block_tables[rows, :num_blocks].flatten()
         k, v = (
             kv_cache[i]
-            .index_select(0, flat_table)
-            .view(batch, -1, num_kv_heads, head_dim)[:, :max_len]
+            .index_select(0, plan.flat_table)
+            .view(batch, -1, num_kv_heads, head_dim)[:, : plan.max_len]
             .transpose(1, 2)
             for i in (0, 1)
         )  # [batch, kv_heads, max_len, head_dim]
-        mask = torch.arange(max_len, device=query.device)[None, :] < metadata.seq_lens[rows][:, None]
         # Grouped queries: the heads sharing a KV head become query rows, so K/V are never repeated.
-        q = query[token_idx].view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
-        output[token_idx] = out.reshape(batch, num_heads, head_dim)
+        q = query if plan.token_index is None else query[plan.token_index]
+        q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=scale)
+        return out.reshape(batch, num_heads, head_dim)

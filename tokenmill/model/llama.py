@@ -14,7 +14,7 @@ from tokenmill.model.layers.attention import Attention
 from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from tokenmill.model.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.model.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary, rope_parameters
 
 # checkpoint name fragment -> (our fused parameter's fragment, shard id)
 STACKED_PARAMS: dict[str, tuple[str, str | int]] = {
@@ -31,9 +31,7 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(
-        self, config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool = False, qk_norm: bool = False
-    ) -> None:
+    def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -42,23 +40,22 @@ class LlamaAttention(nn.Module):
             config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=qkv_bias
         )
         self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, rope: RotaryTables, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+            q, k = qkv.split([q_size, kv_size, kv_size], dim=-1)[:2]
+            q = apply_rotary(self.q_norm(q.view(-1, num_heads, head_dim)), rope)
+            k = apply_rotary(self.k_norm(k.view(-1, num_kv_heads, head_dim)), rope)
+        else:  # queries and keys rotate in one pass
+            qk = apply_rotary(qkv[:, : q_size + kv_size].view(-1, num_heads + num_kv_heads, head_dim), rope)
+            q, k = qk[:, :num_heads], qk[:, num_heads:]
         return self.o_proj(self.attn(q, k, v, metadata))
 
 
@@ -75,18 +72,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self, config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool = False, qk_norm: bool = False
-    ) -> None:
+    def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb, qkv_bias=qkv_bias, qk_norm=qk_norm)
+        self.self_attn = LlamaAttention(config, qkv_bias=qkv_bias, qk_norm=qk_norm)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: RotaryTables,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         metadata: AttentionMetadata,
@@ -95,7 +90,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, metadata)
+        hidden = self.self_attn(rope, hidden, metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -104,11 +99,12 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        # One cos/sin table for all layers (8 MB per copy at 8k positions and head_dim 128).
+        # One cos/sin table for all layers (8 MB per copy at 8k positions and head_dim 128), looked up once
+        # per step.
         rope = rope_parameters(config)
-        rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, rope)
+        self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, rope)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb, qkv_bias=qkv_bias, qk_norm=qk_norm)
+            LlamaDecoderLayer(config, qkv_bias=qkv_bias, qk_norm=qk_norm)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -117,9 +113,10 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        rope = self.rotary_emb.cos_sin(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, metadata)
+            hidden, residual = layer(rope, hidden, residual, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

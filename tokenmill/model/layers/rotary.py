@@ -43,9 +43,18 @@ def _llama3_inverse_frequencies(inv_freq: torch.Tensor, params: dict[str, Any]) 
     return torch.where(is_medium, smoothed, scaled)
 
 
+RotaryTables = tuple[torch.Tensor, torch.Tensor]  # a step's cos and sin, [num_tokens, 1, head_dim] each
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
+    # x: [num_tokens, num_heads, head_dim]; queries and keys may go through together.
+    cos, sin = rope
+    return x * cos + rotate_half(x) * sin
 
 
 class RotaryEmbedding(nn.Module):
@@ -61,10 +70,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """The step's rotations, [num_tokens, 1, head_dim] each: looked up once per step for all layers."""
+        cos = self.cos_cache[positions].to(dtype).unsqueeze(1)
+        sin = self.sin_cache[positions].to(dtype).unsqueeze(1)
+        return cos, sin
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
-        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        rope = self.cos_sin(positions, q.dtype)
+        return apply_rotary(q, rope), apply_rotary(k, rope)
