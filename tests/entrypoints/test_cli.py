@@ -9,7 +9,7 @@ import sys
 import psutil
 import pytest
 
-from tokenmill.entrypoints.cli import main
+from tokenmill.entrypoints.cli import main, omp_wait_policy
 
 
 def tokenmill(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
@@ -59,3 +59,18 @@ def test_served_engine_core_lets_idle_openmp_threads_sleep(server) -> None:
     children = psutil.Process(server.process.pid).children()
     (core,) = [child for child in children if any("spawn_main" in part for part in child.cmdline())]
     assert core.environ().get("OMP_WAIT_POLICY") == "PASSIVE"
+
+
+def test_openmp_wait_policy_follows_the_quantization() -> None:
+    assert omp_wait_policy(None) == "PASSIVE"  # float: idle threads sleep, leaving cores to the API
+    assert omp_wait_policy("int8") is None  # many short kernel calls: libgomp's spin-then-sleep
+
+
+def test_serve_args_are_parsed_before_torch_loads() -> None:
+    """The wait policy is chosen from the parsed flags; OpenMP reads it once, when torch loads."""
+    code = (
+        "import sys; from tokenmill.entrypoints.cli_args import parse_serve_args; "
+        "parse_serve_args(['--quantization', 'int8']); print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -26,6 +26,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def omp_wait_policy(quantization: str | None) -> str | None:
+    """How the engine core's idle OpenMP threads wait (set before torch loads; the core inherits it).
+    The core shares the cores with the API process. Float models: threads that sleep when idle leave the
+    cores to it between parallel regions (2 cores, serving benchmark: c=1 TPOT 58-60 vs 63 ms, c=64
+    145-153 vs 138-142 tok/s). int8 models run many short parallel regions (one per kernel call), where
+    waking sleeping threads costs more than it frees: libgomp's default (spin a while, then sleep) measured
+    c=1 TPOT 27 vs 31-36 ms and c=16 148 vs 141 tok/s. None: leave libgomp's default."""
+    return None if quantization == "int8" else "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help"):
@@ -36,14 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name == "serve":
-        # The engine core process (which inherits this) shares the cores with the API process: OpenMP
-        # threads that sleep when idle instead of spinning leave them to it between parallel regions.
-        # Measured on 2 cores with the serving benchmark: c=1 TPOT 60-58 vs 63 ms, c=64 145-153 vs
-        # 138-142 tok/s. (Offline, with nothing to share with, spinning is ~3% faster: `LLM` keeps it.)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from tokenmill.entrypoints.cli_args import parse_serve_args
 
         serve_args = parse_serve_args(rest)
+        if (policy := omp_wait_policy(serve_args.engine_args.quantization)) is not None:
+            os.environ.setdefault("OMP_WAIT_POLICY", policy)
         from tokenmill.entrypoints.openai.api_server import run_server
 
         return run_server(serve_args)
