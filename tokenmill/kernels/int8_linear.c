@@ -15,6 +15,9 @@
 
 #define BLOCK 32
 #define ROWS 4 /* activation rows per weight load: enough accumulators, few enough registers */
+/* Activation rows per pass over the weights: 256 rows of int8 activations stay in a core's L2 cache for
+ * the pass (long prefill chunks would otherwise stream them from memory for every weight row). */
+#define ROW_CHUNK 256
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -127,25 +130,28 @@ int tm_int8_linear(const float* x, const int8_t* w, const float* w_scales, const
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * num_blocks; i++) quantize_block(x + i * BLOCK, xq + i * BLOCK, xs + i);
 
+        for (int64_t first = 0; first < M; first += ROW_CHUNK) {
+            const int64_t last = first + ROW_CHUNK < M ? first + ROW_CHUNK : M;
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n += 2) {
-            const int64_t num_columns = n + 1 == N ? 1 : 2; /* odd N: the last column alone */
-            const int8_t* w0 = w + n * K;
-            float scale[2], shift[2] = {0.0f, 0.0f};
-            for (int64_t c = 0; c < num_columns; c++) {
-                scale[c] = w_scales[n + c];
-                if (bias != NULL) shift[c] = bias[n + c];
+            for (int64_t n = 0; n < N; n += 2) {
+                const int64_t num_columns = n + 1 == N ? 1 : 2; /* odd N: the last column alone */
+                const int8_t* w0 = w + n * K;
+                float scale[2], shift[2] = {0.0f, 0.0f};
+                for (int64_t c = 0; c < num_columns; c++) {
+                    scale[c] = w_scales[n + c];
+                    if (bias != NULL) shift[c] = bias[n + c];
+                }
+                int64_t m = first;
+                for (; num_columns == 2 && m + ROWS <= last; m += ROWS) {
+                    float out[2][ROWS];
+                    two_columns(&a, w0, w0 + K, m, out);
+                    for (int j = 0; j < ROWS; j++)
+                        for (int c = 0; c < 2; c++) y[(m + j) * N + n + c] = out[c][j] * scale[c] + shift[c];
+                }
+                for (; m < last; m++)
+                    for (int64_t c = 0; c < num_columns; c++)
+                        y[m * N + n + c] = one_column(&a, w0 + c * K, m) * scale[c] + shift[c];
             }
-            int64_t m = 0;
-            for (; num_columns == 2 && m + ROWS <= M; m += ROWS) {
-                float out[2][ROWS];
-                two_columns(&a, w0, w0 + K, m, out);
-                for (int j = 0; j < ROWS; j++)
-                    for (int c = 0; c < 2; c++) y[(m + j) * N + n + c] = out[c][j] * scale[c] + shift[c];
-            }
-            for (; m < M; m++)
-                for (int64_t c = 0; c < num_columns; c++)
-                    y[m * N + n + c] = one_column(&a, w0 + c * K, m) * scale[c] + shift[c];
         }
     }
     free(xq);
