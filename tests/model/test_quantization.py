@@ -148,3 +148,11 @@ def test_smollm2_int8_predicts_the_float_models_tokens() -> None:
     num_positions = len(PROMPTS) * NUM_TOKENS
     assert agreeing >= 0.9 * num_positions
     assert math.exp(int8_nll / num_positions) < 1.05 * math.exp(float_nll / num_positions)
+
+
+def test_int8_off_the_cpu_warns_that_it_is_slower(caplog: pytest.LogCaptureFixture) -> None:
+    with torch.device("meta"):  # any device but the CPU takes the dequantizing path
+        model = torch.nn.Sequential(torch.nn.Linear(32, 8))
+    with caplog.at_level("WARNING", logger=quantization.__name__):
+        quantize(model, "int8")  # type: ignore[arg-type]
+    assert "on meta its layers dequantize their weights for every call" in caplog.text

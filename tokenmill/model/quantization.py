@@ -15,6 +15,7 @@ weights, float activations.
 
 from __future__ import annotations
 
+import logging
 from typing import cast
 
 import torch
@@ -25,6 +26,8 @@ from tokenmill.config import QUANTIZATION_METHODS
 from tokenmill.kernels.cpu import ACTIVATION_BLOCK, int8_library, int8_linear
 from tokenmill.model.layers.linear import LinearBase
 from tokenmill.model.registry import CausalLM
+
+logger = logging.getLogger(__name__)
 
 # Most rows (tokens) per call that take the int8 kernel; more rows dequantize the weight instead.
 MAX_KERNEL_ROWS = 512
@@ -90,6 +93,14 @@ def quantize(model: CausalLM, method: str | None) -> None:
     if method is None:
         return
     if method == "int8":
-        quantize_int8(cast(nn.Module, model))
+        module = cast(nn.Module, model)
+        device = next(module.parameters()).device
+        if device.type != "cpu":
+            logger.warning(
+                "int8 is a CPU speed-up: on %s its layers dequantize their weights for every call, which is "
+                "slower than the unquantized model (leave --quantization unset there)",
+                device.type,
+            )
+        quantize_int8(module)
         return
     raise ValueError(f"unknown quantization {method!r}: choose one of {', '.join(QUANTIZATION_METHODS)}")
