@@ -14,6 +14,7 @@ from tokenmill.attention.reference import (
     reference_gather_kv,
     reference_sequence_attention,
 )
+from tokenmill.kernels import cpu
 
 CASES = {
     "prefill": [(0, 5), (0, 23)],
@@ -51,6 +52,28 @@ def test_sdpa_backend_plans_once_per_step() -> None:
                 batch.query, batch.key, batch.value, batch.kv_cache.clone(), batch.metadata, batch.scale
             )
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(cpu.attention_library() is None, reason="no C attention kernel here")
+@pytest.mark.parametrize("case", ["decode", "prefix_hits_and_decode"])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (6, 2), (4, 1), (2, 2)])
+@pytest.mark.parametrize("strided_query", [False, True])
+def test_c_decode_kernel_matches_the_torch_path(
+    case: str, num_heads: int, num_kv_heads: int, strided_query: bool
+) -> None:
+    """The C kernel reads each sequence's blocks in place; the torch path gathers them and pads."""
+    torch.manual_seed(0)
+    batch = random_paged_batch(CASES[case], num_heads, num_kv_heads, head_dim=16, block_size=8)
+    query = batch.query
+    if strided_query:  # as the model passes it: the query heads of a [q | k] tensor
+        query = torch.cat([query, torch.randn(query.shape[0], num_kv_heads, 16)], dim=1)[:, :num_heads]
+    outputs = [
+        TorchSDPABackend(use_kernel=use_kernel).forward(
+            query, batch.key, batch.value, batch.kv_cache.clone(), batch.metadata, batch.scale
+        )
+        for use_kernel in (True, False)
+    ]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
 
 
 def test_gather_matches_cpu_backend_on_a_permuted_table() -> None:

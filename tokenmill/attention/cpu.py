@@ -1,17 +1,22 @@
-"""Attention over the paged KV cache with PyTorch's scaled_dot_product_attention (CPU; any device works).
+"""Attention over the paged KV cache on CPU (any device works with the torch path).
 
-Decode rows (one query token) are gathered and computed as one padded batch; prefill rows (several query
-tokens, possibly after cached context) one sequence at a time with a causal mask offset by the context.
+Decode rows (one query token) go through our C kernel (kernels/paged_attention.c), which reads each
+sequence's blocks in place, where it runs (float32 on x86 with AVX2); otherwise they are gathered and
+computed as one padded SDPA batch (the kernel: 11% faster end to end at 16 sequences of 120-250 tokens,
+24% at 64, int8 SmolLM2; benchmarks/RESULTS.md). Prefill rows (several query tokens, possibly after cached
+context) run one sequence at a time through SDPA with a causal mask offset by the context.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.kernels.cpu import attention_library, paged_decode_attention
 
 
 def write_kv_cache(
@@ -45,6 +50,8 @@ class _DecodePlan:
     flat_table: torch.Tensor  # [len(rows) * num_blocks] their block tables, cut to the longest
     max_len: int
     mask: torch.Tensor  # [len(rows), 1, 1, max_len] True where a key position exists
+    tables: torch.Tensor  # [len(rows), max_blocks] their block tables, for the C kernel
+    lengths: torch.Tensor  # [len(rows)] their lengths after this step
 
     @classmethod
     def build(cls, metadata: AttentionMetadata, block_size: int, device: torch.device) -> _DecodePlan:
@@ -55,15 +62,16 @@ class _DecodePlan:
         max_len = max((metadata.context_lens[i] + 1 for i in rows), default=0)
         num_blocks = (max_len + block_size - 1) // block_size
         flat_table = metadata.block_tables[rows, :num_blocks].flatten()
-        lengths = metadata.seq_lens[rows]
+        tables, lengths = metadata.block_tables[rows], metadata.seq_lens[rows]
         mask = torch.arange(max_len, device=device)[None, :] < lengths[:, None]
-        return cls(metadata, rows, token_index, flat_table, max_len, mask[:, None, None, :])
+        return cls(metadata, rows, token_index, flat_table, max_len, mask[:, None, None, :], tables, lengths)
 
 
 class TorchSDPABackend:
     supports_cuda_graphs = False  # reads per-sequence lengths from the host lists
 
-    def __init__(self) -> None:
+    def __init__(self, use_kernel: bool = True) -> None:
+        self.use_kernel = use_kernel  # False: always the torch path (tests compare the two)
         self._plan: _DecodePlan | None = None
 
     def _decode_plan(self, metadata: AttentionMetadata, block_size: int, device: torch.device) -> _DecodePlan:
@@ -129,6 +137,10 @@ class TorchSDPABackend:
     def _decode(
         self, query: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan, scale: float
     ) -> torch.Tensor:  # [len(plan.rows), num_heads, head_dim]
+        q = query if plan.token_index is None else query[plan.token_index]
+        library = self._kernel(q, kv_cache)
+        if library is not None:  # reads the blocks in place: no gather, no padding (kernels/)
+            return paged_decode_attention(library, q, kv_cache, plan.tables, plan.lengths, scale)
         batch, (num_heads, head_dim), num_kv_heads = len(plan.rows), query.shape[1:], kv_cache.shape[3]
         # index_select over whole blocks is several times faster than advanced indexing here.
         k, v = (
@@ -139,7 +151,20 @@ class TorchSDPABackend:
             for i in (0, 1)
         )  # [batch, kv_heads, max_len, head_dim]
         # Grouped queries: the heads sharing a KV head become query rows, so K/V are never repeated.
-        q = query if plan.token_index is None else query[plan.token_index]
         q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=scale)
         return out.reshape(batch, num_heads, head_dim)
+
+    def _kernel(self, query: torch.Tensor, kv_cache: torch.Tensor) -> ctypes.CDLL | None:
+        """The C decode kernel where it applies: float32 on the CPU, head_dim a multiple of 8, heads
+        contiguous."""
+        head_dim = query.shape[2]
+        applies = (
+            self.use_kernel
+            and query.device.type == "cpu"
+            and query.dtype == kv_cache.dtype == torch.float32
+            and head_dim % 8 == 0
+            and query.stride(2) == 1
+            and query.stride(1) == head_dim
+        )
+        return attention_library() if applies else None
