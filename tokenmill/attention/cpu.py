@@ -61,8 +61,8 @@ class _DecodePlan:
         token_index = None if everything else torch.tensor(token_idx, device=device)
         max_len = max((metadata.context_lens[i] + 1 for i in rows), default=0)
         num_blocks = (max_len + block_size - 1) // block_size
-        flat_table = metadata.block_tables[rows, :num_blocks].flatten()
         tables, lengths = metadata.block_tables[rows], metadata.seq_lens[rows]
+        flat_table = tables[:, :num_blocks].flatten()
         mask = torch.arange(max_len, device=device)[None, :] < lengths[:, None]
         return cls(metadata, rows, token_index, flat_table, max_len, mask[:, None, None, :], tables, lengths)
 

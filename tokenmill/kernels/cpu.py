@@ -3,8 +3,9 @@
 The sources are compiled on first use with the system C compiler (`$CC`, else cc, gcc or clang) into
 `$TOKENMILL_CACHE_DIR/kernels` (default `~/.cache/tokenmill/kernels`), one file per source, flags and
 compiler, so later starts load it at once; a plain C file compiles in under a second or two. Where a kernel
-cannot be used (not x86-64 with AVX2 and FMA, no compiler, `TOKENMILL_CPU_KERNELS=0`), `int8_library()`
-returns None, the reason is logged once, and callers take their torch path instead.
+cannot be used (not x86-64 with AVX2 and FMA, no compiler, `TOKENMILL_CPU_KERNELS=0`), its loader
+(`int8_library()`, `attention_library()`) returns None, the reason is logged once, and callers take
+their torch path instead.
 """
 
 from __future__ import annotations
