@@ -21,6 +21,8 @@ CASES = {
     "decode": [(0, 1), (16, 1), (40, 1)],
     "prefix_hits_and_decode": [(30, 1), (16, 9), (0, 7), (5, 12)],
 }
+# Enough decode rows for the C kernel to give each sequence one task (fewer split by KV head).
+MANY_DECODES = [(length, 1) for length in (0, 3, 7, 8, 15, 16, 31, 40, 47, 64)]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -55,25 +57,29 @@ def test_sdpa_backend_plans_once_per_step() -> None:
 
 
 @pytest.mark.skipif(cpu.attention_library() is None, reason="no C attention kernel here")
-@pytest.mark.parametrize("case", ["decode", "prefix_hits_and_decode"])
+@pytest.mark.parametrize("case", ["decode", "prefix_hits_and_decode", "many_decodes"])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (6, 2), (4, 1), (2, 2)])
-@pytest.mark.parametrize("strided_query", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("head_dim", [16, 72])  # 72: the weighted sum's 64-feature chunk and a rest
 def test_c_decode_kernel_matches_the_torch_path(
-    case: str, num_heads: int, num_kv_heads: int, strided_query: bool
+    case: str, num_heads: int, num_kv_heads: int, strided: bool, head_dim: int
 ) -> None:
-    """The C kernel reads each sequence's blocks in place; the torch path gathers them and pads."""
+    """The C kernel reads each sequence's blocks in place (and, in a decode-only step, writes the new keys
+    and values itself); the torch path writes with index_copy_, gathers the blocks and pads."""
     torch.manual_seed(0)
-    batch = random_paged_batch(CASES[case], num_heads, num_kv_heads, head_dim=16, block_size=8)
-    query = batch.query
-    if strided_query:  # as the model passes it: the query heads of a [q | k] tensor
-        query = torch.cat([query, torch.randn(query.shape[0], num_kv_heads, 16)], dim=1)[:, :num_heads]
+    lengths = MANY_DECODES if case == "many_decodes" else CASES[case]
+    batch = random_paged_batch(lengths, num_heads, num_kv_heads, head_dim=head_dim, block_size=8)
+    query, key, value = batch.query, batch.key, batch.value
+    if strided:  # as the model passes them: views into one [q | k | v] row per token
+        qkv = torch.cat([query, key, value], dim=1)
+        query, key, value = qkv[:, :num_heads], qkv[:, num_heads:-num_kv_heads], qkv[:, -num_kv_heads:]
+    caches = [batch.kv_cache.clone() for _ in range(2)]
     outputs = [
-        TorchSDPABackend(use_kernel=use_kernel).forward(
-            query, batch.key, batch.value, batch.kv_cache.clone(), batch.metadata, batch.scale
-        )
-        for use_kernel in (True, False)
+        TorchSDPABackend(use_kernel=use_kernel).forward(query, key, value, cache, batch.metadata, batch.scale)
+        for use_kernel, cache in zip((True, False), caches, strict=True)
     ]
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(caches[0], caches[1])
 
 
 def test_gather_matches_cpu_backend_on_a_permuted_table() -> None:

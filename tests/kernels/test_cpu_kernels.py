@@ -119,3 +119,18 @@ def test_a_missing_compiler_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatc
         pytest.skip("the CPU check comes first on this machine")
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert cpu.unavailable_reason() == "no C compiler found: install gcc (or set CC)"
+
+
+@requires_kernel
+def test_a_changed_header_rebuilds_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library's cache key covers the headers beside its source (simd.h), not only the source."""
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path / "cache"))
+    sources = tmp_path / "src"
+    sources.mkdir()
+    for name in ("int8_linear.c", "simd.h"):
+        (sources / name).write_text((cpu.SOURCE_DIR / name).read_text())
+    compiler = cpu.find_compiler()
+    assert compiler is not None
+    first = cpu.build(sources / "int8_linear.c", compiler)
+    (sources / "simd.h").write_text((sources / "simd.h").read_text() + "\n/* changed */\n")
+    assert cpu.build(sources / "int8_linear.c", compiler) != first

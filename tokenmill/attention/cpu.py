@@ -2,9 +2,10 @@
 
 Decode rows (one query token) go through our C kernel (kernels/paged_attention.c), which reads each
 sequence's blocks in place, where it runs (float32 on x86 with AVX2); otherwise they are gathered and
-computed as one padded SDPA batch (the kernel: 11% faster end to end at 16 sequences of 120-250 tokens,
-24% at 64, int8 SmolLM2; benchmarks/RESULTS.md). Prefill rows (several query tokens, possibly after cached
-context) run one sequence at a time through SDPA with a causal mask offset by the context.
+computed as one padded SDPA batch (benchmarks/RESULTS.md has the kernel's end-to-end gains). In a
+decode-only step the kernel also writes the step's keys and values, one call per layer. Prefill rows
+(several query tokens, possibly after cached context) run one sequence at a time through SDPA with a
+causal mask offset by the context.
 """
 
 from __future__ import annotations
@@ -16,15 +17,34 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.kernels import cpu as kernels
 from tokenmill.kernels.cpu import attention_library, paged_decode_attention
 
 
 def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
+    library = _kv_write_kernel(key, value, kv_cache, slots)
+    if library is not None:  # one call instead of two index_copy_ (a third of a decode layer's attention)
+        kernels.write_kv_cache(library, key, value, kv_cache, slots)
+        return
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value)
+
+
+def _kv_write_kernel(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
+) -> ctypes.CDLL | None:
+    applies = (
+        key.device.type == "cpu"
+        and key.dtype == value.dtype == kv_cache.dtype == torch.float32
+        and kernels.heads_contiguous(key)
+        and kernels.heads_contiguous(value)
+        and slots.dtype == torch.int64
+        and slots.is_contiguous()
+    )
+    return attention_library() if applies else None
 
 
 def gather_kv(
@@ -89,9 +109,16 @@ class TorchSDPABackend:
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         plan = self._decode_plan(metadata, kv_cache.shape[2], query.device)
         if plan.rows and plan.token_index is None:  # a decode-only step
+            library = self._kernel(query, kv_cache)
+            if library is not None and _kv_write_kernel(key, value, kv_cache, metadata.slot_mapping):
+                new_kv = (key, value, metadata.slot_mapping)  # written by the kernel as it attends
+                return paged_decode_attention(
+                    library, query, kv_cache, plan.tables, plan.lengths, scale, new_kv
+                )
+        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        if plan.rows and plan.token_index is None:
             return self._decode(query, kv_cache, plan, scale)
         output = torch.empty_like(query)
         if plan.rows:
@@ -164,7 +191,6 @@ class TorchSDPABackend:
             and query.device.type == "cpu"
             and query.dtype == kv_cache.dtype == torch.float32
             and head_dim % 8 == 0
-            and query.stride(2) == 1
-            and query.stride(1) == head_dim
+            and kernels.heads_contiguous(query)
         )
         return attention_library() if applies else None

@@ -4,8 +4,8 @@ The sources are compiled on first use with the system C compiler (`$CC`, else cc
 `$TOKENMILL_CACHE_DIR/kernels` (default `~/.cache/tokenmill/kernels`), one file per source, flags and
 compiler, so later starts load it at once; a plain C file compiles in under a second or two. Where a kernel
 cannot be used (not x86-64 with AVX2 and FMA, no compiler, `TOKENMILL_CPU_KERNELS=0`), its loader
-(`int8_library()`, `attention_library()`) returns None, the reason is logged once, and callers take
-their torch path instead.
+(`int8_library()`, `attention_library()`, `layer_ops_library()`) returns None, the reason is logged
+once, and callers take their torch path instead.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch  # loaded first: the kernel links the libgomp torch has already loaded, so they share threads
 
@@ -28,8 +29,11 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent
 INT8_SOURCE = SOURCE_DIR / "int8_linear.c"
 ATTENTION_SOURCE = SOURCE_DIR / "paged_attention.c"
+LAYER_OPS_SOURCE = SOURCE_DIR / "layer_ops.c"
 ACTIVATION_BLOCK = 32  # input features per activation scale; the kernel needs K to be a multiple of it
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# No contraction of a product and a sum into one FMA unless the source asks for it: a kernel that matches a
+# torch expression bit for bit (layer_ops.c's rotary) must round each operation as torch does.
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 DISABLE_ENV = "TOKENMILL_CPU_KERNELS"
 
@@ -69,10 +73,12 @@ def find_compiler() -> str | None:
 
 
 def build(source: Path, compiler: str) -> Path:
-    """Compiles `source` into the cache (once per source, flags and compiler) and returns the library.
+    """Compiles `source` into the cache (once per source, headers beside it, flags and compiler) and returns
+    the library.
     The library is written under a temporary name and renamed, so a crash never leaves half a file."""
     flags = " ".join((compiler, *CFLAGS, *LIBS))
-    key = hashlib.sha256(source.read_bytes() + flags.encode()).hexdigest()[:16]
+    headers = b"".join(path.read_bytes() for path in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + flags.encode()).hexdigest()[:16]
     library = cache_dir() / f"{source.stem}-{key}.so"
     if library.exists():
         return library
@@ -87,9 +93,12 @@ def build(source: Path, compiler: str) -> Path:
     return library
 
 
-def load(source: Path, function: str, argtypes: list[type]) -> ctypes.CDLL | None:
-    """`source` built and loaded with `function`'s signature set, or None where it cannot run (the reason
-    is logged, with what the callers do instead)."""
+Signature = tuple[list[Any], Any]  # a C function's argument types and result type (ctypes types)
+
+
+def load(source: Path, functions: dict[str, Signature]) -> ctypes.CDLL | None:
+    """`source` built and loaded with its `functions`' signatures set, or None where it cannot run (the
+    reason is logged, with what the callers do instead)."""
     reason = unavailable_reason()
     if reason is None:
         try:
@@ -99,9 +108,9 @@ def load(source: Path, function: str, argtypes: list[type]) -> ctypes.CDLL | Non
     if reason is not None:
         logger.warning("CPU kernel %s unavailable (%s); using the torch path instead", source.stem, reason)
         return None
-    entry = getattr(library, function)
-    entry.argtypes = argtypes
-    entry.restype = ctypes.c_int
+    for name, (argtypes, restype) in functions.items():
+        entry = getattr(library, name)
+        entry.argtypes, entry.restype = argtypes, restype
     return library
 
 
@@ -111,14 +120,37 @@ _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
 @functools.cache
 def int8_library() -> ctypes.CDLL | None:
     """The int8 linear kernel (int8_linear.c), or None where it cannot run (the reason is logged once)."""
-    return load(INT8_SOURCE, "tm_int8_linear", [*[_POINTER] * 5, _SIZE, _SIZE, _SIZE])
+    return load(INT8_SOURCE, {"tm_int8_linear": ([*[_POINTER] * 5, _SIZE, _SIZE, _SIZE], ctypes.c_int)})
 
 
 @functools.cache
 def attention_library() -> ctypes.CDLL | None:
-    """The paged decode-attention kernel (paged_attention.c), or None where it cannot run."""
+    """The paged decode-attention kernel and the KV cache write (paged_attention.c), or None where they
+    cannot run."""
     signature = [_POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER]
-    return load(ATTENTION_SOURCE, "tm_paged_decode_attention", [*signature, *[_SIZE] * 5, ctypes.c_float])
+    signature += [*[_SIZE] * 5, ctypes.c_float, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER]
+    write_signature = [_POINTER, _SIZE, _POINTER, _SIZE, *[_POINTER] * 3, _SIZE, _SIZE]
+    return load(
+        ATTENTION_SOURCE,
+        {
+            "tm_paged_decode_attention": (signature, ctypes.c_int),
+            "tm_write_kv_cache": (write_signature, None),
+        },
+    )
+
+
+@functools.cache
+def layer_ops_library() -> ctypes.CDLL | None:
+    """Residual add + RMSNorm, rotary embedding and SiLU-and-multiply (layer_ops.c), or None where they
+    cannot run."""
+    return load(
+        LAYER_OPS_SOURCE,
+        {
+            "tm_rms_norm": ([*[_POINTER] * 5, _SIZE, _SIZE, ctypes.c_float], None),
+            "tm_rotary": ([_POINTER, _SIZE, *[_POINTER] * 3, *[_SIZE] * 3], None),
+            "tm_silu_and_mul": ([_POINTER, _POINTER, _SIZE, _SIZE], None),
+        },
+    )
 
 
 def int8_linear(
@@ -148,6 +180,41 @@ def int8_linear(
     return out
 
 
+def heads_contiguous(x: torch.Tensor) -> bool:
+    """Whether `x` [N, heads, head_dim] has each row's heads back to back (rows may be strided)."""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def cache_halves(kv_cache: torch.Tensor) -> tuple[int, int]:
+    """Addresses of the keys and the values of `kv_cache` [2, ...] (no views made: this runs per layer)."""
+    base = kv_cache.data_ptr()
+    return base, base + kv_cache.stride(0) * kv_cache.element_size()
+
+
+def write_kv_cache(
+    library: ctypes.CDLL, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """`key` and `value` [N, KV, D] float32 (heads contiguous) into `kv_cache` [2, num_blocks, block_size,
+    KV, D] at `slots` [N] int64 (contiguous)."""
+    assert heads_contiguous(key) and heads_contiguous(value) and slots.is_contiguous()
+    keys, values = cache_halves(kv_cache)
+    num_tokens, row = key.shape[0], key.shape[1] * key.shape[2]
+    library.tm_write_kv_cache(
+        key.data_ptr(),
+        key.stride(0),
+        value.data_ptr(),
+        value.stride(0),
+        keys,
+        values,
+        slots.data_ptr(),
+        num_tokens,
+        row,
+    )
+
+
+NewKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a step's keys, values and their slots
+
+
 def paged_decode_attention(
     library: ctypes.CDLL,
     query: torch.Tensor,
@@ -155,19 +222,21 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    new_kv: NewKV | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (`query` [B, H, D] float32; its rows may be strided, its heads must be
     contiguous) over the paged `kv_cache` [2, num_blocks, block_size, KV, D] float32, with `block_tables`
-    [B, max_blocks] and `seq_lens` [B] int64 (contiguous): [B, H, D] float32."""
+    [B, max_blocks] and `seq_lens` [B] int64 (contiguous): [B, H, D] float32. With `new_kv` (key and value
+    [B, KV, D] laid out like `query`, slots [B] int64), the step's keys and values are written first."""
     batch, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    assert query.stride(2) == 1 and query.stride(1) == head_dim and head_dim % 8 == 0
+    assert heads_contiguous(query) and head_dim % 8 == 0
     out = torch.empty(batch, num_heads, head_dim, dtype=torch.float32)
+    key, value, slots = new_kv if new_kv is not None else (None, None, None)
     status = library.tm_paged_decode_attention(
         query.data_ptr(),
         query.stride(0),
-        kv_cache[0].data_ptr(),
-        kv_cache[1].data_ptr(),
+        *cache_halves(kv_cache),
         block_tables.data_ptr(),
         block_tables.stride(0),
         seq_lens.data_ptr(),
@@ -178,7 +247,61 @@ def paged_decode_attention(
         head_dim,
         block_size,
         scale,
+        None if key is None else key.data_ptr(),
+        0 if key is None else key.stride(0),
+        None if value is None else value.data_ptr(),
+        0 if value is None else value.stride(0),
+        None if slots is None else slots.data_ptr(),
     )
     if status != 0:
         raise MemoryError("paged attention kernel could not allocate its scores")
+    return out
+
+
+def rms_norm(
+    library: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm of `x` [..., D] float32 (of `x + residual` when a residual is given, which is returned too);
+    D a multiple of 8."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    summed = None if residual is None else torch.empty_like(x)
+    library.tm_rms_norm(
+        x.data_ptr(),
+        None if residual is None else residual.contiguous().data_ptr(),
+        None if summed is None else summed.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        x.numel() // x.shape[-1],
+        x.shape[-1],
+        eps,
+    )
+    return out, summed
+
+
+def rotary(library: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x` [M, H, D] float32 (rows may be strided, heads contiguous) rotated by `cos` and `sin` [M, 1, D]
+    (contiguous): a new [M, H, D] tensor, bit for bit `x * cos + rotate_half(x) * sin`."""
+    num_rows, num_heads, head_dim = x.shape
+    assert x.stride(2) == 1 and x.stride(1) == head_dim and cos.is_contiguous() and sin.is_contiguous()
+    out = torch.empty(num_rows, num_heads, head_dim, dtype=torch.float32)
+    library.tm_rotary(
+        x.data_ptr(),
+        x.stride(0),
+        out.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        num_rows,
+        num_heads,
+        head_dim,
+    )
+    return out
+
+
+def silu_and_mul(library: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for `x` [M, 2D] float32 laid out [gate | up]: [M, D]."""
+    x = x.contiguous()
+    num_rows, width = x.numel() // x.shape[-1], x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], width, dtype=torch.float32)
+    library.tm_silu_and_mul(x.data_ptr(), out.data_ptr(), num_rows, width)
     return out

@@ -9,29 +9,16 @@
  * Built on first use by tokenmill/kernels/cpu.py with the system C compiler and loaded with ctypes. It
  * links the libgomp that torch has already loaded, so its threads are torch's OpenMP threads.
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "simd.h"
 
 #define BLOCK 32
 #define ROWS 4 /* activation rows per weight load: enough accumulators, few enough registers */
 /* Activation rows per pass over the weights: 256 rows of int8 activations stay in a core's L2 cache for
  * the pass (long prefill chunks would otherwise stream them from memory for every weight row). */
 #define ROW_CHUNK 256
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float hmax(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
 
 /* One block of 32 floats -> 32 int8 (round to nearest even) and its scale max|x| / 127. */
 static void quantize_block(const float* x, int8_t* q, float* scale) {

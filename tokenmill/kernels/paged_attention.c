@@ -1,77 +1,144 @@
 /* Decode attention over the paged float32 KV cache, for x86-64 CPUs with AVX2 and FMA.
  *
  * One query token per sequence attends to its cached keys and values where they lie in the cache's
- * blocks: nothing is gathered or padded, and each key and value row is read once for all the query
- * heads (grouped-query attention: a KV head serves its group of query heads). A batch of decode rows is
- * memory-bound on reading the cache, which this kernel does once and nothing more. Scores are kept per
- * sequence and head (two passes: scores and softmax, then the weighted sum of values).
+ * blocks: nothing is gathered or padded. A task is one sequence and one KV head with its group of query
+ * heads (grouped-query attention), so each cached key and value is read once, and a lone sequence still
+ * spreads over the threads. A cached token's KV heads are contiguous, so tasks of different heads read
+ * different cache lines. Per task: scores for the group's heads, softmax (vectorised exp), then the
+ * weighted sum of values, kept in registers per 64 features.
  *
  * Cache layout: [num_blocks, block_size, num_kv_heads, head_dim] for keys and the same for values;
  * head_dim must be a multiple of 8. Built and loaded like int8_linear.c (tokenmill/kernels/cpu.py).
  */
-#include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "simd.h"
+
+#define CHUNK 8 /* vectors of 8 features per pass of the weighted sum: 64 features in registers */
 
 static inline float dot(const float* a, const float* b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    return hsum(acc);
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), odd);
+    }
+    if (i < n) even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
+    return hsum(_mm256_add_ps(even, odd));
+}
+
+/* Scores [len_padded] -> probabilities in place; entries from len on are -inf and come out 0. */
+static void softmax(float* s, int64_t len_padded) {
+    __m256 max = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < len_padded; t += 8) max = _mm256_max_ps(max, _mm256_loadu_ps(s + t));
+    const __m256 shift = _mm256_set1_ps(hmax(max));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len_padded; t += 8) {
+        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), shift));
+        _mm256_storeu_ps(s + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
+    for (int64_t t = 0; t < len_padded; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), inv));
+}
+
+typedef struct {
+    const float *k_cache, *v_cache;
+    const int64_t* table; /* the sequence's blocks */
+    int64_t len, block_size, row;  /* row: floats per cached token (all KV heads) */
+} Sequence;
+
+/* Cached rows are scattered over blocks, so the hardware prefetcher loses the stream at each block's end:
+ * rows are requested PREFETCH tokens ahead. */
+#define PREFETCH 8
+
+static inline void prefetch_row(const float* row, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) _mm_prefetch((const char*)(row + i), _MM_HINT_T0);
+}
+
+static inline int64_t slot_offset(const Sequence* seq, int64_t t) {
+    return (seq->table[t / seq->block_size] * seq->block_size + t % seq->block_size) * seq->row;
+}
+
+/* out[0 .. D) = sum_t p[t] * value_t for one query head; `head` is the KV head's offset in a cached row. */
+static void weighted_values(const Sequence* seq, int64_t head, const float* p, float* out, int64_t D) {
+    for (int64_t d0 = 0; d0 < D; d0 += CHUNK * 8) {
+        const int64_t vectors = (D - d0) / 8 < CHUNK ? (D - d0) / 8 : CHUNK;
+        __m256 acc[CHUNK];
+        for (int i = 0; i < CHUNK; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < seq->len; t++) {
+            if (t + PREFETCH < seq->len) prefetch_row(seq->v_cache + slot_offset(seq, t + PREFETCH) + head + d0, vectors * 8);
+            const float* value = seq->v_cache + slot_offset(seq, t) + head + d0;
+            const __m256 weight = _mm256_set1_ps(p[t]);
+            if (vectors == CHUNK) {
+                for (int i = 0; i < CHUNK; i++) acc[i] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * i), acc[i]);
+            } else {
+                for (int64_t i = 0; i < vectors; i++) acc[i] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * i), acc[i]);
+            }
+        }
+        for (int64_t i = 0; i < vectors; i++) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
+    }
 }
 
 /* q [B, H, D] with row stride q_stride (floats between sequences; heads are D apart), out [B, H, D]
- * contiguous, block_tables [B, table_stride] int64, seq_lens [B] int64. One task per sequence: it reads
- * each cached row (all KV heads, contiguous) once, so no cache line is fetched twice. Returns 0, or -1 if
- * the scratch memory could not be allocated. */
-int tm_paged_decode_attention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+ * contiguous, block_tables [B, table_stride] int64, seq_lens [B] int64 (counting this step's token). When
+ * key is not NULL, each sequence's new key and value (key, value [B, KV, D] with row strides key_stride and
+ * value_stride, heads contiguous) are first written to its slot (slots [B] int64), by the task that reads
+ * them. Returns 0, or -1 if the scratch memory could not be allocated. */
+int tm_paged_decode_attention(const float* q, int64_t q_stride, float* k_cache, float* v_cache,
                               const int64_t* block_tables, int64_t table_stride, const int64_t* seq_lens,
                               float* out, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t block_size,
-                              float scale) {
-    const int64_t group = H / KV, row = KV * D; /* floats per cached token */
+                              float scale, const float* key, int64_t key_stride, const float* value,
+                              int64_t value_stride, const int64_t* slots) {
+    const int64_t group = H / KV;
+    /* Enough sequences to share among the threads: one task each, reading every cached row whole. Fewer:
+     * one task per sequence and KV head, so the threads share a sequence's heads. */
+    const int64_t heads_per_task = B >= 2 * omp_get_max_threads() ? KV : 1, tasks_per_seq = KV / heads_per_task;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t len = seq_lens[b];
-        const int64_t* table = block_tables + b * table_stride;
-        const float* queries = q + b * q_stride;
-        float* scores = malloc((size_t)(H * len) * sizeof(float)); /* [H, len] */
+    for (int64_t task = 0; task < B * tasks_per_seq; task++) {
+        const int64_t b = task / tasks_per_seq, first_head = task % tasks_per_seq * heads_per_task;
+        const Sequence seq = {k_cache, v_cache, block_tables + b * table_stride, seq_lens[b], block_size, KV * D};
+        const int64_t len_padded = (seq.len + 7) / 8 * 8, rows = heads_per_task * group;
+        if (key != NULL) {
+            const int64_t offset = slots[b] * KV * D + first_head * D;
+            for (int64_t i = 0; i < heads_per_task * D; i++) {
+                k_cache[offset + i] = key[b * key_stride + first_head * D + i];
+                v_cache[offset + i] = value[b * value_stride + first_head * D + i];
+            }
+        }
+        float* scores = malloc((size_t)(rows * len_padded + 1) * sizeof(float)); /* [rows, len_padded] */
         if (scores == NULL) {
             failed = 1;
             continue;
         }
-        for (int64_t t = 0; t < len; t++) {
-            const float* keys = k_cache + (table[t / block_size] * block_size + t % block_size) * row;
-            for (int64_t h = 0; h < H; h++) scores[h * len + t] = dot(queries + h * D, keys + (h / group) * D, D);
+        const float* queries = q + b * q_stride + first_head * group * D;
+        for (int64_t t = 0; t < seq.len; t++) {
+            if (t + PREFETCH < seq.len) prefetch_row(k_cache + slot_offset(&seq, t + PREFETCH) + first_head * D, rows / group * D);
+            const float* keys = k_cache + slot_offset(&seq, t) + first_head * D;
+            for (int64_t r = 0; r < rows; r++) scores[r * len_padded + t] = dot(queries + r * D, keys + r / group * D, D) * scale;
         }
-        for (int64_t h = 0; h < H; h++) {
-            float* s = scores + h * len;
-            float max = -INFINITY, sum = 0.0f;
-            for (int64_t t = 0; t < len; t++) max = s[t] > max ? s[t] : max;
-            for (int64_t t = 0; t < len; t++) sum += (s[t] = expf((s[t] - max) * scale));
-            const float inv = 1.0f / sum;
-            for (int64_t t = 0; t < len; t++) s[t] *= inv;
-        }
-        float* heads_out = out + b * H * D;
-        for (int64_t i = 0; i < H * D; i++) heads_out[i] = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            const float* values = v_cache + (table[t / block_size] * block_size + t % block_size) * row;
-            for (int64_t h = 0; h < H; h++) {
-                const __m256 p = _mm256_set1_ps(scores[h * len + t]);
-                const float* value = values + (h / group) * D;
-                float* o = heads_out + h * D;
-                for (int64_t i = 0; i < D; i += 8)
-                    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + i), _mm256_loadu_ps(o + i)));
-            }
+        float* heads_out = out + (b * H + first_head * group) * D;
+        for (int64_t r = 0; r < rows; r++) {
+            float* p = scores + r * len_padded;
+            for (int64_t t = seq.len; t < len_padded; t++) p[t] = -INFINITY;
+            softmax(p, len_padded);
+            weighted_values(&seq, (first_head + r / group) * D, p, heads_out + r * D, D);
         }
         free(scores);
     }
     return failed ? -1 : 0;
+}
+
+/* The step's new keys and values into their slots: key [N, KV, D] with rows key_stride floats apart (heads
+ * contiguous), value likewise, slots [N] int64 indexing [num_blocks * block_size] cached rows of KV * D. */
+void tm_write_kv_cache(const float* key, int64_t key_stride, const float* value, int64_t value_stride,
+                       float* k_cache, float* v_cache, const int64_t* slots, int64_t N, int64_t row) {
+    for (int64_t n = 0; n < N; n++) {
+        float *k = k_cache + slots[n] * row, *v = v_cache + slots[n] * row;
+        for (int64_t i = 0; i < row; i++) k[i] = key[n * key_stride + i], v[i] = value[n * value_stride + i];
+    }
 }

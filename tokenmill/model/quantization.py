@@ -24,6 +24,8 @@ from torch import nn
 
 from tokenmill.config import QUANTIZATION_METHODS
 from tokenmill.kernels.cpu import ACTIVATION_BLOCK, int8_library, int8_linear
+from tokenmill.model.layers.activation import SiluAndMul
+from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.linear import LinearBase
 from tokenmill.model.registry import CausalLM
 
@@ -61,6 +63,9 @@ class Int8Linear(nn.Module):
         if library is None or num_rows > MAX_KERNEL_ROWS:
             weight = self.weight.to(x.dtype).mul_(self.scales[:, None].to(x.dtype))
             return F.linear(x, weight, self.bias)
+        float_bias = self.bias is None or self.bias.dtype == torch.float32
+        if x.dim() == 2 and x.dtype == torch.float32 and float_bias:  # the model's calls: nothing to convert
+            return int8_linear(library, x, self.weight, self.scales, self.bias)
         bias = None if self.bias is None else self.bias.float()
         rows = x.reshape(num_rows, self.input_size).float()
         out = int8_linear(library, rows, self.weight, self.scales, bias)
@@ -73,7 +78,7 @@ class Int8Linear(nn.Module):
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replaces (in place) every `LinearBase` of `model` whose input size is a multiple of 32, and its
-    `lm_head`, by an `Int8Linear`."""
+    `lm_head`, by an `Int8Linear`; its RMSNorm and SiluAndMul layers take their C kernels on CPU."""
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -85,6 +90,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name)
         bias = getattr(module, "bias", None)
         setattr(parent, child, Int8Linear(module.weight, bias))
+    for module in model.modules():  # the model is approximate now: the fused C norm and activation too
+        if isinstance(module, RMSNorm | SiluAndMul):
+            module.use_cpu_kernel = True
     return model
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
 import torch
 from torch import nn
+
+from tokenmill.kernels.cpu import layer_ops_library, rotary
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -54,7 +57,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
     # x: [num_tokens, num_heads, head_dim]; queries and keys may go through together.
     cos, sin = rope
+    library = _rotary_kernel(x, cos, sin)
+    if library is not None:  # one call instead of six ops, rounded the same (kernels/layer_ops.c)
+        return rotary(library, x, cos, sin)
     return x * cos + rotate_half(x) * sin
+
+
+def _rotary_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> ctypes.CDLL | None:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+        return None
+    tables_fit = cos.shape[0] == x.shape[0] and cos.is_contiguous() and sin.is_contiguous()
+    return layer_ops_library() if tables_fit else None
 
 
 class RotaryEmbedding(nn.Module):
