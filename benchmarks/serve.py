@@ -69,6 +69,7 @@ class LevelResult:
     output_tok_s: float
     ttft_ms: dict[str, float] = field(default_factory=dict)
     tpot_ms: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # distinct messages of the failed requests
 
 
 def make_prompts(num: int, words: int, seed: int) -> list[str]:
@@ -146,6 +147,7 @@ async def run_level(
         output_tok_s=output_tokens / seconds if seconds else 0.0,
         ttft_ms=percentiles([r.ttft for r in done]),
         tpot_ms=percentiles([t for r in done if (t := r.tpot) is not None]),
+        errors=sorted({r.error for r in results if not r.ok and r.error}),
     )
 
 
@@ -160,6 +162,9 @@ def print_table(results: list[LevelResult]) -> None:
             f"{r.ttft_ms.get('p50', 0):>9.1f} {r.ttft_ms.get('p99', 0):>9.1f} "
             f"{r.tpot_ms.get('p50', 0):>9.1f} {r.tpot_ms.get('p99', 0):>9.1f}"
         )
+    for r in results:
+        for error in r.errors:
+            print(f"concurrency {r.concurrency}: a request failed: {error}", file=sys.stderr)
 
 
 class PeakMemory:

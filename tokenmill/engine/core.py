@@ -17,6 +17,7 @@ from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
 from tokenmill.metrics.stats import SchedulerStats
+from tokenmill.model.fused_decode import attach_fused_decode
 from tokenmill.model.quantization import quantize
 from tokenmill.worker.memory import GiB, kv_cache_budget
 from tokenmill.worker.model_runner import ModelRunner
@@ -58,6 +59,8 @@ class EngineCore:
         else:
             self.runner.load_weights(iter_weights(self.source, self.dtype))
         quantize(self.runner.model, config.model.quantization)
+        if config.model.quantization == "int8":
+            attach_fused_decode(self.runner.model)  # decode-only steps: one C call per layer on CPU
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)

@@ -4,8 +4,8 @@ The sources are compiled on first use with the system C compiler (`$CC`, else cc
 `$TOKENMILL_CACHE_DIR/kernels` (default `~/.cache/tokenmill/kernels`), one file per source, flags and
 compiler, so later starts load it at once; a plain C file compiles in under a second or two. Where a kernel
 cannot be used (not x86-64 with AVX2 and FMA, no compiler, `TOKENMILL_CPU_KERNELS=0`), its loader
-(`int8_library()`, `attention_library()`, `layer_ops_library()`) returns None, the reason is logged
-once, and callers take their torch path instead.
+(`int8_library()`, `attention_library()`, `layer_ops_library()`, `decode_layer_library()`) returns None,
+the reason is logged once, and callers take their torch path instead.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ SOURCE_DIR = Path(__file__).parent
 INT8_SOURCE = SOURCE_DIR / "int8_linear.c"
 ATTENTION_SOURCE = SOURCE_DIR / "paged_attention.c"
 LAYER_OPS_SOURCE = SOURCE_DIR / "layer_ops.c"
+DECODE_LAYER_SOURCE = SOURCE_DIR / "decode_layer.c"
 ACTIVATION_BLOCK = 32  # input features per activation scale; the kernel needs K to be a multiple of it
 # No contraction of a product and a sum into one FMA unless the source asks for it: a kernel that matches a
 # torch expression bit for bit (layer_ops.c's rotary) must round each operation as torch does.
@@ -73,12 +74,16 @@ def find_compiler() -> str | None:
 
 
 def build(source: Path, compiler: str) -> Path:
-    """Compiles `source` into the cache (once per source, headers beside it, flags and compiler) and returns
-    the library.
+    """Compiles `source` into the cache (once per text of the sources and headers beside it, flags and
+    compiler) and returns the library.
     The library is written under a temporary name and renamed, so a crash never leaves half a file."""
     flags = " ".join((compiler, *CFLAGS, *LIBS))
-    headers = b"".join(path.read_bytes() for path in sorted(source.parent.glob("*.h")))
-    key = hashlib.sha256(source.read_bytes() + headers + flags.encode()).hexdigest()[:16]
+    # Every source and header beside it counts: a source may include the others (decode_layer.c does).
+    siblings = sorted(
+        path for path in source.parent.iterdir() if path.suffix in (".c", ".h") and path != source
+    )
+    text = source.read_bytes() + b"".join(path.read_bytes() for path in siblings)
+    key = hashlib.sha256(text + flags.encode()).hexdigest()[:16]
     library = cache_dir() / f"{source.stem}-{key}.so"
     if library.exists():
         return library
@@ -149,6 +154,19 @@ def layer_ops_library() -> ctypes.CDLL | None:
             "tm_rms_norm": ([*[_POINTER] * 5, _SIZE, _SIZE, ctypes.c_float], None),
             "tm_rotary": ([_POINTER, _SIZE, *[_POINTER] * 3, *[_SIZE] * 3], None),
             "tm_silu_and_mul": ([_POINTER, _POINTER, _SIZE, _SIZE], None),
+        },
+    )
+
+
+@functools.cache
+def decode_layer_library() -> ctypes.CDLL | None:
+    """A whole int8 decoder layer for a decode-only step in one call (decode_layer.c; the structures it
+    takes are in kernels/decode_layer.py), or None where it cannot run."""
+    return load(
+        DECODE_LAYER_SOURCE,
+        {
+            "tm_decode_layer": ([*[_POINTER] * 4, ctypes.c_int], ctypes.c_int),
+            "tm_decode_layer_workspace": ([_POINTER], ctypes.c_int64),
         },
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tokenmill.model.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary, rope_parameters
+
+if TYPE_CHECKING:
+    from tokenmill.model.fused_decode import FusedDecode
 
 # checkpoint name fragment -> (our fused parameter's fragment, shard id)
 STACKED_PARAMS: dict[str, tuple[str, str | int]] = {
@@ -96,6 +99,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # int8 models on CPU: decode-only steps in one C call per layer (set by model/fused_decode.py)
+    fused_decode: FusedDecode | None = None
+
     def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
@@ -114,9 +120,12 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
         rope = self.rotary_emb.cos_sin(positions, hidden.dtype)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(rope, hidden, residual, metadata)
+        residual: torch.Tensor | None = None
+        if self.fused_decode is not None and self.fused_decode.applies(hidden, metadata):
+            hidden, residual = self.fused_decode(hidden, rope, metadata)  # one C call per layer
+        else:
+            for layer in self.layers:
+                hidden, residual = layer(rope, hidden, residual, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
