@@ -14,6 +14,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.engine.arg_utils import EngineArgs
 from tokenmill.kernels import cpu
 from tokenmill.model import quantization
+from tokenmill.model.layers.linear import LinearBase
 from tokenmill.model.quantization import MAX_KERNEL_ROWS, Int8Linear, quantize
 
 PROMPTS = [
@@ -156,3 +157,29 @@ def test_int8_off_the_cpu_warns_that_it_is_slower(caplog: pytest.LogCaptureFixtu
     with caplog.at_level("WARNING", logger=quantization.__name__):
         quantize(model, "int8")  # type: ignore[arg-type]
     assert "on meta its layers dequantize their weights for every call" in caplog.text
+
+
+def test_int8_weights_are_packed_into_one_huge_page_buffer(tiny_model_dir: Callable[[str], Path]) -> None:
+    """Decode streams every weight byte once per step: they share one 2 MB-aligned mapping (huge pages
+    where the OS allows), each weight starting on a cache line, values unchanged."""
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", max_model_len=256, kv_cache_memory=16 << 20)
+    model = llm.engine.core.runner.model
+    originals = {
+        name: quantization.quantize_per_channel_int8(module.weight)[0] for name, module in _linears(model)
+    }
+    quantize(model, "int8")
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+    assert layers.keys() == originals.keys()
+    storages = {layer.weight.untyped_storage().data_ptr() for layer in layers.values()}
+    assert len(storages) == 1
+    assert min(layer.weight.data_ptr() for layer in layers.values()) % (2 << 20) == 0
+    for name, layer in layers.items():
+        assert layer.weight.data_ptr() % 64 == 0 and torch.equal(layer.weight, originals[name])
+
+
+def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, LinearBase) or name == "lm_head"
+    ]

@@ -24,6 +24,7 @@ from torch import nn
 
 from tokenmill.config import QUANTIZATION_METHODS
 from tokenmill.kernels.cpu import ACTIVATION_BLOCK, int8_library, int8_linear
+from tokenmill.kernels.memory import anonymous_tensor
 from tokenmill.model.layers.activation import SiluAndMul
 from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.linear import LinearBase
@@ -90,10 +91,25 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name)
         bias = getattr(module, "bias", None)
         setattr(parent, child, Int8Linear(module.weight, bias))
+    pack_int8_weights([m for m in model.modules() if isinstance(m, Int8Linear)])
     for module in model.modules():  # the model is approximate now: the fused C norm and activation too
         if isinstance(module, RMSNorm | SiluAndMul):
             module.use_cpu_kernel = True
     return model
+
+
+def pack_int8_weights(layers: list[Int8Linear]) -> None:
+    """Moves the layers' int8 weights (on CPU) into one buffer on huge pages: decode streams every weight
+    byte once per step, and 4 KB pages cost it a TLB miss each (kernels/memory.py)."""
+    layers = [layer for layer in layers if layer.weight.device.type == "cpu"]
+    sizes = [-(-layer.weight.numel() // 64) * 64 for layer in layers]  # each weight on a cache line
+    storage = anonymous_tensor(sum(sizes), huge_pages=True)
+    offset = 0
+    for layer, size in zip(layers, sizes, strict=True):
+        packed = storage[offset : offset + layer.weight.numel()].view(torch.int8).view(layer.weight.shape)
+        packed.copy_(layer.weight)
+        layer.weight = packed
+        offset += size
 
 
 def quantize(model: CausalLM, method: str | None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 from typing import Any, cast
 
 import torch
@@ -13,6 +12,7 @@ from tokenmill.attention.backend import AttentionMetadata, kv_cache_shape
 from tokenmill.attention.selector import get_attention_backend
 from tokenmill.config import EngineConfig
 from tokenmill.engine.outputs import LogprobsLists, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.kernels.memory import anonymous_tensor
 from tokenmill.model.layers.attention import Attention
 from tokenmill.model.llama import head_dim_of
 from tokenmill.model.registry import CausalLM, get_model_class
@@ -200,9 +200,7 @@ def zeroed_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     first touched, so a large KV cache costs nothing until used (torch.zeros would write every byte)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    num_bytes = math.prod(shape) * dtype.itemsize
-    buffer = mmap.mmap(-1, num_bytes)
-    return torch.frombuffer(buffer, dtype=dtype).view(shape)
+    return anonymous_tensor(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> CausalLM:
