@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 512, 1024])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if cpu.int8_library() is None:
+    if cpu.kernel_library() is None:
         raise SystemExit("the int8 kernel cannot run here (the warning above says why)")
 
     torch.manual_seed(0)

@@ -21,8 +21,12 @@ CASES = {
     "decode": [(0, 1), (16, 1), (40, 1)],
     "prefix_hits_and_decode": [(30, 1), (16, 9), (0, 7), (5, 12)],
 }
-# Enough decode rows for the C kernel to give each sequence one task (fewer split by KV head).
-MANY_DECODES = [(length, 1) for length in (0, 3, 7, 8, 15, 16, 31, 40, 47, 64)]
+# The C kernel gives each sequence one task when there are enough of them, else one per KV head (and its
+# group of query heads), as for one sequence.
+KERNEL_CASES = {
+    "many_decodes": [(length, 1) for length in (0, 3, 7, 8, 15, 16, 31, 40, 47, 64)],
+    "one_decode": [(40, 1)],
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -56,8 +60,8 @@ def test_sdpa_backend_plans_once_per_step() -> None:
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(cpu.attention_library() is None, reason="no C attention kernel here")
-@pytest.mark.parametrize("case", ["decode", "prefix_hits_and_decode", "many_decodes"])
+@pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
+@pytest.mark.parametrize("case", ["decode", "prefix_hits_and_decode", "many_decodes", "one_decode"])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (6, 2), (4, 1), (2, 2)])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("head_dim", [16, 72])  # 72: the weighted sum's 64-feature chunk and a rest
@@ -67,7 +71,7 @@ def test_c_decode_kernel_matches_the_torch_path(
     """The C kernel reads each sequence's blocks in place (and, in a decode-only step, writes the new keys
     and values itself); the torch path writes with index_copy_, gathers the blocks and pads."""
     torch.manual_seed(0)
-    lengths = MANY_DECODES if case == "many_decodes" else CASES[case]
+    lengths = KERNEL_CASES[case] if case in KERNEL_CASES else CASES[case]
     batch = random_paged_batch(lengths, num_heads, num_kv_heads, head_dim=head_dim, block_size=8)
     query, key, value = batch.query, batch.key, batch.value
     if strided:  # as the model passes them: views into one [q | k | v] row per token

@@ -44,7 +44,7 @@ def random_layer(out_features: int, in_features: int, seed: int = 0) -> tuple[to
 @pytest.mark.parametrize("out_features", [96, 97])  # odd: the last column goes alone
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_kernel_matches_its_emulation(num_rows: int, out_features: int, with_bias: bool) -> None:
-    library = cpu.int8_library()
+    library = cpu.kernel_library()
     assert library is not None
     weight, bias = random_layer(out_features, 256)
     q, scales = quantize_per_channel_int8(weight)
@@ -64,7 +64,7 @@ def test_kernel_matches_its_emulation(num_rows: int, out_features: int, with_bia
 @requires_kernel
 def test_a_rows_output_does_not_depend_on_the_batch() -> None:
     """Rows go through the kernel four at a time or alone; both sum in the same order, bit for bit."""
-    library = cpu.int8_library()
+    library = cpu.kernel_library()
     assert library is not None
     q, scales = quantize_per_channel_int8(random_layer(130, 192)[0])
     x = torch.randn(263, 192, generator=torch.Generator().manual_seed(2))  # 256 rows per pass, then 7
@@ -79,10 +79,10 @@ def test_the_library_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
     compiler = cpu.find_compiler()
     assert compiler is not None
-    library = cpu.build(cpu.INT8_SOURCE, compiler)
+    library = cpu.build(cpu.SOURCE, compiler)
     assert library.parent == tmp_path / "kernels" and library.suffix == ".so"
     built_at = library.stat().st_mtime_ns
-    assert cpu.build(cpu.INT8_SOURCE, compiler) == library and library.stat().st_mtime_ns == built_at
+    assert cpu.build(cpu.SOURCE, compiler) == library and library.stat().st_mtime_ns == built_at
     assert [p.name for p in library.parent.iterdir()] == [library.name]  # no scratch left behind
 
 
@@ -99,13 +99,13 @@ def test_a_failed_build_leaves_no_file_and_falls_back(
         cpu.build(broken, compiler)
     assert list((tmp_path / "cache" / "kernels").iterdir()) == []
 
-    monkeypatch.setattr(cpu, "INT8_SOURCE", broken)
-    cpu.int8_library.cache_clear()
+    monkeypatch.setattr(cpu, "SOURCE", broken)
+    cpu.kernel_library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger=cpu.__name__):
-            assert cpu.int8_library() is None
+            assert cpu.kernel_library() is None
     finally:
-        cpu.int8_library.cache_clear()
+        cpu.kernel_library.cache_clear()
     assert "building broken.c failed" in caplog.text and "using the torch path instead" in caplog.text
 
 

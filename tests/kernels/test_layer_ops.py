@@ -17,7 +17,7 @@ requires_kernel = pytest.mark.skipif(
 
 
 def library() -> object:
-    ops = cpu.layer_ops_library()
+    ops = cpu.kernel_library()
     assert ops is not None
     return ops
 

@@ -50,7 +50,7 @@ def test_int8_linear_within_rounding_bound(num_rows: int) -> None:
 
 
 def test_dequantized_path_equals_int8_times_scales(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quantization, "int8_library", lambda: None)  # as on a CPU without the kernel
+    monkeypatch.setattr(quantization, "kernel_library", lambda: None)  # as on a CPU without the kernel
     torch.manual_seed(0)
     layer = Int8Linear(torch.randn(64, 32), torch.randn(64))
     x = torch.randn(5, 32)

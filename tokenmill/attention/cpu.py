@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.kernels import cpu as kernels
-from tokenmill.kernels.cpu import attention_library, paged_decode_attention
+from tokenmill.kernels.cpu import kernel_library, paged_decode_attention
 
 
 def write_kv_cache(
@@ -44,7 +44,7 @@ def _kv_write_kernel(
         and slots.dtype == torch.int64
         and slots.is_contiguous()
     )
-    return attention_library() if applies else None
+    return kernel_library() if applies else None
 
 
 def gather_kv(
@@ -193,4 +193,4 @@ class TorchSDPABackend:
             and head_dim % 8 == 0
             and kernels.heads_contiguous(query)
         )
-        return attention_library() if applies else None
+        return kernel_library() if applies else None

@@ -15,6 +15,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.outputs import EngineCoreOutput, EngineCoreRequest
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.kernels.cpu import kernel_library
 from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.fused_decode import attach_fused_decode
@@ -53,6 +54,8 @@ class EngineCore:
         self.max_model_len = resolve_max_model_len(config.model.max_model_len, self.hf_config)
         self.vocab_size: int = self.hf_config.vocab_size
 
+        if self.device.type == "cpu":
+            kernel_library()  # built (or loaded from the cache) now, not during the first request
         self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype, self.max_model_len)
         if config.model.load_format == "dummy":
             self.runner.init_dummy_weights()

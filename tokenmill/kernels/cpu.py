@@ -1,11 +1,11 @@
 """Building and calling the C kernels of this package on CPU.
 
-The sources are compiled on first use with the system C compiler (`$CC`, else cc, gcc or clang) into
-`$TOKENMILL_CACHE_DIR/kernels` (default `~/.cache/tokenmill/kernels`), one file per source, flags and
-compiler, so later starts load it at once; a plain C file compiles in under a second or two. Where a kernel
-cannot be used (not x86-64 with AVX2 and FMA, no compiler, `TOKENMILL_CPU_KERNELS=0`), its loader
-(`int8_library()`, `attention_library()`, `layer_ops_library()`, `decode_layer_library()`) returns None,
-the reason is logged once, and callers take their torch path instead.
+The kernels (kernels.c and the sources it includes) are compiled on first use with the system C compiler
+(`$CC`, else cc, gcc or clang) into `$TOKENMILL_CACHE_DIR/kernels` (default `~/.cache/tokenmill/kernels`),
+one file per text of the sources, flags and compiler, so later starts load it at once (a compile takes a
+second or two). Where they cannot be used (not x86-64 with AVX2 and FMA, no compiler,
+`TOKENMILL_CPU_KERNELS=0`), `kernel_library()` returns None, the reason is logged once, and callers take
+their torch path instead.
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ import torch  # loaded first: the kernel links the libgomp torch has already loa
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-INT8_SOURCE = SOURCE_DIR / "int8_linear.c"
-ATTENTION_SOURCE = SOURCE_DIR / "paged_attention.c"
-LAYER_OPS_SOURCE = SOURCE_DIR / "layer_ops.c"
-DECODE_LAYER_SOURCE = SOURCE_DIR / "decode_layer.c"
+SOURCE = SOURCE_DIR / "kernels.c"  # includes every kernel source of this directory
 ACTIVATION_BLOCK = 32  # input features per activation scale; the kernel needs K to be a multiple of it
 # No contraction of a product and a sum into one FMA unless the source asks for it: a kernel that matches a
 # torch expression bit for bit (layer_ops.c's rotary) must round each operation as torch does.
@@ -120,55 +117,28 @@ def load(source: Path, functions: dict[str, Signature]) -> ctypes.CDLL | None:
 
 
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+SIGNATURES: dict[str, Signature] = {
+    "tm_int8_linear": ([*[_POINTER] * 5, _SIZE, _SIZE, _SIZE], ctypes.c_int),
+    "tm_paged_decode_attention": (
+        # query, its stride, k/v cache, tables, their stride, lengths, out, B, H, KV, D, block size, scale,
+        # then the step's keys, their stride, values, their stride, slots
+        [_POINTER, _SIZE, *[_POINTER] * 3, _SIZE, *[_POINTER] * 2, *[_SIZE] * 5, ctypes.c_float]
+        + [_POINTER, _SIZE, _POINTER, _SIZE, _POINTER],
+        ctypes.c_int,
+    ),
+    "tm_write_kv_cache": ([_POINTER, _SIZE, _POINTER, _SIZE, *[_POINTER] * 3, _SIZE, _SIZE], None),
+    "tm_rms_norm": ([*[_POINTER] * 5, _SIZE, _SIZE, ctypes.c_float], None),
+    "tm_rotary": ([_POINTER, _SIZE, *[_POINTER] * 3, *[_SIZE] * 3], None),
+    "tm_silu_and_mul": ([_POINTER, _POINTER, _SIZE, _SIZE], None),
+    "tm_decode_layer": ([*[_POINTER] * 4, ctypes.c_int], ctypes.c_int),  # structures: kernels/decode_layer.py
+    "tm_decode_layer_workspace": ([_POINTER], ctypes.c_int64),
+}
 
 
 @functools.cache
-def int8_library() -> ctypes.CDLL | None:
-    """The int8 linear kernel (int8_linear.c), or None where it cannot run (the reason is logged once)."""
-    return load(INT8_SOURCE, {"tm_int8_linear": ([*[_POINTER] * 5, _SIZE, _SIZE, _SIZE], ctypes.c_int)})
-
-
-@functools.cache
-def attention_library() -> ctypes.CDLL | None:
-    """The paged decode-attention kernel and the KV cache write (paged_attention.c), or None where they
-    cannot run."""
-    signature = [_POINTER, _SIZE, _POINTER, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER]
-    signature += [*[_SIZE] * 5, ctypes.c_float, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER]
-    write_signature = [_POINTER, _SIZE, _POINTER, _SIZE, *[_POINTER] * 3, _SIZE, _SIZE]
-    return load(
-        ATTENTION_SOURCE,
-        {
-            "tm_paged_decode_attention": (signature, ctypes.c_int),
-            "tm_write_kv_cache": (write_signature, None),
-        },
-    )
-
-
-@functools.cache
-def layer_ops_library() -> ctypes.CDLL | None:
-    """Residual add + RMSNorm, rotary embedding and SiLU-and-multiply (layer_ops.c), or None where they
-    cannot run."""
-    return load(
-        LAYER_OPS_SOURCE,
-        {
-            "tm_rms_norm": ([*[_POINTER] * 5, _SIZE, _SIZE, ctypes.c_float], None),
-            "tm_rotary": ([_POINTER, _SIZE, *[_POINTER] * 3, *[_SIZE] * 3], None),
-            "tm_silu_and_mul": ([_POINTER, _POINTER, _SIZE, _SIZE], None),
-        },
-    )
-
-
-@functools.cache
-def decode_layer_library() -> ctypes.CDLL | None:
-    """A whole int8 decoder layer for a decode-only step in one call (decode_layer.c; the structures it
-    takes are in kernels/decode_layer.py), or None where it cannot run."""
-    return load(
-        DECODE_LAYER_SOURCE,
-        {
-            "tm_decode_layer": ([*[_POINTER] * 4, ctypes.c_int], ctypes.c_int),
-            "tm_decode_layer_workspace": ([_POINTER], ctypes.c_int64),
-        },
-    )
+def kernel_library() -> ctypes.CDLL | None:
+    """Every kernel (kernels.c), or None where they cannot run (the reason is logged once)."""
+    return load(SOURCE, SIGNATURES)
 
 
 def int8_linear(

@@ -5,12 +5,9 @@
  * attention, output projection, residual add + RMSNorm, gate/up, SiLU-and-multiply, down), so its results
  * are bit for bit theirs. What it saves is everything between the kernels: at decode a layer's arithmetic
  * takes a few hundred microseconds and the Python around nine separate kernel calls about a hundred more.
- * Built and loaded like the other kernels (tokenmill/kernels/cpu.py); the sources it includes are part of
- * its cache key.
+ * Compiled after the kernels it calls, in kernels.c.
  */
-#include "int8_linear.c"
-#include "layer_ops.c"
-#include "paged_attention.c"
+#include <stdint.h>
 
 typedef struct {
     const int8_t* weight; /* [out_features, in_features] */

@@ -6,8 +6,8 @@
  * levels. A block's 32 products are summed in integers (two instructions), scaled by the activation
  * block's scale, and accumulated in float; the channel scale is applied once at the end.
  *
- * Built on first use by tokenmill/kernels/cpu.py with the system C compiler and loaded with ctypes. It
- * links the libgomp that torch has already loaded, so its threads are torch's OpenMP threads.
+ * Part of kernels.c, built on first use by tokenmill/kernels/cpu.py with the system C compiler and loaded
+ * with ctypes. It links the libgomp that torch has already loaded, so its threads are torch's OpenMP threads.
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -8,7 +8,7 @@
  * The rotary embedding rounds exactly as the torch expression it replaces (x * cos + rotate_half(x) * sin:
  * two products and a sum, each rounded; the library is built with -ffp-contract=off so no product is fused
  * into an addition). The norm and the activation sum and exponentiate in their own order, so their results
- * differ from torch's in the last bits. Built and loaded like int8_linear.c (tokenmill/kernels/cpu.py).
+ * differ from torch's in the last bits. Part of kernels.c, like int8_linear.c.
  */
 #include <math.h>
 #include <stdint.h>

@@ -8,7 +8,7 @@
  * weighted sum of values, kept in registers per 64 features.
  *
  * Cache layout: [num_blocks, block_size, num_kv_heads, head_dim] for keys and the same for values;
- * head_dim must be a multiple of 8. Built and loaded like int8_linear.c (tokenmill/kernels/cpu.py).
+ * head_dim must be a multiple of 8. Part of kernels.c, like int8_linear.c.
  */
 #include <math.h>
 #include <omp.h>

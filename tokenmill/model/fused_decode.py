@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.kernels.cpu import cache_halves, decode_layer_library
+from tokenmill.kernels.cpu import cache_halves, kernel_library
 from tokenmill.kernels.decode_layer import DecoderLayer, DecodeStep, Int8Weight
 from tokenmill.model.layers.activation import SiluAndMul
 from tokenmill.model.layers.layernorm import RMSNorm
@@ -40,7 +40,7 @@ class FusedDecode:
         layers = [layer for layer in model.layers if _handled(layer)]
         if len(layers) != len(model.layers):
             return None
-        library = decode_layer_library()
+        library = kernel_library()
         return None if library is None else cls(layers, library)
 
     def applies(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> bool:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import QUANTIZATION_METHODS
-from tokenmill.kernels.cpu import ACTIVATION_BLOCK, int8_library, int8_linear
+from tokenmill.kernels.cpu import ACTIVATION_BLOCK, int8_linear, kernel_library
 from tokenmill.kernels.memory import anonymous_tensor
 from tokenmill.model.layers.activation import SiluAndMul
 from tokenmill.model.layers.layernorm import RMSNorm
@@ -60,7 +60,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         num_rows = x.numel() // self.input_size
-        library = int8_library() if x.device.type == "cpu" else None
+        library = kernel_library() if x.device.type == "cpu" else None
         if library is None or num_rows > MAX_KERNEL_ROWS:
             weight = self.weight.to(x.dtype).mul_(self.scales[:, None].to(x.dtype))
             return F.linear(x, weight, self.bias)

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.kernels.cpu import layer_ops_library, silu_and_mul
+from tokenmill.kernels.cpu import kernel_library, silu_and_mul
 
 
 class SiluAndMul(nn.Module):
@@ -14,7 +14,7 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, 2 * d] laid out [gate | up]
         if self.use_cpu_kernel and x.dtype == torch.float32 and x.device.type == "cpu":
-            library = layer_ops_library()
+            library = kernel_library()
             if library is not None:
                 return silu_and_mul(library, x)
         gate, up = x.chunk(2, dim=-1)

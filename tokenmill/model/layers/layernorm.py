@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.kernels.cpu import layer_ops_library, rms_norm
+from tokenmill.kernels.cpu import kernel_library, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -44,4 +44,4 @@ class RMSNorm(nn.Module):
 
     def _kernel(self, x: torch.Tensor) -> ctypes.CDLL | None:
         applies = self.use_cpu_kernel and x.dtype == torch.float32 and x.device.type == "cpu"
-        return layer_ops_library() if applies and x.shape[-1] % 8 == 0 else None
+        return kernel_library() if applies and x.shape[-1] % 8 == 0 else None

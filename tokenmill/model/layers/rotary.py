@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.kernels.cpu import layer_ops_library, rotary
+from tokenmill.kernels.cpu import kernel_library, rotary
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def _rotary_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> cty
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
         return None
     tables_fit = cos.shape[0] == x.shape[0] and cos.is_contiguous() and sin.is_contiguous()
-    return layer_ops_library() if tables_fit else None
+    return kernel_library() if tables_fit else None
 
 
 class RotaryEmbedding(nn.Module):
