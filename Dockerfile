@@ -18,9 +18,11 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     WORKSPACE=/workspace
 
-# curl and git: what PROVISIONING_SCRIPTs written for the vLLM instance image expect to find.
+# curl and git: what PROVISIONING_SCRIPTs written for the vLLM instance image expect to find. gcc and the C
+# headers: tokenmill compiles its CPU kernels (tokenmill/kernels/) on first use; without them a CPU-only
+# machine runs the slower torch paths.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl git \
+    && apt-get install -y --no-install-recommends ca-certificates curl git gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 RUN if [ -n "$CLOUDFLARED_VERSION" ]; then \
