@@ -108,7 +108,7 @@ def load(source: Path, functions: dict[str, Signature]) -> ctypes.CDLL | None:
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
             reason = f"building {source.name} failed: {error}"
     if reason is not None:
-        logger.warning("CPU kernel %s unavailable (%s); using the torch path instead", source.stem, reason)
+        logger.warning("CPU kernels (%s) unavailable (%s); using the torch path instead", source.name, reason)
         return None
     for name, (argtypes, restype) in functions.items():
         entry = getattr(library, name)
