@@ -112,7 +112,8 @@ class TorchSDPABackend:
         plan = self._decode_plan(metadata, kv_cache.shape[2], query.device)
         if plan.rows and plan.token_index is None:  # a decode-only step
             library = self._kernel(query, kv_cache)
-            if library is not None and _kv_write_kernel(key, value, kv_cache, metadata.slot_mapping):
+            writes = _kv_write_kernel(key, value, kv_cache, metadata.slot_mapping) is not None
+            if library is not None and writes:
                 new_kv = (key, value, metadata.slot_mapping)  # written by the kernel as it attends
                 return paged_decode_attention(
                     library, query, kv_cache, plan.tables, plan.lengths, scale, new_kv
