@@ -75,7 +75,7 @@ def build(source: Path, compiler: str) -> Path:
     compiler) and returns the library.
     The library is written under a temporary name and renamed, so a crash never leaves half a file."""
     flags = " ".join((compiler, *CFLAGS, *LIBS))
-    # Every source and header beside it counts: a source may include the others (decode_layer.c does).
+    # Every source and header beside it counts: a source may include the others (kernels.c does).
     siblings = sorted(
         path for path in source.parent.iterdir() if path.suffix in (".c", ".h") and path != source
     )
@@ -271,7 +271,7 @@ def rotary(library: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.
     """`x` [M, H, D] float32 (rows may be strided, heads contiguous) rotated by `cos` and `sin` [M, 1, D]
     (contiguous): a new [M, H, D] tensor, bit for bit `x * cos + rotate_half(x) * sin`."""
     num_rows, num_heads, head_dim = x.shape
-    assert x.stride(2) == 1 and x.stride(1) == head_dim and cos.is_contiguous() and sin.is_contiguous()
+    assert heads_contiguous(x) and cos.is_contiguous() and sin.is_contiguous()
     out = torch.empty(num_rows, num_heads, head_dim, dtype=torch.float32)
     library.tm_rotary(
         x.data_ptr(),

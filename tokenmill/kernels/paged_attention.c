@@ -1,11 +1,12 @@
 /* Decode attention over the paged float32 KV cache, for x86-64 CPUs with AVX2 and FMA.
  *
  * One query token per sequence attends to its cached keys and values where they lie in the cache's
- * blocks: nothing is gathered or padded. A task is one sequence and one KV head with its group of query
- * heads (grouped-query attention), so each cached key and value is read once, and a lone sequence still
- * spreads over the threads. A cached token's KV heads are contiguous, so tasks of different heads read
- * different cache lines. Per task: scores for the group's heads, softmax (vectorised exp), then the
- * weighted sum of values, kept in registers per 64 features.
+ * blocks: nothing is gathered or padded. A task is one sequence with all its heads when there are enough
+ * sequences to keep the threads busy, else one sequence and one KV head with its group of query heads
+ * (grouped-query attention), so a lone sequence still spreads over the threads; either way each cached key
+ * and value is read once. A cached token's KV heads are contiguous, so tasks of different heads read
+ * different cache lines. Per task: scores for its heads, softmax (vectorised exp), then the weighted sum
+ * of values, kept in registers per 64 features.
  *
  * Cache layout: [num_blocks, block_size, num_kv_heads, head_dim] for keys and the same for values;
  * head_dim must be a multiple of 8. Part of kernels.c, like int8_linear.c.

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.kernels.cpu import kernel_library, rotary
+from tokenmill.kernels.cpu import heads_contiguous, kernel_library, rotary
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def apply_rotary(x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
 
 
 def _rotary_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> ctypes.CDLL | None:
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not heads_contiguous(x):
         return None
     tables_fit = cos.shape[0] == x.shape[0] and cos.is_contiguous() and sin.is_contiguous()
     return kernel_library() if tables_fit else None
