@@ -1,11 +1,12 @@
-"""Decode time per step, float vs `quantization="int8"`, side by side in one run.
+"""Decode time per step, float vs quantized models (`--quantization int8`, `gguf`), side by side in one run.
 
     python benchmarks/decode_bench.py                         # SmolLM2 (embedded), float32, batch 1 16 64
+    python benchmarks/decode_bench.py --methods int8 gguf      # the two quantized paths only
     OMP_NUM_THREADS=1 python benchmarks/decode_bench.py --repeats 5
 
 A step's time is (generate with 1 + N new tokens - generate with 1 new token) / N: the prefill cancels.
-Prompts are fixed-seed random token ids. The two engines alternate within each repetition so machine load
-hits both alike; the table shows medians over the repetitions and the float/int8 ratio.
+Prompts are fixed-seed random token ids. The engines alternate within each repetition so machine load
+hits them alike; the table shows medians over the repetitions and each method's speed-up over the first.
 """
 
 from __future__ import annotations
@@ -42,16 +43,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per repetition")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--methods", nargs="+", default=["float", "int8", "gguf"], choices=["float", "int8", "gguf"]
+    )
     args = parser.parse_args()
 
     engines = {
-        name: LLM(args.model, dtype=args.dtype, max_model_len=512, kv_cache_memory=256 << 20, quantization=q)
-        for name, q in (("float", None), ("int8", "int8"))
+        method: LLM(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=512,
+            kv_cache_memory=256 << 20,
+            quantization=None if method == "float" else method,
+        )
+        for method in args.methods
     }
-    vocab_size = engines["float"].engine.core.vocab_size
+    first = args.methods[0]
+    vocab_size = engines[first].engine.core.vocab_size
     rng = random.Random(args.seed)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}")
-    print(f"{'batch':>5} {'float ms/step':>14} {'int8 ms/step':>13} {'float/int8':>10}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}; ms per step")
+    print(
+        f"{'batch':>5} "
+        + " ".join(f"{m:>8}" for m in args.methods)
+        + "".join(f" {first + '/' + m:>12}" for m in args.methods[1:])
+    )
     for batch in args.batch_sizes:
         prompts = [[rng.randrange(100, vocab_size) for _ in range(args.prompt_len)] for _ in range(batch)]
         for llm in engines.values():
@@ -60,8 +75,9 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, llm in engines.items():
                 times[name].append(step_ms(llm, prompts, args.steps))
-        float_ms, int8_ms = (statistics.median(times[name]) for name in ("float", "int8"))
-        print(f"{batch:>5} {float_ms:>14.1f} {int8_ms:>13.1f} {float_ms / int8_ms:>9.2f}x", flush=True)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        ratios = "".join(f" {medians[first] / medians[m]:>11.2f}x" for m in args.methods[1:])
+        print(f"{batch:>5} " + " ".join(f"{medians[m]:>8.1f}" for m in args.methods) + ratios, flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # c=16 x32, c=64 x64). The baselines come from ../shared/bench/anchors.sh (ANCHORS, default /tmp/anchors).
 #
 #   benchmarks/serve_side_by_side.sh [OUTPUT_DIR]        # JSON per server in OUTPUT_DIR (default .)
-#   SERVERS="tokenmill vllm" benchmarks/serve_side_by_side.sh   # tokenmill-int8: --quantization int8
+#   SERVERS="tokenmill vllm" benchmarks/serve_side_by_side.sh
+# tokenmill-int8: --quantization int8; tokenmill-gguf: --quantization gguf (the file's Q4_1/Q8_0 blocks).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-.}
@@ -19,16 +20,18 @@ command_for() {
   case $1 in
     tokenmill) echo "tokenmill serve --port 8301 --max-model-len 2048" ;;
     tokenmill-int8) echo "tokenmill serve --port 8304 --max-model-len 2048 --quantization int8" ;;
+    tokenmill-gguf) echo "tokenmill serve --port 8305 --max-model-len 2048 --quantization gguf" ;;
     vllm) echo "env VLLM_CPU_KVCACHE_SPACE=4 $anchors/vllm/bin/python -m vllm.entrypoints.openai.api_server \
 --model $hf_dir --dtype float32 --max-model-len 2048 --port 8302" ;;
     # 64 slots of 512 tokens: every request of the workload fits its slot.
     llama-server) echo "$anchors/llama-server -m $gguf -t 2 -np 64 -c 32768 --port 8303" ;;
-    *) echo "unknown server $1 (tokenmill, tokenmill-int8, vllm, llama-server)" >&2; exit 2 ;;
+    *) echo "unknown server $1 (tokenmill, tokenmill-int8, tokenmill-gguf, vllm, llama-server)" >&2; exit 2 ;;
   esac
 }
-port_for() { case $1 in tokenmill) echo 8301 ;; vllm) echo 8302 ;; llama-server) echo 8303 ;; tokenmill-int8) echo 8304 ;; esac; }
+port_for() { case $1 in tokenmill) echo 8301 ;; vllm) echo 8302 ;; llama-server) echo 8303 ;; tokenmill-int8) echo 8304 ;;
+  tokenmill-gguf) echo 8305 ;; esac; }
 
-for server in ${SERVERS:-tokenmill tokenmill-int8 vllm llama-server}; do
+for server in ${SERVERS:-tokenmill tokenmill-gguf tokenmill-int8 vllm llama-server}; do
   echo "== $server ($(date -u +%H:%M:%S) UTC, load $(cut -d' ' -f1-3 /proc/loadavg))"
   python3 "$here/serve.py" --url "http://127.0.0.1:$(port_for "$server")/v1" --launch "$(command_for "$server")" \
     --concurrency 1,16,64 --num-requests 8,32,64 --max-tokens 128 --json "$out/$server.json" 2>"$out/$server.stderr" \

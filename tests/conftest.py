@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -106,7 +106,8 @@ def tiny_gguf(
 ) -> Callable[..., Path]:
     """A factory: `tiny_gguf(arch, float_type="float32", with_tokenizer=False)` is the tiny model of
     `tiny_model_dir(arch)` converted to one GGUF file the way llama.cpp does (its tensor names, Llama's
-    Q/K row permutation, float32 or float16 matrices). `with_tokenizer` copies SmolLM2's tokenizer metadata
+    Q/K row permutation; matrices in float32, float16 or a block type: "Q4_0", "Q4_1", "Q8_0").
+    `with_tokenizer` copies SmolLM2's tokenizer metadata
     in, making the file a complete model; reading that metadata back costs seconds. Built once per session.
     """
     built: dict[tuple[str, str, bool], Path] = {}
@@ -117,7 +118,7 @@ def tiny_gguf(
             name = f"tiny-{arch}-{float_type}{'-tokenizer' if with_tokenizer else ''}"
             gguf_file = tmp_path_factory.mktemp(name) / f"{name}.gguf"
             tokenizer_gguf = smollm2_gguf if with_tokenizer else None
-            write_tiny_gguf(tiny_model_dir(arch), gguf_file, np.dtype(float_type), tokenizer_gguf)
+            write_tiny_gguf(tiny_model_dir(arch), gguf_file, float_type, tokenizer_gguf)
             built[key] = gguf_file
         return built[key]
 
@@ -131,9 +132,7 @@ def llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return per_head.transpose(1, 2).reshape(weight.shape)
 
 
-def write_tiny_gguf(
-    model_dir: Path, gguf_file: Path, float_type: np.dtype, tokenizer_gguf: Path | None
-) -> None:
+def write_tiny_gguf(model_dir: Path, gguf_file: Path, matrix_type: str, tokenizer_gguf: Path | None) -> None:
     config = AutoConfig.from_pretrained(model_dir)
     writer = GGUFWriter(gguf_file, config.model_type)
     writer.add_name(f"tiny {config.model_type}")
@@ -163,9 +162,14 @@ def write_tiny_gguf(
             tensor = llama_cpp_permute(tensor, config.num_attention_heads)
         elif config.model_type == "llama" and module.endswith("k_proj"):
             tensor = llama_cpp_permute(tensor, config.num_key_value_heads)
-        # llama.cpp keeps 1-D tensors (norms, biases) in float32 whatever the file's type.
-        array_type = float_type if tensor.dim() > 1 else np.dtype(np.float32)
-        writer.add_tensor(f"{gguf_names[module]}.{suffix}", tensor.numpy().astype(array_type))
+        name = f"{gguf_names[module]}.{suffix}"
+        if tensor.dim() == 1:  # llama.cpp keeps norms and biases in float32 whatever the file's type
+            writer.add_tensor(name, tensor.numpy().astype(np.float32))
+        elif matrix_type in GGMLQuantizationType.__members__:
+            block_type = GGMLQuantizationType[matrix_type]
+            writer.add_tensor(name, quantize(tensor.numpy(), block_type), raw_dtype=block_type)
+        else:
+            writer.add_tensor(name, tensor.numpy().astype(np.dtype(matrix_type)))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-QUANTIZATION_METHODS = ("int8",)
+QUANTIZATION_METHODS = ("int8", "gguf")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class ModelConfig:
     quantization: str | None = None
     """Applied after loading. int8: per-channel int8 linear layers and LM head, with activations rounded
     to int8 blocks on x86 CPUs with AVX2 (2-3x faster CPU decode, a quarter of float32's weight memory);
-    None: the weights as loaded."""
+    gguf (a .gguf model): the linear layers and LM head keep the file's Q4_0/Q4_1/Q8_0 blocks (no weight
+    rounded again), same kernels and CPUs; None: the weights as loaded (a GGUF's dequantized)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The fused int8 decode layer (kernels/decode_layer.c) against the model's modules, step for step."""
+"""The fused decode layer (kernels/decode_layer.c) against the model's modules, step for step, with int8
+weights and with a GGUF file's own blocks."""
 
 from __future__ import annotations
 
@@ -20,25 +21,34 @@ requires_kernel = pytest.mark.skipif(
 PROMPTS = [f"Prompt {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 4 + 1) for i in range(10)]
 
 
-def int8_llm(model_dir: Path) -> LLM:
+def quantized_llm(model: Path, quantization: str = "int8") -> LLM:
     # No prefix caching: the second run of a prompt would prefill only its uncached tail, which rounds
     # differently from the first run's whole prefill; the comparison is of decode steps.
     return LLM(
-        str(model_dir),
+        str(model),
         dtype="float32",
         max_model_len=256,
         kv_cache_memory=16 << 20,
-        quantization="int8",
+        quantization=quantization,
         enable_prefix_caching=False,
     )
 
 
 @requires_kernel
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q/k/v
+@pytest.mark.parametrize("quantization", ["int8", "gguf"])
 def test_fused_decode_is_bit_for_bit_the_modules(
-    arch: str, tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+    arch: str,
+    quantization: str,
+    tiny_model_dir: Callable[[str], Path],
+    tiny_gguf: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    llm = int8_llm(tiny_model_dir(arch))
+    if quantization == "gguf":  # both of the kernel's block formats, one per architecture
+        block_type = "Q4_1" if arch == "llama" else "Q8_0"
+        llm = quantized_llm(tiny_gguf(arch, block_type, with_tokenizer=True), "gguf")
+    else:
+        llm = quantized_llm(tiny_model_dir(arch))
     model = llm.engine.core.runner.model.model
     fused = model.fused_decode
     assert fused is not None
@@ -58,7 +68,7 @@ def test_fused_decode_is_bit_for_bit_the_modules(
 
 @requires_kernel
 def test_models_it_does_not_handle_keep_their_modules(tiny_model_dir: Callable[[str], Path]) -> None:
-    qwen3 = int8_llm(tiny_model_dir("qwen3")).engine.core.runner.model.model  # q/k norms
+    qwen3 = quantized_llm(tiny_model_dir("qwen3")).engine.core.runner.model.model  # q/k norms
     assert qwen3.fused_decode is None
     float_model = LLM(
         str(tiny_model_dir("llama")), dtype="float32", max_model_len=256, kv_cache_memory=16 << 20

@@ -63,7 +63,8 @@ class EngineArgs:
     load_format: Literal["auto", "dummy"] = "auto"
     """auto: load the checkpoint; dummy: random weights of the model's shape (benchmarks)."""
     quantization: str | None = None
-    """int8: int8 linear layers and LM head after loading (2-3x faster decode on x86 CPUs with AVX2)."""
+    """int8: int8 linear layers and LM head after loading (2-3x faster decode on x86 CPUs with AVX2);
+    gguf: a GGUF model's own Q4_0/Q4_1/Q8_0 weights, not dequantized (CPU kernels, as int8)."""
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -19,7 +19,7 @@ from tokenmill.kernels.cpu import kernel_library
 from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.fused_decode import attach_fused_decode
-from tokenmill.model.quantization import quantize
+from tokenmill.model.quantization import check_quantization, quantize
 from tokenmill.worker.memory import GiB, kv_cache_budget
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -49,6 +49,7 @@ class EngineCore:
         self.config = config
         self.device = resolve_device(config.device)
         self.source = resolve_model(config.model.model, config.model.download_dir, config.model.revision)
+        check_quantization(config.model.quantization, self.source)
         self.hf_config = load_hf_config(self.source, config.model.hf_overrides)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.max_model_len = resolve_max_model_len(config.model.max_model_len, self.hf_config)
@@ -61,8 +62,8 @@ class EngineCore:
             self.runner.init_dummy_weights()
         else:
             self.runner.load_weights(iter_weights(self.source, self.dtype))
-        quantize(self.runner.model, config.model.quantization)
-        if config.model.quantization == "int8":
+        quantize(self.runner.model, config.model.quantization, self.source)
+        if config.model.quantization is not None:
             attach_fused_decode(self.runner.model)  # decode-only steps: one C call per layer on CPU
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)

@@ -33,7 +33,7 @@ def omp_wait_policy(quantization: str | None) -> str | None:
     145-153 vs 138-142 tok/s). int8 models run many short parallel regions (one per kernel call), where
     waking sleeping threads costs more than it frees: libgomp's default (spin a while, then sleep) measured
     c=1 TPOT 27 vs 31-36 ms and c=16 148 vs 141 tok/s. None: leave libgomp's default."""
-    return None if quantization == "int8" else "PASSIVE"
+    return None if quantization in ("int8", "gguf") else "PASSIVE"
 
 
 def main(argv: list[str] | None = None) -> int:

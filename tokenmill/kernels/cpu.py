@@ -3,7 +3,7 @@
 The kernels (kernels.c and the sources it includes) are compiled on first use with the system C compiler
 (`$CC`, else cc, gcc or clang) into `$TOKENMILL_CACHE_DIR/kernels` (default `~/.cache/tokenmill/kernels`),
 one file per text of the sources, flags and compiler, so later starts load it at once (a compile takes a
-second or two). Where they cannot be used (not x86-64 with AVX2 and FMA, no compiler,
+second or two). Where they cannot be used (not x86-64 with AVX2, FMA and F16C, no compiler,
 `TOKENMILL_CPU_KERNELS=0`), `kernel_library()` returns None, the reason is logged once, and callers take
 their torch path instead.
 """
@@ -31,7 +31,7 @@ SOURCE = SOURCE_DIR / "kernels.c"  # includes every kernel source of this direct
 ACTIVATION_BLOCK = 32  # input features per activation scale; the kernel needs K to be a multiple of it
 # No contraction of a product and a sum into one FMA unless the source asks for it: a kernel that matches a
 # torch expression bit for bit (layer_ops.c's rotary) must round each operation as torch does.
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 DISABLE_ENV = "TOKENMILL_CPU_KERNELS"
 
@@ -58,8 +58,8 @@ def unavailable_reason() -> str | None:
         return f"{DISABLE_ENV}=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"they are built for x86-64 Linux, not {platform.system()} {platform.machine()}"
-    if not {"avx2", "fma"} <= cpu_flags():
-        return "this CPU lacks AVX2 or FMA"
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        return "this CPU lacks AVX2, FMA or F16C"
     if find_compiler() is None:
         return "no C compiler found: install gcc (or set CC)"
     return None
@@ -119,6 +119,8 @@ def load(source: Path, functions: dict[str, Signature]) -> ctypes.CDLL | None:
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES: dict[str, Signature] = {
     "tm_int8_linear": ([*[_POINTER] * 5, _SIZE, _SIZE, _SIZE], ctypes.c_int),
+    "tm_block_linear": ([_POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _SIZE, _SIZE], ctypes.c_int),
+    "tm_block_group_bytes": ([_SIZE, _SIZE], ctypes.c_int64),
     "tm_paged_decode_attention": (
         # query, its stride, k/v cache, tables, their stride, lengths, out, B, H, KV, D, block size, scale,
         # then the step's keys, their stride, values, their stride, slots
@@ -165,6 +167,42 @@ def int8_linear(
     )
     if status != 0:
         raise MemoryError(f"int8 kernel could not allocate scratch for {num_rows} x {features} activations")
+    return out
+
+
+# Weight layouts of `tm_block_linear` (block_linear.c), GGUF's block types rearranged (model/gguf_linear.py).
+BLOCK_FORMATS = {"Q4_1": 1, "Q8_0": 2}
+
+
+def block_linear(
+    library: ctypes.CDLL,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    block_format: str,
+    num_outputs: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """`x` [M, K] float32 times the weight of `num_outputs` rows that `weight` [ceil(num_outputs / 8), group
+    bytes] uint8 holds in `block_format` (packed as block_linear.c describes), plus float32 `bias`
+    [num_outputs]: [M, num_outputs] float32. The kernel quantizes `x` per row in blocks of 32 features."""
+    x = x.contiguous()
+    num_rows, features = x.shape
+    code = BLOCK_FORMATS[block_format]
+    assert weight.is_contiguous() and weight.shape[0] == -(-num_outputs // 8)
+    assert weight.shape[1] == library.tm_block_group_bytes(code, features)
+    out = torch.empty(num_rows, num_outputs, dtype=torch.float32)
+    status = library.tm_block_linear(
+        x.data_ptr(),
+        weight.data_ptr(),
+        code,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        num_rows,
+        num_outputs,
+        features,
+    )
+    if status != 0:
+        raise MemoryError(f"block kernel could not allocate scratch for {num_rows} x {features} activations")
     return out
 
 

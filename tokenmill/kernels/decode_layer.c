@@ -1,7 +1,8 @@
-/* A whole decoder layer of an int8 Llama-family model for a decode-only step, in one call.
+/* A whole decoder layer of a quantized Llama-family model (int8, or a GGUF file's blocks) for a decode-only
+ * step, in one call.
  *
  * The layer runs the same kernels, in the same order, as the model's modules do one call at a time
- * (tokenmill/model/llama.py with int8 weights: residual add + RMSNorm, QKV, rotary, KV write + paged
+ * (tokenmill/model/llama.py with quantized weights: residual add + RMSNorm, QKV, rotary, KV write + paged
  * attention, output projection, residual add + RMSNorm, gate/up, SiLU-and-multiply, down), so its results
  * are bit for bit theirs. What it saves is everything between the kernels: at decode a layer's arithmetic
  * takes a few hundred microseconds and the Python around nine separate kernel calls about a hundred more.
@@ -9,17 +10,19 @@
  */
 #include <stdint.h>
 
+#define FORMAT_INT8 0 /* int8_linear.c's weights; FORMAT_Q4_1 and FORMAT_Q8_0 are block_linear.c's */
+
 typedef struct {
-    const int8_t* weight; /* [out_features, in_features] */
-    const float* scales;  /* [out_features] */
-    const float* bias;    /* [out_features] or NULL */
-    int64_t out_features, in_features;
-} Int8Weight;
+    const void* weight;  /* FORMAT_INT8: int8 [out_features, in_features]; else block_linear.c's rows */
+    const float* scales; /* FORMAT_INT8: [out_features]; else unused */
+    const float* bias;   /* [out_features] or NULL */
+    int64_t out_features, in_features, format;
+} LayerWeight;
 
 typedef struct {
     const float *input_norm, *post_attention_norm; /* [hidden] RMSNorm weights */
     float eps;
-    Int8Weight qkv, o, gate_up, down;
+    LayerWeight qkv, o, gate_up, down;
     float *k_cache, *v_cache; /* [num_blocks, block_size, num_kv_heads, head_dim] each */
     int64_t num_heads, num_kv_heads, head_dim, block_size;
     float scale;
@@ -34,8 +37,10 @@ typedef struct {
     float* workspace;                /* tm_decode_layer_workspace(layer) floats per sequence */
 } DecodeStep;
 
-static int linear(const Int8Weight* w, const float* x, float* y, int64_t rows) {
-    return tm_int8_linear(x, w->weight, w->scales, w->bias, y, rows, w->out_features, w->in_features);
+static int linear(const LayerWeight* w, const float* x, float* y, int64_t rows) {
+    if (w->format == FORMAT_INT8)
+        return tm_int8_linear(x, w->weight, w->scales, w->bias, y, rows, w->out_features, w->in_features);
+    return tm_block_linear(x, w->weight, w->format, w->bias, y, rows, w->out_features, w->in_features) ? -1 : 0;
 }
 
 /* Floats of scratch per sequence that tm_decode_layer needs in step->workspace. */

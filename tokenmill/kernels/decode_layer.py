@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import ctypes
 
+FORMAT_INT8 = 0  # LayerWeight.format of int8_linear.c's weights; block formats: cpu.BLOCK_FORMATS
 
-class Int8Weight(ctypes.Structure):
+
+class LayerWeight(ctypes.Structure):
     _fields_ = [
         ("weight", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("out_features", ctypes.c_int64),
         ("in_features", ctypes.c_int64),
+        ("format", ctypes.c_int64),
     ]
 
 
@@ -20,10 +23,10 @@ class DecoderLayer(ctypes.Structure):
         ("input_norm", ctypes.c_void_p),
         ("post_attention_norm", ctypes.c_void_p),
         ("eps", ctypes.c_float),
-        ("qkv", Int8Weight),
-        ("o", Int8Weight),
-        ("gate_up", Int8Weight),
-        ("down", Int8Weight),
+        ("qkv", LayerWeight),
+        ("o", LayerWeight),
+        ("gate_up", LayerWeight),
+        ("down", LayerWeight),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
         ("num_heads", ctypes.c_int64),

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -137,8 +137,12 @@ def hf_tensor_names(num_layers: int) -> dict[str, str]:
     return names
 
 
-def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation (its convert script's `permute`).
+RowsT = TypeVar("RowsT", torch.Tensor, np.ndarray)
+
+
+def unpermute_rotary_rows(weight: RowsT, num_heads: int) -> RowsT:
+    """Undo llama.cpp's Q/K row permutation (its convert script's `permute`) on a tensor or an array of rows
+    (values, or a quantized tensor's bytes: each row is moved whole).
 
     HF Llama rotates the two halves of each head's dims ([x0..x(d/2-1)] with [x(d/2)..]); GGML rotates
     adjacent pairs (x0, x1), so the converter interleaves each head's rows:
@@ -146,7 +150,7 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """
     head_dim = weight.shape[0] // num_heads
     per_head = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
-    return per_head.transpose(1, 2).reshape(weight.shape)
+    return per_head.swapaxes(1, 2).reshape(weight.shape)
 
 
 def count_gguf_tensors(gguf_file: Path) -> int:
@@ -158,8 +162,9 @@ def _is_skipped(tensor_name: str) -> bool:
     return tensor_name.rpartition(".")[0] in _SKIPPED_TENSORS or tensor_name in _SKIPPED_TENSORS
 
 
-def iter_gguf_weights(gguf_file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of `gguf_file` under its HF name, dequantized to `dtype`, in HF layout."""
+def iter_gguf_tensors(gguf_file: Path) -> Iterator[tuple[str, GGUFTensor]]:
+    """Every tensor of `gguf_file` under its HF name, rows in HF order, as the file stores them (quantized
+    tensors stay quantized)."""
     # Its own memory map, not the cached one: the pages it reads are unmapped when loading ends.
     tensors = _read_contents(str(gguf_file)).tensors
     architecture = gguf_architecture(gguf_file)
@@ -174,12 +179,18 @@ def iter_gguf_weights(gguf_file: Path, dtype: torch.dtype) -> Iterator[tuple[str
         base_name, _, suffix = tensor.name.rpartition(".")
         if base_name not in hf_names:
             raise ValueError(f"GGUF tensor {tensor.name} of {gguf_file} has no Hugging Face equivalent")
+        data = tensor.data
+        if rows_permuted and base_name.endswith(".attn_q"):
+            data = unpermute_rotary_rows(data, num_heads)
+        elif rows_permuted and base_name.endswith(".attn_k"):
+            data = unpermute_rotary_rows(data, num_kv_heads)
+        yield f"{hf_names[base_name]}.{suffix}", GGUFTensor(tensor.name, tensor.tensor_type, data)
+
+
+def iter_gguf_weights(gguf_file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `gguf_file` under its HF name, dequantized to `dtype`, in HF layout."""
+    for name, tensor in iter_gguf_tensors(gguf_file):
         array = dequantize(tensor.data, tensor.tensor_type)
         if not array.flags.writeable:  # an unquantized tensor is a view of the read-only memory map
             array = np.array(array)
-        weight = torch.from_numpy(array)
-        if rows_permuted and base_name.endswith(".attn_q"):
-            weight = unpermute_rotary_rows(weight, num_heads)
-        elif rows_permuted and base_name.endswith(".attn_k"):
-            weight = unpermute_rotary_rows(weight, num_kv_heads)
-        yield f"{hf_names[base_name]}.{suffix}", weight.to(dtype)
+        yield name, torch.from_numpy(array).to(dtype)

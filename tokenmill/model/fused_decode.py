@@ -1,4 +1,5 @@
-"""Decode-only steps of an int8 Llama-family model on CPU in one C call per layer (kernels/decode_layer.c).
+"""Decode-only steps of a quantized Llama-family model (`--quantization int8` or `gguf`) on CPU in one C call
+per layer (kernels/decode_layer.c).
 
 At decode a layer's kernels take a few hundred microseconds and the Python between them (module calls,
 views, checks, nine ctypes calls) about a hundred more; this path keeps the kernels and drops the rest.
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.kernels.cpu import cache_halves, kernel_library
-from tokenmill.kernels.decode_layer import DecoderLayer, DecodeStep, Int8Weight
+from tokenmill.kernels.cpu import BLOCK_FORMATS, cache_halves, kernel_library
+from tokenmill.kernels.decode_layer import FORMAT_INT8, DecoderLayer, DecodeStep, LayerWeight
+from tokenmill.model.gguf_linear import GGUFLinear
 from tokenmill.model.layers.activation import SiluAndMul
 from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.rotary import RotaryTables
@@ -33,8 +35,8 @@ class FusedDecode:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> FusedDecode | None:
-        """The fused path for a LlamaModel whose every layer it handles (int8 linears, no q/k norm, float32
-        norms), or None."""
+        """The fused path for a LlamaModel whose every layer it handles (int8 or GGUF-block linears, no q/k
+        norm, float32 norms), or None."""
         if not isinstance(model, LlamaModel):
             return None
         layers = [layer for layer in model.layers if _handled(layer)]
@@ -113,7 +115,7 @@ def _handled(layer: nn.Module) -> TypeGuard[LlamaDecoderLayer]:
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     return (
         attn.q_norm is None
-        and all(isinstance(linear, Int8Linear) and _float32_or_none(linear.bias) for linear in linears)
+        and all(_quantized(linear) and _float32_or_none(linear.bias) for linear in linears)
         and isinstance(mlp.act_fn, SiluAndMul)
         and all(isinstance(norm, RMSNorm) and norm.weight.dtype == torch.float32 for norm in norms)
         and norms[0].eps == norms[1].eps
@@ -122,16 +124,22 @@ def _handled(layer: nn.Module) -> TypeGuard[LlamaDecoderLayer]:
     )
 
 
+def _quantized(linear: nn.Module) -> bool:
+    return isinstance(linear, Int8Linear | GGUFLinear)
+
+
 def _float32_or_none(bias: torch.Tensor | None) -> bool:
     return bias is None or bias.dtype == torch.float32
 
 
-def _int8_weight(linear: nn.Module) -> Int8Weight:
-    assert isinstance(linear, Int8Linear)
+def _layer_weight(linear: nn.Module) -> LayerWeight:
+    assert isinstance(linear, Int8Linear | GGUFLinear)
     bias = None if linear.bias is None else linear.bias.data_ptr()
-    return Int8Weight(
-        linear.weight.data_ptr(), linear.scales.data_ptr(), bias, linear.output_size, linear.input_size
-    )
+    if isinstance(linear, GGUFLinear):
+        scales, layout = None, BLOCK_FORMATS[linear.block_format]
+    else:
+        scales, layout = linear.scales.data_ptr(), FORMAT_INT8
+    return LayerWeight(linear.weight.data_ptr(), scales, bias, linear.output_size, linear.input_size, layout)
 
 
 def _layer_struct(layer: LlamaDecoderLayer) -> DecoderLayer:
@@ -141,10 +149,10 @@ def _layer_struct(layer: LlamaDecoderLayer) -> DecoderLayer:
         layer.input_layernorm.weight.data_ptr(),
         layer.post_attention_layernorm.weight.data_ptr(),
         layer.input_layernorm.eps,
-        _int8_weight(layer.self_attn.qkv_proj),
-        _int8_weight(layer.self_attn.o_proj),
-        _int8_weight(layer.mlp.gate_up_proj),
-        _int8_weight(layer.mlp.down_proj),
+        _layer_weight(layer.self_attn.qkv_proj),
+        _layer_weight(layer.self_attn.o_proj),
+        _layer_weight(layer.mlp.gate_up_proj),
+        _layer_weight(layer.mlp.down_proj),
         keys,
         values,
         attn.num_heads,

@@ -157,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
                 continue
-            target, shard_id = _stacked_target(name)
+            target, shard_id = stacked_target(name)
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
             param = params[target]
@@ -171,7 +171,7 @@ class LlamaForCausalLM(nn.Module):
         return loaded
 
 
-def _stacked_target(name: str) -> tuple[str, str | int | None]:
+def stacked_target(name: str) -> tuple[str, str | int | None]:
     for fragment, (fused, shard_id) in STACKED_PARAMS.items():
         if fragment in name:
             return name.replace(fragment, fused), shard_id

@@ -24,7 +24,9 @@ from torch import nn
 
 from tokenmill.config import QUANTIZATION_METHODS
 from tokenmill.kernels.cpu import ACTIVATION_BLOCK, int8_linear, kernel_library
-from tokenmill.kernels.memory import anonymous_tensor
+from tokenmill.kernels.memory import pack_on_huge_pages
+from tokenmill.loader.source import ModelSource
+from tokenmill.model.gguf_linear import quantize_gguf
 from tokenmill.model.layers.activation import SiluAndMul
 from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.linear import LinearBase
@@ -99,25 +101,33 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def pack_int8_weights(layers: list[Int8Linear]) -> None:
-    """Moves the layers' int8 weights (on CPU) into one buffer on huge pages: decode streams every weight
-    byte once per step, and 4 KB pages cost it a TLB miss each (kernels/memory.py)."""
+    """Moves the layers' int8 weights (on CPU) into one buffer on huge pages (kernels/memory.py)."""
     layers = [layer for layer in layers if layer.weight.device.type == "cpu"]
-    sizes = [-(-layer.weight.numel() // 64) * 64 for layer in layers]  # each weight on a cache line
-    storage = anonymous_tensor(sum(sizes), huge_pages=True)
-    offset = 0
-    for layer, size in zip(layers, sizes, strict=True):
-        packed = storage[offset : offset + layer.weight.numel()].view(torch.int8).view(layer.weight.shape)
-        packed.copy_(layer.weight)
+    for layer, packed in zip(layers, pack_on_huge_pages([layer.weight for layer in layers]), strict=True):
         layer.weight = packed
-        offset += size
 
 
-def quantize(model: CausalLM, method: str | None) -> None:
-    """Applies the quantization `method` (None: none) to a loaded model, in place."""
+def check_quantization(method: str | None, source: ModelSource) -> None:
+    """Raises ValueError, naming the fix, if `method` cannot apply to the model `source`."""
+    if method is not None and method not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization {method!r}: choose one of {', '.join(QUANTIZATION_METHODS)}")
+    if method == "gguf" and source.gguf_file is None:
+        raise ValueError(
+            f"--quantization gguf keeps a GGUF file's quantized weights, and {source.name} is not a .gguf "
+            "file: pass a .gguf model, or use --quantization int8"
+        )
+
+
+def quantize(model: CausalLM, method: str | None, source: ModelSource | None = None) -> None:
+    """Applies the quantization `method` (None: none) to a model loaded from `source`, in place."""
     if method is None:
         return
+    module = cast(nn.Module, model)
+    if method == "gguf":
+        assert source is not None and source.gguf_file is not None, "check_quantization first"
+        quantize_gguf(module, source.gguf_file)
+        return
     if method == "int8":
-        module = cast(nn.Module, model)
         device = next(module.parameters()).device
         if device.type != "cpu":
             logger.warning(

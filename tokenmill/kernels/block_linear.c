@@ -1,0 +1,178 @@
+/* Linear layers over a GGUF file's own quantized weights, for x86-64 CPUs with AVX2, FMA and F16C:
+ * y = x . w^T (+ bias), no weight rounded again (the weights are the file's, bit for bit).
+ *
+ * The file stores each weight row in blocks of 32 (llama.cpp's Q4_1: w = d q + m with q in 0..15; Q8_0:
+ * w = d q with q in -127..127; d and m float16). At load (tokenmill/model/gguf_linear.py) the rows are
+ * interleaved eight at a time: for each group of 8 output rows and each block, in this order,
+ *   Q4_1: 4 x 32 bytes of 4-bit values: load i holds in its low halves the weights 4i .. 4i + 3 of each of
+ *         the 8 rows (4 bytes per row, rows in order) and in its high halves the weights 4i + 16 .. 4i + 19;
+ *         then the 8 rows' scales d (float16), then their minimums m (float16): 160 bytes, 20 per row;
+ *   Q8_0: 8 x 32 bytes of int8 values, load i holding the weights 4i .. 4i + 3 of the 8 rows; then the 8
+ *         rows' scales: 272 bytes, 34 per row.
+ * (Row counts that are not a multiple of 8 are padded with zero rows.) So one multiply-add instruction
+ * takes 4 weights of each of 8 rows against the same 4 activations, broadcast: the 8 lanes of the sums are
+ * the 8 outputs, with no horizontal sums, and the 8 rows' scales are one vector.
+ *
+ * The activations are rounded per token to int8 blocks of 32 features as in int8_linear.c (its
+ * quantize_block: kernels.c includes that file first). A weight block and an activation block (scale dx,
+ * values qx) give d dx sum(q qx) + m dx sum(qx). For Q4_1 the int16 pair sums of a block's 8 multiply-adds
+ * are added as int16 (at most 8 x 2 x 15 x 127 = 30480) and widened once.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "simd.h"
+
+#define FORMAT_Q4_1 1
+#define FORMAT_Q8_0 2
+#define COLUMNS 8 /* output rows interleaved per group: one per float lane */
+
+static inline int64_t group_block_bytes(int64_t format) { return format == FORMAT_Q4_1 ? 160 : 272; }
+
+typedef struct {
+    const int8_t* xq;  /* [M, K] activations, quantized */
+    const uint8_t* xa; /* [M, K] their absolute values (Q8_0: maddubs takes the unsigned side from here) */
+    const float* xs;   /* [M, K / 32] their block scales */
+    const float* xsum; /* [M, K / 32] each block's scale times the sum of its values */
+    int64_t K;
+} BlockActivations;
+
+/* The block's sum of values times its scale: the term a weight block's minimum multiplies. */
+static float block_sum(const int8_t* q, float scale) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i*)q));
+    __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+    return scale * hsum(_mm256_cvtepi32_ps(quads)); /* |sum| <= 32 * 127: exact in float */
+}
+
+static inline __m256i broadcast4(const void* p) { /* 4 bytes into every 32-bit lane */
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* acc[j] (8 outputs of activation row m + j, j < rows) plus one weight block's contribution, for the 8
+ * rows of the group whose block starts at `block`. Each row's sum runs in the same order whatever `rows`
+ * is, so a token's output does not depend on which tokens share the call. */
+static inline __attribute__((always_inline)) void block_step(int64_t format, const BlockActivations* a,
+                                                             const uint8_t* block, int64_t b, int64_t m,
+                                                             int rows, __m256 acc[ROWS]) {
+    const int64_t K = a->K, num_blocks = K / BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i sums[ROWS];
+    if (format == FORMAT_Q4_1) {
+        const __m256i low = _mm256_set1_epi8(0x0F);
+        for (int j = 0; j < rows; j++) sums[j] = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            const __m256i packed = _mm256_loadu_si256((const __m256i*)(block + 32 * i));
+            const __m256i first = _mm256_and_si256(packed, low);
+            const __m256i second = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            for (int j = 0; j < rows; j++) {
+                const int8_t* x = a->xq + (m + j) * K + b * BLOCK;
+                sums[j] = _mm256_add_epi16(sums[j], _mm256_maddubs_epi16(first, broadcast4(x + 4 * i)));
+                sums[j] = _mm256_add_epi16(sums[j], _mm256_maddubs_epi16(second, broadcast4(x + 4 * i + 16)));
+            }
+        }
+        for (int j = 0; j < rows; j++) sums[j] = _mm256_madd_epi16(sums[j], ones);
+    } else {
+        for (int j = 0; j < rows; j++) sums[j] = _mm256_setzero_si256();
+        for (int i = 0; i < 8; i++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i*)(block + 32 * i));
+            for (int j = 0; j < rows; j++) {
+                const int64_t offset = (m + j) * K + b * BLOCK + 4 * i;
+                /* |x| times w with x's sign: the unsigned side of maddubs is the activation's */
+                const __m256i signed_w = _mm256_sign_epi8(w, broadcast4(a->xq + offset));
+                const __m256i pairs = _mm256_maddubs_epi16(broadcast4(a->xa + offset), signed_w);
+                sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+    const __m128i* halves = (const __m128i*)(block + (format == FORMAT_Q4_1 ? 128 : 256));
+    const __m256 scales = _mm256_cvtph_ps(_mm_loadu_si128(halves));
+    for (int j = 0; j < rows; j++) {
+        const int64_t at = (m + j) * num_blocks + b;
+        const __m256 dx = _mm256_broadcast_ss(a->xs + at);
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[j]), _mm256_mul_ps(scales, dx), acc[j]);
+    }
+    if (format == FORMAT_Q4_1) {
+        const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128(halves + 1));
+        for (int j = 0; j < rows; j++)
+            acc[j] = _mm256_fmadd_ps(mins, _mm256_broadcast_ss(a->xsum + (m + j) * num_blocks + b), acc[j]);
+    }
+}
+
+/* Outputs n .. n + 7 (the group at `w`) of activation rows m .. m + rows - 1. */
+static inline __attribute__((always_inline)) void group_rows(int64_t format, const BlockActivations* a,
+                                                             const uint8_t* w, const float* bias, float* y,
+                                                             int64_t n, int64_t N, int64_t m, int rows) {
+    const int64_t num_blocks = a->K / BLOCK, bytes = group_block_bytes(format);
+    __m256 acc[ROWS];
+    for (int j = 0; j < rows; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < num_blocks; b++) {
+        if (rows == 1) /* a lone row does too little work per byte for the hardware prefetcher alone */
+            for (int64_t line = 0; line < bytes; line += 64)
+                _mm_prefetch((const char*)(w + b * bytes + line + PREFETCH_BYTES), _MM_HINT_T0);
+        block_step(format, a, w + b * bytes, b, m, rows, acc);
+    }
+    const int64_t valid = N - n < COLUMNS ? N - n : COLUMNS;
+    for (int j = 0; j < rows; j++) {
+        float out[COLUMNS];
+        _mm256_storeu_ps(out, acc[j]);
+        for (int64_t c = 0; c < valid; c++) y[(m + j) * N + n + c] = out[c] + (bias != NULL ? bias[n + c] : 0.0f);
+    }
+}
+
+static inline __attribute__((always_inline)) void group_columns(int64_t format, const BlockActivations* a,
+                                                                const uint8_t* w, const float* bias, float* y,
+                                                                int64_t n, int64_t N, int64_t first, int64_t last) {
+    int64_t m = first;
+    for (; m + ROWS <= last; m += ROWS) group_rows(format, a, w, bias, y, n, N, m, ROWS);
+    for (; m < last; m++) group_rows(format, a, w, bias, y, n, N, m, 1);
+}
+
+/* Bytes of one group of 8 packed weight rows of K features in `format`, or -1 for an unknown format. */
+int64_t tm_block_group_bytes(int64_t format, int64_t K) {
+    return format == FORMAT_Q4_1 || format == FORMAT_Q8_0 ? K / BLOCK * group_block_bytes(format) : -1;
+}
+
+/* x [M, K] float32, w [ceil(N / 8), tm_block_group_bytes(format, K)] packed as above, bias [N] or NULL,
+ * y [M, N] float32. K must be a multiple of 32. Returns 0, -1 if the scratch memory could not be
+ * allocated, -2 for an unknown format. */
+int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const float* bias, float* y, int64_t M,
+                    int64_t N, int64_t K) {
+    if (format != FORMAT_Q4_1 && format != FORMAT_Q8_0) return -2;
+    const int64_t num_blocks = K / BLOCK, group_bytes = num_blocks * group_block_bytes(format);
+    int8_t* xq = malloc((size_t)(2 * M * K));
+    float* xs = malloc((size_t)(2 * M * num_blocks) * sizeof(float));
+    if (xq == NULL || xs == NULL) {
+        free(xq);
+        free(xs);
+        return -1;
+    }
+    const BlockActivations a = {xq, (const uint8_t*)(xq + M * K), xs, xs + M * num_blocks, K};
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * num_blocks; i++) {
+            int8_t* q = xq + i * BLOCK;
+            quantize_block(x + i * BLOCK, q, xs + i);
+            xs[M * num_blocks + i] = block_sum(q, xs[i]);
+            const __m256i v = _mm256_loadu_si256((const __m256i*)q);
+            _mm256_storeu_si256((__m256i*)(xq + M * K + i * BLOCK), _mm256_sign_epi8(v, v));
+        }
+        for (int64_t first = 0; first < M; first += ROW_CHUNK) {
+            const int64_t last = first + ROW_CHUNK < M ? first + ROW_CHUNK : M;
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n += COLUMNS) {
+                const uint8_t* group = w + n / COLUMNS * group_bytes;
+                /* Constant formats, so each call is compiled for its own layout. */
+                if (format == FORMAT_Q4_1)
+                    group_columns(FORMAT_Q4_1, &a, group, bias, y, n, N, first, last);
+                else
+                    group_columns(FORMAT_Q8_0, &a, group, bias, y, n, N, first, last);
+            }
+        }
+    }
+    free(xq);
+    free(xs);
+    return 0;
+}

@@ -1,0 +1,177 @@
+"""`--quantization gguf`: linear layers that keep a GGUF file's own quantized weights (Q4_0, Q4_1, Q8_0).
+
+A Q4_1 GGUF served as float32 reads 4 bytes per weight at every decode step and int8 reads 1 (after
+rounding the file's weights again, per channel); the file itself needs 0.625. This transform takes the
+model as loaded (its float weights are the file's, dequantized) and gives every linear layer whose
+checkpoint tensors are all of one supported block type a `GGUFLinear` holding those tensors' bytes,
+rearranged for the C kernel (kernels/block_linear.c) but not rounded again; the LM head takes the output
+tensor, or the token embedding when tied (the embedding table keeps its float copy for lookups).
+
+The kernel rounds each token's activations to int8 blocks of 32, as the int8 path and llama.cpp do. It runs
+on x86-64 CPUs with AVX2; elsewhere `quantize_gguf` leaves the model as loaded, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from tokenmill.kernels.cpu import block_linear, kernel_library
+from tokenmill.kernels.memory import pack_on_huge_pages
+from tokenmill.loader.gguf_loader import GGUFTensor, iter_gguf_tensors
+from tokenmill.model.layers.activation import SiluAndMul
+from tokenmill.model.layers.embedding import LMHead
+from tokenmill.model.layers.layernorm import RMSNorm
+from tokenmill.model.layers.linear import LinearBase
+from tokenmill.model.llama import stacked_target
+
+logger = logging.getLogger(__name__)
+
+# GGUF block type -> the kernel's layout it is stored in (Q4_0 is Q4_1 with minimum -8 d).
+KERNEL_FORMATS = {
+    GGMLQuantizationType.Q4_0: "Q4_1",
+    GGMLQuantizationType.Q4_1: "Q4_1",
+    GGMLQuantizationType.Q8_0: "Q8_0",
+}
+COLUMNS = 8  # weight rows the kernel interleaves: one per float lane
+SHARD_ORDER = {"q": 0, "k": 1, "v": 2}
+_GGUF_BLOCK_BYTES = {
+    GGMLQuantizationType.Q4_0: 18,
+    GGMLQuantizationType.Q4_1: 20,
+    GGMLQuantizationType.Q8_0: 34,
+}
+
+
+def pack_rows(data: np.ndarray, tensor_type: GGMLQuantizationType) -> np.ndarray:
+    """GGUF rows `data` [N, bytes per row] of a supported block type -> the kernel's groups of 8 rows
+    [ceil(N / 8), bytes per group] (layout in kernels/block_linear.c). Only bytes move: every weight keeps
+    its value."""
+    num_rows = data.shape[0]
+    blocks = np.ascontiguousarray(data).reshape(num_rows, -1, _GGUF_BLOCK_BYTES[tensor_type])
+    padding = -num_rows % COLUMNS  # zero rows: their outputs are never written
+    blocks = np.concatenate([blocks, np.zeros((padding, *blocks.shape[1:]), dtype=np.uint8)])
+    scales = _interleaved(blocks[:, :, 0:2])
+    if tensor_type == GGMLQuantizationType.Q8_0:
+        return np.concatenate([_interleaved(blocks[:, :, 2:]), scales], axis=2).reshape(len(scales), -1)
+    if tensor_type == GGMLQuantizationType.Q4_1:
+        mins, packed = blocks[:, :, 2:4], blocks[:, :, 4:]
+    else:  # Q4_0: w = d (q - 8) = d q + m with m = -8 d (exact in float16: a power of two)
+        mins = (blocks[:, :, 0:2].copy().view(np.float16) * np.float16(-8)).view(np.uint8)
+        packed = blocks[:, :, 2:]
+    # GGUF byte j holds value j (low half) and j + 16 (high half); the kernel's load i holds values 4i ..
+    # 4i + 3 of each row in its low halves and 4i + 16 .. 4i + 19 in its high halves: the same pairing.
+    return np.concatenate([_interleaved(packed), scales, _interleaved(mins)], axis=2).reshape(len(scales), -1)
+
+
+def _interleaved(parts: np.ndarray) -> np.ndarray:
+    """[N, blocks, bytes] -> [N / 8, blocks, bytes * 8]: for each group of 8 rows and each block, the rows'
+    bytes 4 at a time (bytes 0-3 of rows 0..7, then bytes 4-7 of rows 0..7, ...; 2-byte parts row after
+    row)."""
+    num_rows, num_blocks, width = parts.shape
+    step = min(width, 4)
+    grouped = parts.reshape(num_rows // COLUMNS, COLUMNS, num_blocks, width // step, step)
+    return grouped.transpose(0, 2, 3, 1, 4).reshape(num_rows // COLUMNS, num_blocks, width * COLUMNS)
+
+
+class GGUFLinear(nn.Module):
+    """`y = x @ w.T + bias`, w held as a GGUF file's blocks in the kernel's layout (`weight` uint8
+    [ceil(out / 8), group bytes], `block_format` Q4_1 or Q8_0)."""
+
+    weight: torch.Tensor
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        block_format: str,
+        output_size: int,
+        input_size: int,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.output_size, self.input_size, self.block_format = output_size, input_size, block_format
+        self.register_buffer("weight", weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        library = kernel_library()
+        assert library is not None, "GGUFLinear layers are only made where the CPU kernels run"
+        rows = x.reshape(-1, self.input_size).float()
+        out = block_linear(library, rows, self.weight, self.block_format, self.output_size, self.bias)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.output_size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.input_size}, out={self.output_size}, {self.block_format}, bias={self.bias is not None}"
+        )
+
+
+@torch.no_grad()
+def quantize_gguf(model: nn.Module, gguf_file: Path) -> int:
+    """Replaces (in place) each linear layer of `model` (loaded from `gguf_file`) whose checkpoint tensors
+    share one supported block type by a `GGUFLinear` over those tensors; returns how many it replaced."""
+    device = next(model.parameters()).device
+    if device.type != "cpu" or kernel_library() is None:
+        logger.warning(
+            "--quantization gguf runs the file's blocks in CPU kernels (x86-64 with AVX2); on %s the model "
+            "keeps the dequantized weights it was loaded with",
+            device.type if device.type != "cpu" else "this machine",
+        )
+        return 0
+    layers: list[GGUFLinear] = []
+    skipped: dict[str, int] = defaultdict(int)  # block types the kernel does not read -> layers
+    for module_name, tensors in _module_shards(model, dict(iter_gguf_tensors(gguf_file))).items():
+        types = {tensor.tensor_type for tensor in tensors}
+        if len(types) != 1 or next(iter(types)) not in KERNEL_FORMATS:
+            skipped[" + ".join(sorted(t.name for t in types))] += 1
+            continue
+        layer = _gguf_layer(model.get_submodule(module_name), tensors)
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        layers.append(layer)
+    if skipped:
+        kinds = ", ".join(f"{count} of {kind}" for kind, count in sorted(skipped.items()))
+        logger.info("float weights kept for linear layers of block types the kernel does not read: %s", kinds)
+    for layer, weight in zip(layers, pack_on_huge_pages([layer.weight for layer in layers]), strict=True):
+        layer.weight = weight
+    for module in model.modules():  # approximate now, like int8: the fused C norm and activation too
+        if isinstance(module, RMSNorm | SiluAndMul):
+            module.use_cpu_kernel = True
+    return len(layers)
+
+
+def _gguf_layer(module: nn.Module, tensors: list[GGUFTensor]) -> GGUFLinear:
+    """The layer over `tensors` (one block type, stacked in this order) that replaces `module`."""
+    tensor_type = tensors[0].tensor_type
+    packed = pack_rows(np.concatenate([tensor.data for tensor in tensors]), tensor_type)
+    output_size, input_size = cast(torch.Tensor, module.weight).shape
+    bias = cast(torch.Tensor | None, getattr(module, "bias", None))
+    return GGUFLinear(torch.from_numpy(packed), KERNEL_FORMATS[tensor_type], output_size, input_size, bias)
+
+
+def _module_shards(model: nn.Module, tensors: dict[str, GGUFTensor]) -> dict[str, list[GGUFTensor]]:
+    """Each linear module of `model` -> its GGUF tensors, in the order its weight stacks them (q, k, v;
+    gate, up). `tensors` maps HF weight names to the file's tensors."""
+    names = dict(tensors)
+    if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:  # tied: the embedding's blocks
+        names["lm_head.weight"] = names["model.embed_tokens.weight"]
+    names.pop("model.embed_tokens.weight", None)
+    grouped: dict[str, list[tuple[int, GGUFTensor]]] = defaultdict(list)
+    for hf_name, tensor in names.items():
+        if not hf_name.endswith(".weight"):
+            continue
+        target, shard = stacked_target(hf_name)
+        order = SHARD_ORDER[shard] if isinstance(shard, str) else (shard or 0)
+        grouped[target.removesuffix(".weight")].append((order, tensor))
+    modules = dict(model.named_modules())
+    return {
+        name: [tensor for _, tensor in sorted(parts, key=lambda part: part[0])]
+        for name, parts in grouped.items()
+        if isinstance(modules.get(name), LinearBase | LMHead)
+    }
