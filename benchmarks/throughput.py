@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                  # tokenmill, the embedded default model
     python benchmarks/throughput.py --backend hf     # the same workload through transformers generate
+    python benchmarks/throughput.py --quantization gguf   # tokenmill over the GGUF's own 4-bit blocks
 
 Prompts are random token ids (lengths uniform in --input-len-range), every request generates exactly
 --output-len tokens (ignore_eos), so both backends do the same work. Prints output and total tok/s.
@@ -24,6 +25,7 @@ class Result:
     backend: str
     model: str
     dtype: str
+    quantization: str | None
     num_requests: int
     prompt_tokens: int
     output_tokens: int
@@ -52,7 +54,11 @@ def run_tokenmill(args: argparse.Namespace) -> Result:
     from tokenmill import LLM, SamplingParams
 
     llm = LLM(
-        args.model, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager
+        args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        quantization=args.quantization,
     )
     prompts = make_prompts(llm.engine.core.vocab_size, args)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -62,9 +68,9 @@ def run_tokenmill(args: argparse.Namespace) -> Result:
     seconds = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     dtype = str(llm.engine.core.dtype).removeprefix("torch.")
-    return Result(
-        "tokenmill", args.model or "default", dtype, len(prompts), sum(map(len, prompts)), num_out, seconds
-    )
+    num_prompt = sum(map(len, prompts))
+    model = args.model or "default"
+    return Result("tokenmill", model, dtype, args.quantization, len(prompts), num_prompt, num_out, seconds)
 
 
 def load_hf_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
@@ -106,9 +112,8 @@ def run_hf(args: argparse.Namespace) -> Result:
             )
             num_out += (out.shape[1] - width) * len(batch)
     seconds = time.perf_counter() - start
-    return Result(
-        "hf", args.model or "default", dtype, len(prompts), sum(map(len, prompts)), num_out, seconds
-    )
+    num_prompt = sum(map(len, prompts))
+    return Result("hf", args.model or "default", dtype, None, len(prompts), num_prompt, num_out, seconds)
 
 
 def parse_args() -> argparse.Namespace:
@@ -124,6 +129,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--hf-batch-size", type=int, default=16, help="padded batch size of --backend hf")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--quantization", choices=["int8", "gguf"], help="tokenmill's (default: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return parser.parse_args()
