@@ -1,5 +1,6 @@
-"""The int8 CPU kernel against float32 `F.linear` and against the dequantize-then-GEMM fallback, on one
-decoder's worth of a model's linear shapes, side by side in one run.
+"""The CPU linear kernels against float32 `F.linear`, on a model's linear shapes, side by side in one run:
+int8 (`--quantization int8`, and its dequantize-then-GEMM fallback) and the GGUF block kernel
+(`--quantization gguf`) over Q4_1 and Q8_0 weights made from the same random floats.
 
     python benchmarks/int8_linear_bench.py                      # SmolLM2-135M's shapes, 30 layers
     python benchmarks/int8_linear_bench.py --hidden 2048 --intermediate 8192 --kv 512 --layers 4
@@ -16,9 +17,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
 
 from tokenmill.kernels import cpu
 from tokenmill.model import quantization
+from tokenmill.model.gguf_linear import GGUFLinear, pack_rows
 from tokenmill.model.quantization import Int8Linear
 
 
@@ -40,6 +44,21 @@ def run_int8(layers: list[list[Int8Linear]], x: dict[int, torch.Tensor], max_ker
                 linear(x[linear.input_size])
     finally:
         quantization.MAX_KERNEL_ROWS = saved
+
+
+BLOCK_TYPES = (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
+
+
+def gguf_layer(weight: torch.Tensor, block_type: GGMLQuantizationType) -> GGUFLinear:
+    rows = pack_rows(quantize(weight.numpy(), block_type), block_type)
+    block_format = "Q8_0" if block_type == GGMLQuantizationType.Q8_0 else "Q4_1"
+    return GGUFLinear(torch.from_numpy(rows), block_format, weight.shape[0], weight.shape[1], None)
+
+
+def run_gguf(layers: list[list[GGUFLinear]], x: dict[int, torch.Tensor]) -> None:
+    for layer in layers:
+        for linear in layer:
+            linear(x[linear.input_size])
 
 
 def seconds(fn: Callable[..., None], *args: object) -> float:
@@ -64,20 +83,24 @@ def main() -> None:
     shapes = layer_shapes(args.hidden, args.intermediate, args.kv)
     floats = [[torch.randn(n, k) * 0.05 for n, k in shapes] for _ in range(args.layers)]
     int8s = [[Int8Linear(w, None) for w in layer] for layer in floats]
+    q4s, q8s = (
+        [[gguf_layer(w, block_type) for w in layer] for layer in floats] for block_type in BLOCK_TYPES
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.layers} layers of {shapes}")
-    print(f"{'rows':>5} {'float32 ms':>11} {'kernel ms':>10} {'dequant ms':>11} {'float/kernel':>13}")
+    header = ("float32", "int8", "dequant", "Q4_1", "Q8_0")
+    print(f"{'rows':>5} " + " ".join(f"{name + ' ms':>10}" for name in header) + "  float/int8 float/Q4_1")
     for rows in args.rows:
         x = {k: torch.randn(rows, k) for k in {k for _, k in shapes}}
-        best = {"float": float("inf"), "kernel": float("inf"), "dequant": float("inf")}
+        best = dict.fromkeys(header, float("inf"))
         for _ in range(args.repeats):
-            best["float"] = min(best["float"], seconds(run_float, floats, x))
-            best["kernel"] = min(best["kernel"], seconds(run_int8, int8s, x, rows))
+            best["float32"] = min(best["float32"], seconds(run_float, floats, x))
+            best["int8"] = min(best["int8"], seconds(run_int8, int8s, x, rows))
             best["dequant"] = min(best["dequant"], seconds(run_int8, int8s, x, 0))
+            best["Q4_1"] = min(best["Q4_1"], seconds(run_gguf, q4s, x))
+            best["Q8_0"] = min(best["Q8_0"], seconds(run_gguf, q8s, x))
         ms = {name: value * 1e3 for name, value in best.items()}
-        print(
-            f"{rows:>5} {ms['float']:>11.1f} {ms['kernel']:>10.1f} {ms['dequant']:>11.1f}"
-            f" {ms['float'] / ms['kernel']:>12.2f}x"
-        )
+        ratios = f"{ms['float32'] / ms['int8']:>10.2f}x {ms['float32'] / ms['Q4_1']:>8.2f}x"
+        print(f"{rows:>5} " + " ".join(f"{ms[name]:>10.1f}" for name in header) + "  " + ratios)
 
 
 if __name__ == "__main__":
