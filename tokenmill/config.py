@@ -46,6 +46,9 @@ class CacheConfig:
     """Tokens per KV cache block."""
     kv_cache_memory: int | None = None
     """Bytes for the KV cache; None: a fraction of free RAM (CPU) or gpu_memory_utilization (GPU)."""
+    kv_cache_dtype: Dtype = "auto"
+    """The cache's element type. auto: the model's dtype; float16 for int8/gguf-quantized float32 models on
+    CPU (half the bytes read per cached token at decode)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of the GPU's memory the engine may use (weights + activations + KV cache)."""
     cpu_kv_cache_fraction: float = 0.25

@@ -65,11 +65,13 @@ def test_sdpa_backend_plans_once_per_step() -> None:
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (6, 2), (4, 1), (2, 2)])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("head_dim", [16, 72])  # 72: the weighted sum's 64-feature chunk and a rest
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 def test_c_decode_kernel_matches_the_torch_path(
-    case: str, num_heads: int, num_kv_heads: int, strided: bool, head_dim: int
+    case: str, num_heads: int, num_kv_heads: int, strided: bool, head_dim: int, cache_dtype: torch.dtype
 ) -> None:
     """The C kernel reads each sequence's blocks in place (and, in a decode-only step, writes the new keys
-    and values itself); the torch path writes with index_copy_, gathers the blocks and pads."""
+    and values itself, rounding to float16 as torch does for a float16 cache); the torch path writes with
+    index_copy_, gathers the blocks and pads."""
     torch.manual_seed(0)
     lengths = KERNEL_CASES[case] if case in KERNEL_CASES else CASES[case]
     batch = random_paged_batch(lengths, num_heads, num_kv_heads, head_dim=head_dim, block_size=8)
@@ -77,7 +79,7 @@ def test_c_decode_kernel_matches_the_torch_path(
     if strided:  # as the model passes them: views into one [q | k | v] row per token
         qkv = torch.cat([query, key, value], dim=1)
         query, key, value = qkv[:, :num_heads], qkv[:, num_heads:-num_kv_heads], qkv[:, -num_kv_heads:]
-    caches = [batch.kv_cache.clone() for _ in range(2)]
+    caches = [batch.kv_cache.to(cache_dtype) for _ in range(2)]
     outputs = [
         TorchSDPABackend(use_kernel=use_kernel).forward(query, key, value, cache, batch.metadata, batch.scale)
         for use_kernel, cache in zip((True, False), caches, strict=True)
@@ -117,3 +119,18 @@ def test_random_batch_places_each_new_token_in_its_own_block_slot() -> None:
     used = meta.block_tables[meta.block_tables > 0].tolist()
     assert len(set(used)) == len(used) == 3  # blocks 1.. are handed out once; 0 only pads
     assert meta.slot_mapping[0] == meta.block_tables[0, 1] * 4 + 1  # position 5 = block 1, offset 1
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_a_float16_cache_attends_like_the_float32_one(use_kernel: bool) -> None:
+    """Keys and values rounded once to float16 (relative error 2^-11) move the outputs by about as much."""
+    torch.manual_seed(0)
+    batch = random_paged_batch(CASES["prefix_hits_and_decode"], 4, 2, head_dim=16, block_size=8)
+    backend = TorchSDPABackend(use_kernel=use_kernel)
+    args = (batch.query, batch.key, batch.value)
+    exact = backend.forward(*args, batch.kv_cache.clone(), batch.metadata, batch.scale)
+    half_cache = batch.kv_cache.to(torch.float16)
+    halved = backend.forward(*args, half_cache, batch.metadata, batch.scale)
+    assert halved.dtype == torch.float32 and half_cache.dtype == torch.float16
+    torch.testing.assert_close(halved, exact, atol=3e-3, rtol=3e-3)
+    assert not torch.equal(halved, exact)  # the cache did hold float16 values

@@ -5,6 +5,7 @@ import torch
 
 from tokenmill.loader import dtype as dtype_module
 from tokenmill.loader import resolve_dtype
+from tokenmill.loader.dtype import resolve_kv_cache_dtype
 
 
 @pytest.mark.parametrize(
@@ -65,3 +66,28 @@ def test_cpu_flags_from_cpuinfo(
         assert dtype_module.cpu_flags() == expected
     finally:
         dtype_module.cpu_flags.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("name", "model_dtype", "device", "quantization", "expected"),
+    [
+        ("auto", torch.float32, "cpu", None, torch.float32),  # float models match transformers exactly
+        ("auto", torch.float32, "cpu", "gguf", torch.float16),  # quantized on CPU: half the bytes read
+        ("auto", torch.float32, "cpu", "int8", torch.float16),
+        ("auto", torch.bfloat16, "cpu", "int8", torch.bfloat16),
+        ("auto", torch.bfloat16, "cuda", None, torch.bfloat16),
+        ("float32", torch.float32, "cpu", "gguf", torch.float32),
+        ("float16", torch.float32, "cpu", None, torch.float16),
+    ],
+)
+def test_kv_cache_dtype(
+    name: str, model_dtype: torch.dtype, device: str, quantization: str | None, expected: torch.dtype
+) -> None:
+    assert resolve_kv_cache_dtype(name, model_dtype, device, quantization) == expected
+
+
+def test_kv_cache_dtypes_the_kernels_do_not_read_are_refused() -> None:
+    with pytest.raises(ValueError, match="not supported on cuda: .* pass --kv-cache-dtype auto"):
+        resolve_kv_cache_dtype("float16", torch.bfloat16, "cuda", None)
+    with pytest.raises(ValueError, match="unknown kv_cache_dtype 'fp8': choose one of auto, float32"):
+        resolve_kv_cache_dtype("fp8", torch.float32, "cpu", None)

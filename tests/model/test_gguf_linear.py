@@ -73,6 +73,7 @@ def test_the_default_model_generates_with_its_own_blocks() -> None:
     assert {layer.block_format for layer in layers[:-1]} == {"Q4_1"}
     assert model.lm_head is layers[-1] and model.lm_head.block_format == "Q8_0"  # the tied embedding's
     assert model.model.fused_decode is not None  # decode steps take the fused C layer
+    assert llm.engine.core.runner.kv_dtype == torch.float16  # auto: a quantized model's cache on CPU
     out = llm.generate(
         "The capital of France is", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False
     )

@@ -20,6 +20,8 @@ from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.kernels import cpu as kernels
 from tokenmill.kernels.cpu import kernel_library, paged_decode_attention
 
+KERNEL_CACHE_DTYPES = (torch.float32, torch.float16)  # what the C kernels read and write (float32 queries)
+
 
 def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
@@ -29,8 +31,8 @@ def write_kv_cache(
         kernels.write_kv_cache(library, key, value, kv_cache, slots)
         return
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value)
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key.to(kv_cache.dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value.to(kv_cache.dtype))
 
 
 def _kv_write_kernel(
@@ -38,7 +40,8 @@ def _kv_write_kernel(
 ) -> ctypes.CDLL | None:
     applies = (
         key.device.type == "cpu"
-        and key.dtype == value.dtype == kv_cache.dtype == torch.float32
+        and key.dtype == value.dtype == torch.float32
+        and kv_cache.dtype in KERNEL_CACHE_DTYPES
         and kernels.heads_contiguous(key)
         and kernels.heads_contiguous(value)
         and slots.dtype == torch.int64
@@ -50,7 +53,7 @@ def _kv_write_kernel(
 def gather_kv(
     kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's cached keys and values: [seq_len, num_kv_heads, head_dim] each."""
+    """One sequence's cached keys and values: [seq_len, num_kv_heads, head_dim] each, in the cache's dtype."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     num_blocks = (seq_len + block_size - 1) // block_size
     table = block_table[:num_blocks]
@@ -147,7 +150,10 @@ class TorchSDPABackend:
             k, v = key[start:end], value[start:end]
             mask = None
         else:
-            k, v = gather_kv(kv_cache, metadata.block_tables[i], context_len + end - start)
+            k, v = (
+                x.to(q.dtype)
+                for x in gather_kv(kv_cache, metadata.block_tables[i], context_len + end - start)
+            )
             key_pos = torch.arange(k.shape[0], device=q.device)
             query_pos = torch.arange(context_len, context_len + end - start, device=q.device)
             mask = key_pos[None, :] <= query_pos[:, None]  # [query_len, seq_len]
@@ -178,6 +184,7 @@ class TorchSDPABackend:
             .index_select(0, plan.flat_table)
             .view(batch, -1, num_kv_heads, head_dim)[:, : plan.max_len]
             .transpose(1, 2)
+            .to(q.dtype)
             for i in (0, 1)
         )  # [batch, kv_heads, max_len, head_dim]
         # Grouped queries: the heads sharing a KV head become query rows, so K/V are never repeated.
@@ -192,7 +199,8 @@ class TorchSDPABackend:
         applies = (
             self.use_kernel
             and query.device.type == "cpu"
-            and query.dtype == kv_cache.dtype == torch.float32
+            and query.dtype == torch.float32
+            and kv_cache.dtype in KERNEL_CACHE_DTYPES
             and head_dim % 8 == 0
             and kernels.heads_contiguous(query)
         )

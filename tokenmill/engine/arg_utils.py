@@ -42,6 +42,8 @@ class EngineArgs:
     """Tokens per KV cache block."""
     kv_cache_memory: int | None = None
     """KV cache size in bytes (accepts 4GiB, 512MiB); default: sized from free memory."""
+    kv_cache_dtype: Dtype = "auto"
+    """KV cache element type: auto (the model's; float16 for quantized models on CPU), float32, float16."""
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory to use for weights, activations and the KV cache."""
     enable_prefix_caching: bool = True
@@ -96,6 +98,7 @@ class EngineArgs:
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_memory=self.kv_cache_memory,
+                kv_cache_dtype=self.kv_cache_dtype,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 enable_prefix_caching=self.enable_prefix_caching,
             ),

@@ -87,7 +87,7 @@ class EngineCore:
             self.config.cache.block_size,
             capacity,
             num_blocks * block_bytes / GiB,
-            self.dtype,
+            self.runner.kv_dtype,
         )
         return num_blocks
 

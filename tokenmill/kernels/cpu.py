@@ -125,10 +125,13 @@ SIGNATURES: dict[str, Signature] = {
         # query, its stride, k/v cache, tables, their stride, lengths, out, B, H, KV, D, block size, scale,
         # then the step's keys, their stride, values, their stride, slots
         [_POINTER, _SIZE, *[_POINTER] * 3, _SIZE, *[_POINTER] * 2, *[_SIZE] * 5, ctypes.c_float]
-        + [_POINTER, _SIZE, _POINTER, _SIZE, _POINTER],
+        + [_POINTER, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_int],  # ..., the cache holds float16
         ctypes.c_int,
     ),
-    "tm_write_kv_cache": ([_POINTER, _SIZE, _POINTER, _SIZE, *[_POINTER] * 3, _SIZE, _SIZE], None),
+    "tm_write_kv_cache": (
+        [_POINTER, _SIZE, _POINTER, _SIZE, *[_POINTER] * 3, _SIZE, _SIZE, ctypes.c_int],
+        None,
+    ),
     "tm_rms_norm": ([*[_POINTER] * 5, _SIZE, _SIZE, ctypes.c_float], None),
     "tm_rotary": ([_POINTER, _SIZE, *[_POINTER] * 3, *[_SIZE] * 3], None),
     "tm_silu_and_mul": ([_POINTER, _POINTER, _SIZE, _SIZE], None),
@@ -221,7 +224,7 @@ def write_kv_cache(
     library: ctypes.CDLL, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """`key` and `value` [N, KV, D] float32 (heads contiguous) into `kv_cache` [2, num_blocks, block_size,
-    KV, D] at `slots` [N] int64 (contiguous)."""
+    KV, D] (float32 or float16) at `slots` [N] int64 (contiguous)."""
     assert heads_contiguous(key) and heads_contiguous(value) and slots.is_contiguous()
     keys, values = cache_halves(kv_cache)
     num_tokens, row = key.shape[0], key.shape[1] * key.shape[2]
@@ -235,6 +238,7 @@ def write_kv_cache(
         slots.data_ptr(),
         num_tokens,
         row,
+        kv_cache.dtype == torch.float16,
     )
 
 
@@ -251,9 +255,10 @@ def paged_decode_attention(
     new_kv: NewKV | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (`query` [B, H, D] float32; its rows may be strided, its heads must be
-    contiguous) over the paged `kv_cache` [2, num_blocks, block_size, KV, D] float32, with `block_tables`
-    [B, max_blocks] and `seq_lens` [B] int64 (contiguous): [B, H, D] float32. With `new_kv` (key and value
-    [B, KV, D] laid out like `query`, slots [B] int64), the step's keys and values are written first."""
+    contiguous) over the paged `kv_cache` [2, num_blocks, block_size, KV, D] (float32 or float16), with
+    `block_tables` [B, max_blocks] and `seq_lens` [B] int64 (contiguous): [B, H, D] float32. With `new_kv`
+    (key and value [B, KV, D] laid out like `query`, slots [B] int64), the step's keys and values are
+    written first."""
     batch, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     assert heads_contiguous(query) and head_dim % 8 == 0
@@ -278,6 +283,7 @@ def paged_decode_attention(
         None if value is None else value.data_ptr(),
         0 if value is None else value.stride(0),
         None if slots is None else slots.data_ptr(),
+        kv_cache.dtype == torch.float16,
     )
     if status != 0:
         raise MemoryError("paged attention kernel could not allocate its scores")

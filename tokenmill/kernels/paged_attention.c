@@ -1,4 +1,9 @@
-/* Decode attention over the paged float32 KV cache, for x86-64 CPUs with AVX2 and FMA.
+/* Decode attention over the paged KV cache (float32, or float16 read through F16C), for x86-64 CPUs with
+ * AVX2 and FMA.
+ *
+ * Queries, scores and outputs are float32 whatever the cache holds: a float16 cache halves the bytes read
+ * per cached token (decode attention at large batches is bound by them) and rounds keys and values once,
+ * when they are written.
  *
  * One query token per sequence attends to its cached keys and values where they lie in the cache's
  * blocks: nothing is gathered or padded. A task is one sequence with all its heads when there are enough
@@ -20,14 +25,28 @@
 
 #define CHUNK 8 /* vectors of 8 features per pass of the weighted sum: 64 features in registers */
 
-static inline float dot(const float* a, const float* b, int64_t n) {
+/* 8 cached features from element `offset` of `cache` as floats: float16 elements when `half`. */
+static inline __attribute__((always_inline)) __m256 load_kv(const void* cache, int64_t offset, int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)cache + offset)));
+    return _mm256_loadu_ps((const float*)cache + offset);
+}
+
+static inline void store_kv(void* cache, int64_t offset, float x, int half) {
+    if (half)
+        ((uint16_t*)cache)[offset] = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+    else
+        ((float*)cache)[offset] = x;
+}
+
+static inline __attribute__((always_inline)) float dot(const float* a, const void* cache, int64_t offset, int64_t n,
+                                                       int half) {
     __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
-        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), odd);
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_kv(cache, offset + i, half), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_kv(cache, offset + i + 8, half), odd);
     }
-    if (i < n) even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
+    if (i < n) even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_kv(cache, offset + i, half), even);
     return hsum(_mm256_add_ps(even, odd));
 }
 
@@ -47,17 +66,20 @@ static void softmax(float* s, int64_t len_padded) {
 }
 
 typedef struct {
-    const float *k_cache, *v_cache;
+    const void *k_cache, *v_cache;
     const int64_t* table; /* the sequence's blocks */
-    int64_t len, block_size, row;  /* row: floats per cached token (all KV heads) */
+    int64_t len, block_size, row; /* row: elements per cached token (all KV heads) */
+    int half;                     /* float16 elements, else float32 */
 } Sequence;
 
 /* Cached rows are scattered over blocks, so the hardware prefetcher loses the stream at each block's end:
  * rows are requested PREFETCH tokens ahead. */
 #define PREFETCH 8
 
-static inline void prefetch_row(const float* row, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) _mm_prefetch((const char*)(row + i), _MM_HINT_T0);
+/* Elements offset .. offset + n of `cache`, asked for ahead (a hint: never faults). */
+static inline void prefetch_row(const void* cache, int64_t offset, int64_t n, int half) {
+    const int64_t size = half ? 2 : 4;
+    for (int64_t i = 0; i < n * size; i += 64) _mm_prefetch((const char*)cache + offset * size + i, _MM_HINT_T0);
 }
 
 static inline int64_t slot_offset(const Sequence* seq, int64_t t) {
@@ -65,36 +87,79 @@ static inline int64_t slot_offset(const Sequence* seq, int64_t t) {
 }
 
 /* out[0 .. D) = sum_t p[t] * value_t for one query head; `head` is the KV head's offset in a cached row. */
-static void weighted_values(const Sequence* seq, int64_t head, const float* p, float* out, int64_t D) {
+static inline __attribute__((always_inline)) void weighted_values(const Sequence* seq, int64_t head, const float* p,
+                                                                  float* out, int64_t D, int half) {
     for (int64_t d0 = 0; d0 < D; d0 += CHUNK * 8) {
         const int64_t vectors = (D - d0) / 8 < CHUNK ? (D - d0) / 8 : CHUNK;
         __m256 acc[CHUNK];
         for (int i = 0; i < CHUNK; i++) acc[i] = _mm256_setzero_ps();
         for (int64_t t = 0; t < seq->len; t++) {
-            if (t + PREFETCH < seq->len) prefetch_row(seq->v_cache + slot_offset(seq, t + PREFETCH) + head + d0, vectors * 8);
-            const float* value = seq->v_cache + slot_offset(seq, t) + head + d0;
+            if (t + PREFETCH < seq->len)
+                prefetch_row(seq->v_cache, slot_offset(seq, t + PREFETCH) + head + d0, vectors * 8, half);
+            const int64_t value = slot_offset(seq, t) + head + d0;
             const __m256 weight = _mm256_set1_ps(p[t]);
             if (vectors == CHUNK) {
-                for (int i = 0; i < CHUNK; i++) acc[i] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * i), acc[i]);
+                for (int i = 0; i < CHUNK; i++)
+                    acc[i] = _mm256_fmadd_ps(weight, load_kv(seq->v_cache, value + 8 * i, half), acc[i]);
             } else {
-                for (int64_t i = 0; i < vectors; i++) acc[i] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * i), acc[i]);
+                for (int64_t i = 0; i < vectors; i++)
+                    acc[i] = _mm256_fmadd_ps(weight, load_kv(seq->v_cache, value + 8 * i, half), acc[i]);
             }
         }
         for (int64_t i = 0; i < vectors; i++) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
     }
 }
 
+/* One task: sequence b's KV heads first_head .. first_head + heads_per_task - 1 (see tm_paged_decode_attention). */
+static inline __attribute__((always_inline)) int attend(const float* q, int64_t q_stride, void* k_cache, void* v_cache,
+                                                        const int64_t* block_tables, int64_t table_stride,
+                                                        const int64_t* seq_lens, float* out, int64_t b,
+                                                        int64_t first_head, int64_t heads_per_task, int64_t H,
+                                                        int64_t KV, int64_t D, int64_t block_size, float scale,
+                                                        const float* key, int64_t key_stride, const float* value,
+                                                        int64_t value_stride, const int64_t* slots, int half) {
+    const int64_t group = H / KV;
+    const Sequence seq = {k_cache, v_cache, block_tables + b * table_stride, seq_lens[b], block_size, KV * D, half};
+    const int64_t len_padded = (seq.len + 7) / 8 * 8, rows = heads_per_task * group;
+    if (key != NULL) {
+        const int64_t offset = slots[b] * KV * D + first_head * D;
+        for (int64_t i = 0; i < heads_per_task * D; i++) {
+            store_kv(k_cache, offset + i, key[b * key_stride + first_head * D + i], half);
+            store_kv(v_cache, offset + i, value[b * value_stride + first_head * D + i], half);
+        }
+    }
+    float* scores = malloc((size_t)(rows * len_padded + 1) * sizeof(float)); /* [rows, len_padded] */
+    if (scores == NULL) return -1;
+    const float* queries = q + b * q_stride + first_head * group * D;
+    for (int64_t t = 0; t < seq.len; t++) {
+        if (t + PREFETCH < seq.len)
+            prefetch_row(k_cache, slot_offset(&seq, t + PREFETCH) + first_head * D, rows / group * D, half);
+        const int64_t keys = slot_offset(&seq, t) + first_head * D;
+        for (int64_t r = 0; r < rows; r++)
+            scores[r * len_padded + t] = dot(queries + r * D, k_cache, keys + r / group * D, D, half) * scale;
+    }
+    float* heads_out = out + (b * H + first_head * group) * D;
+    for (int64_t r = 0; r < rows; r++) {
+        float* p = scores + r * len_padded;
+        for (int64_t t = seq.len; t < len_padded; t++) p[t] = -INFINITY;
+        softmax(p, len_padded);
+        weighted_values(&seq, (first_head + r / group) * D, p, heads_out + r * D, D, half);
+    }
+    free(scores);
+    return 0;
+}
+
 /* q [B, H, D] with row stride q_stride (floats between sequences; heads are D apart), out [B, H, D]
- * contiguous, block_tables [B, table_stride] int64, seq_lens [B] int64 (counting this step's token). When
- * key is not NULL, each sequence's new key and value (key, value [B, KV, D] with row strides key_stride and
- * value_stride, heads contiguous) are first written to its slot (slots [B] int64), by the task that reads
- * them. Returns 0, or -1 if the scratch memory could not be allocated. */
-int tm_paged_decode_attention(const float* q, int64_t q_stride, float* k_cache, float* v_cache,
+ * contiguous, block_tables [B, table_stride] int64, seq_lens [B] int64 (counting this step's token); the
+ * caches hold float16 when kv_half, else float32. When key is not NULL, each sequence's new key and value
+ * (key, value [B, KV, D] float32 with row strides key_stride and value_stride, heads contiguous) are first
+ * written to its slot (slots [B] int64), by the task that reads them. Returns 0, or -1 if the scratch
+ * memory could not be allocated. */
+int tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, void* v_cache,
                               const int64_t* block_tables, int64_t table_stride, const int64_t* seq_lens,
                               float* out, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t block_size,
                               float scale, const float* key, int64_t key_stride, const float* value,
-                              int64_t value_stride, const int64_t* slots) {
-    const int64_t group = H / KV;
+                              int64_t value_stride, const int64_t* slots, int kv_half) {
     /* Enough sequences to share among the threads: one task each, reading every cached row whole. Fewer:
      * one task per sequence and KV head, so the threads share a sequence's heads. */
     const int64_t heads_per_task = B >= 2 * omp_get_max_threads() ? KV : 1, tasks_per_seq = KV / heads_per_task;
@@ -102,44 +167,25 @@ int tm_paged_decode_attention(const float* q, int64_t q_stride, float* k_cache, 
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
     for (int64_t task = 0; task < B * tasks_per_seq; task++) {
         const int64_t b = task / tasks_per_seq, first_head = task % tasks_per_seq * heads_per_task;
-        const Sequence seq = {k_cache, v_cache, block_tables + b * table_stride, seq_lens[b], block_size, KV * D};
-        const int64_t len_padded = (seq.len + 7) / 8 * 8, rows = heads_per_task * group;
-        if (key != NULL) {
-            const int64_t offset = slots[b] * KV * D + first_head * D;
-            for (int64_t i = 0; i < heads_per_task * D; i++) {
-                k_cache[offset + i] = key[b * key_stride + first_head * D + i];
-                v_cache[offset + i] = value[b * value_stride + first_head * D + i];
-            }
-        }
-        float* scores = malloc((size_t)(rows * len_padded + 1) * sizeof(float)); /* [rows, len_padded] */
-        if (scores == NULL) {
-            failed = 1;
-            continue;
-        }
-        const float* queries = q + b * q_stride + first_head * group * D;
-        for (int64_t t = 0; t < seq.len; t++) {
-            if (t + PREFETCH < seq.len) prefetch_row(k_cache + slot_offset(&seq, t + PREFETCH) + first_head * D, rows / group * D);
-            const float* keys = k_cache + slot_offset(&seq, t) + first_head * D;
-            for (int64_t r = 0; r < rows; r++) scores[r * len_padded + t] = dot(queries + r * D, keys + r / group * D, D) * scale;
-        }
-        float* heads_out = out + (b * H + first_head * group) * D;
-        for (int64_t r = 0; r < rows; r++) {
-            float* p = scores + r * len_padded;
-            for (int64_t t = seq.len; t < len_padded; t++) p[t] = -INFINITY;
-            softmax(p, len_padded);
-            weighted_values(&seq, (first_head + r / group) * D, p, heads_out + r * D, D);
-        }
-        free(scores);
+        /* Constant element types, so each call is compiled for its own. */
+        if (kv_half)
+            failed |= attend(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, b, first_head,
+                             heads_per_task, H, KV, D, block_size, scale, key, key_stride, value, value_stride, slots, 1);
+        else
+            failed |= attend(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, b, first_head,
+                             heads_per_task, H, KV, D, block_size, scale, key, key_stride, value, value_stride, slots, 0);
     }
     return failed ? -1 : 0;
 }
 
-/* The step's new keys and values into their slots: key [N, KV, D] with rows key_stride floats apart (heads
- * contiguous), value likewise, slots [N] int64 indexing [num_blocks * block_size] cached rows of KV * D. */
+/* The step's new keys and values into their slots: key [N, KV, D] float32 with rows key_stride floats
+ * apart (heads contiguous), value likewise, slots [N] int64 indexing [num_blocks * block_size] cached rows
+ * of `row` elements (float16 when kv_half, else float32). */
 void tm_write_kv_cache(const float* key, int64_t key_stride, const float* value, int64_t value_stride,
-                       float* k_cache, float* v_cache, const int64_t* slots, int64_t N, int64_t row) {
-    for (int64_t n = 0; n < N; n++) {
-        float *k = k_cache + slots[n] * row, *v = v_cache + slots[n] * row;
-        for (int64_t i = 0; i < row; i++) k[i] = key[n * key_stride + i], v[i] = value[n * value_stride + i];
-    }
+                       void* k_cache, void* v_cache, const int64_t* slots, int64_t N, int64_t row, int kv_half) {
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t i = 0; i < row; i++) {
+            store_kv(k_cache, slots[n] * row + i, key[n * key_stride + i], kv_half);
+            store_kv(v_cache, slots[n] * row + i, value[n * value_stride + i], kv_half);
+        }
 }

@@ -54,3 +54,31 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if device_type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return torch.float32
+
+
+def resolve_kv_cache_dtype(
+    name: str, model_dtype: torch.dtype, device: torch.device | str, quantization: str | None
+) -> torch.dtype:
+    """The KV cache's dtype for `name` (auto | float32 | bfloat16 | float16).
+
+    auto: the model's dtype, except float16 for a quantized model (int8, gguf) on CPU: its numbers are
+    approximate already, and decode attention at large batches is bound by the bytes it reads per cached
+    token, which float16 halves (llama.cpp keeps its cache in float16 too). Elsewhere a dtype other than
+    the model's is refused: the GPU kernels read the cache in the model's dtype.
+    """
+    if name != "auto" and name not in DTYPES_BY_NAME:
+        choices = ", ".join(["auto", *DTYPES_BY_NAME])
+        raise ValueError(f"unknown kv_cache_dtype {name!r}: choose one of {choices}")
+    on_cpu = torch.device(device).type == "cpu"
+    if name == "auto":
+        quantized_float32 = quantization is not None and model_dtype == torch.float32
+        return torch.float16 if on_cpu and quantized_float32 else model_dtype
+    dtype = DTYPES_BY_NAME[name]
+    if dtype != model_dtype and not (on_cpu and model_dtype == torch.float32 and dtype == torch.float16):
+        model = str(model_dtype).removeprefix("torch.")
+        raise ValueError(
+            f"kv_cache_dtype {name} with a {model} model is not supported on {torch.device(device).type}: "
+            "the attention kernels read float32 or float16 caches of float32 models on CPU, and the model's "
+            "dtype elsewhere; pass --kv-cache-dtype auto"
+        )
+    return dtype

@@ -160,4 +160,5 @@ def _layer_struct(layer: LlamaDecoderLayer) -> DecoderLayer:
         attn.head_dim,
         attn.kv_cache.shape[2],
         attn.scale,
+        attn.kv_cache.dtype == torch.float16,
     )

@@ -13,6 +13,7 @@ from tokenmill.attention.selector import get_attention_backend
 from tokenmill.config import EngineConfig
 from tokenmill.engine.outputs import LogprobsLists, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.kernels.memory import anonymous_tensor
+from tokenmill.loader.dtype import resolve_kv_cache_dtype
 from tokenmill.model.layers.attention import Attention
 from tokenmill.model.llama import head_dim_of
 from tokenmill.model.registry import CausalLM, get_model_class
@@ -36,6 +37,9 @@ class ModelRunner:
     ) -> None:
         self.config, self.hf_config = config, hf_config
         self.device, self.dtype = device, dtype
+        self.kv_dtype = resolve_kv_cache_dtype(
+            config.cache.kv_cache_dtype, dtype, device, config.model.quantization
+        )
         self.block_size = config.cache.block_size
         self.model = build_model(hf_config, device, dtype)
         self.sampler = Sampler()
@@ -70,14 +74,14 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         cfg = self.hf_config
         per_layer = 2 * self.block_size * cfg.num_key_value_heads * head_dim_of(cfg)
-        return per_layer * cfg.num_hidden_layers * self.dtype.itemsize
+        return per_layer * cfg.num_hidden_layers * self.kv_dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
         """Allocates `num_blocks` usable blocks plus one scratch block (the last) for padded graph rows."""
         backend = get_attention_backend(self.device, self.dtype)
         for layer in self.attention_layers:
             shape = kv_cache_shape(num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.kv_cache = zeroed_tensor(shape, self.dtype, self.device)
+            layer.kv_cache = zeroed_tensor(shape, self.kv_dtype, self.device)
             layer.backend = backend
         self.decode_graphs = None
         use_graphs = self.device.type == "cuda" and not self.config.enforce_eager
