@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -219,6 +220,26 @@ def wait_until_serving(url: str, server: subprocess.Popen[bytes], timeout: float
     raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
 
 
+def wait_while_loading(url: str, timeout: float) -> None:
+    """Waits while a running server's /health says 503 (loading its model), up to `timeout` seconds; a
+    server that answers anything else, or does not listen, is left to the requests to report."""
+    health = url.removesuffix("/v1") + "/health"
+    deadline = time.perf_counter() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=5):
+                return
+        except urllib.error.HTTPError as error:
+            if error.code != 503:
+                return
+        except OSError:
+            return
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"the server at {url} was still loading after {timeout:.0f} s")
+        print("the server is loading its model; waiting for /health 200", file=sys.stderr, flush=True)
+        time.sleep(1)
+
+
 @contextmanager
 def launched_server(
     command: str, url: str, timeout: float
@@ -259,7 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--launch", default=None, metavar="COMMAND", help="start the server with this command (see above)"
     )
-    parser.add_argument("--ready-timeout", type=float, default=600, help="seconds --launch waits for it")
+    parser.add_argument(
+        "--ready-timeout", type=float, default=600, help="seconds to wait for the server's /health 200"
+    )
     args = parser.parse_args(argv)
     if len(args.num_requests) != len(args.concurrency):
         parser.error("--num-requests needs one count per --concurrency level")
@@ -298,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.launch:
             results, server_facts = run_against_launched(args)
         else:
+            wait_while_loading(api_url(args.url), args.ready_timeout)
             results = asyncio.run(main_async(args))
     except openai.APIConnectionError:
         print(f"cannot reach a server at {args.url}", file=sys.stderr)

@@ -7,6 +7,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,35 @@ def test_serve_benchmark_reports_a_server_that_exits(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "exited with code 1 before it was ready" in result.stderr
+
+
+@pytest.mark.slow
+def test_serve_benchmark_waits_for_a_server_still_loading(tmp_path: Path) -> None:
+    """Pointed at a server that listens but answers /health 503 while its model loads, the benchmark waits
+    for 200 instead of failing every request with 503."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    serve = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--port", str(port)]
+    server = subprocess.Popen([*serve, "--max-model-len", "512", "--kv-cache-memory", "256MiB"])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # listening: the API answers before the model is loaded
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARK), "--url", f"http://127.0.0.1:{port}/v1"]
+            + ["--concurrency", "1", "--num-requests", "1", "--max-tokens", "3", "--prompt-words", "10"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "waiting for /health 200" in result.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -31,11 +31,19 @@ static inline __attribute__((always_inline)) __m256 load_kv(const void* cache, i
     return _mm256_loadu_ps((const float*)cache + offset);
 }
 
-static inline void store_kv(void* cache, int64_t offset, float x, int half) {
-    if (half)
-        ((uint16_t*)cache)[offset] = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
-    else
-        ((float*)cache)[offset] = x;
+/* n floats from src into the cache from element `offset` (rounded to nearest float16 when `half`). */
+static inline void store_kv(void* cache, int64_t offset, const float* src, int64_t n, int half) {
+    int64_t i = 0;
+    if (half) {
+        uint16_t* out = (uint16_t*)cache + offset;
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i*)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < n; i++) out[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+    } else {
+        float* out = (float*)cache + offset;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_loadu_ps(src + i));
+        for (; i < n; i++) out[i] = src[i];
+    }
 }
 
 static inline __attribute__((always_inline)) float dot(const float* a, const void* cache, int64_t offset, int64_t n,
@@ -123,10 +131,8 @@ static inline __attribute__((always_inline)) int attend(const float* q, int64_t 
     const int64_t len_padded = (seq.len + 7) / 8 * 8, rows = heads_per_task * group;
     if (key != NULL) {
         const int64_t offset = slots[b] * KV * D + first_head * D;
-        for (int64_t i = 0; i < heads_per_task * D; i++) {
-            store_kv(k_cache, offset + i, key[b * key_stride + first_head * D + i], half);
-            store_kv(v_cache, offset + i, value[b * value_stride + first_head * D + i], half);
-        }
+        store_kv(k_cache, offset, key + b * key_stride + first_head * D, heads_per_task * D, half);
+        store_kv(v_cache, offset, value + b * value_stride + first_head * D, heads_per_task * D, half);
     }
     float* scores = malloc((size_t)(rows * len_padded + 1) * sizeof(float)); /* [rows, len_padded] */
     if (scores == NULL) return -1;
@@ -183,9 +189,8 @@ int tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, v
  * of `row` elements (float16 when kv_half, else float32). */
 void tm_write_kv_cache(const float* key, int64_t key_stride, const float* value, int64_t value_stride,
                        void* k_cache, void* v_cache, const int64_t* slots, int64_t N, int64_t row, int kv_half) {
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t i = 0; i < row; i++) {
-            store_kv(k_cache, slots[n] * row + i, key[n * key_stride + i], kv_half);
-            store_kv(v_cache, slots[n] * row + i, value[n * value_stride + i], kv_half);
-        }
+    for (int64_t n = 0; n < N; n++) {
+        store_kv(k_cache, slots[n] * row, key + n * key_stride, row, kv_half);
+        store_kv(v_cache, slots[n] * row, value + n * value_stride, row, kv_half);
+    }
 }
