@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 from torch import nn
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels import cpu
-from tokenmill.loader import iter_weights, load_hf_config, resolve_model
+from tokenmill.loader import gguf_loader, iter_weights, load_hf_config, resolve_model
 from tokenmill.model import gguf_linear
 from tokenmill.model.gguf_linear import GGUFLinear, quantize_gguf
 from tokenmill.model.layers.embedding import LMHead
@@ -108,3 +110,24 @@ def test_off_the_cpu_the_model_keeps_its_dequantized_weights(
     with caplog.at_level(logging.WARNING, logger=gguf_linear.__name__):
         assert quantize_gguf(model, tiny_gguf("qwen2", "Q8_0")) == 0
     assert "on meta the model keeps the dequantized weights it was loaded with" in caplog.text
+
+
+@requires_kernel
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied LM heads
+def test_the_replaced_layers_are_never_dequantized(
+    arch: str, tiny_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading for gguf skips the float copy of every layer that keeps the file's blocks: only the
+    embedding table (looked up in float) and the float32 norms and biases are dequantized."""
+    dequantized: list[str] = []
+
+    def recording(data: object, tensor_type: GGMLQuantizationType) -> object:
+        dequantized.append(tensor_type.name)
+        return dequantize(data, tensor_type)
+
+    monkeypatch.setattr(gguf_loader, "dequantize", recording)
+    llm = LLM(str(tiny_gguf(arch, "Q4_1", with_tokenizer=True)), quantization="gguf", max_model_len=128)
+    assert dequantized.count("Q4_1") == 1  # the token embedding
+    assert set(dequantized) == {"Q4_1", "F32"}
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert len(llm.generate("Hello", greedy, use_tqdm=False)[0].outputs[0].token_ids) == 4

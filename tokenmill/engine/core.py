@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.outputs import EngineCoreOutput, EngineCoreRequest
@@ -19,6 +20,7 @@ from tokenmill.kernels.cpu import kernel_library
 from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.fused_decode import attach_fused_decode
+from tokenmill.model.gguf_linear import apply_gguf_plan, plan_gguf_layers
 from tokenmill.model.quantization import check_quantization, quantize
 from tokenmill.worker.memory import GiB, kv_cache_budget
 from tokenmill.worker.model_runner import ModelRunner
@@ -61,13 +63,25 @@ class EngineCore:
         if config.model.load_format == "dummy":
             self.runner.init_dummy_weights()
         else:
-            self.runner.load_weights(iter_weights(self.source, self.dtype))
-        quantize(self.runner.model, config.model.quantization, self.source)
+            self._load_weights(config.model.quantization)
         if config.model.quantization is not None:
             attach_fused_decode(self.runner.model)  # decode-only steps: one C call per layer on CPU
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+
+    def _load_weights(self, quantization: str | None) -> None:
+        model, gguf_file = cast(nn.Module, self.runner.model), self.source.gguf_file
+        plan = plan_gguf_layers(model, gguf_file) if quantization == "gguf" and gguf_file else None
+        if plan is None:
+            self.runner.load_weights(iter_weights(self.source, self.dtype))
+            if quantization != "gguf":  # gguf without a plan: its kernels do not run here (warned)
+                quantize(self.runner.model, quantization)
+            return
+        # Layers that keep the file's blocks skip their float copy: never dequantized, never held.
+        weights = iter_weights(self.source, self.dtype, plan.unloaded_tensors)
+        self.runner.load_weights(weights, plan.replaced_parameters)
+        apply_gguf_plan(model, plan)
 
     def _num_kv_blocks(self) -> int:
         peak = self.runner.profile_peak_memory(self.max_model_len) if self.device.type == "cuda" else None

@@ -187,9 +187,14 @@ def iter_gguf_tensors(gguf_file: Path) -> Iterator[tuple[str, GGUFTensor]]:
         yield f"{hf_names[base_name]}.{suffix}", GGUFTensor(tensor.name, tensor.tensor_type, data)
 
 
-def iter_gguf_weights(gguf_file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of `gguf_file` under its HF name, dequantized to `dtype`, in HF layout."""
+def iter_gguf_weights(
+    gguf_file: Path, dtype: torch.dtype, skip: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `gguf_file` under its HF name, dequantized to `dtype`, in HF layout; the names in
+    `skip` are left out (and never dequantized)."""
     for name, tensor in iter_gguf_tensors(gguf_file):
+        if name in skip:
+            continue
         array = dequantize(tensor.data, tensor.tensor_type)
         if not array.flags.writeable:  # an unquantized tensor is a view of the read-only memory map
             array = np.array(array)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -112,10 +113,27 @@ class GGUFLinear(nn.Module):
         )
 
 
-@torch.no_grad()
-def quantize_gguf(model: nn.Module, gguf_file: Path) -> int:
-    """Replaces (in place) each linear layer of `model` (loaded from `gguf_file`) whose checkpoint tensors
-    share one supported block type by a `GGUFLinear` over those tensors; returns how many it replaced."""
+@dataclass(frozen=True)
+class GGUFPlan:
+    """Which linear layers of a model take a GGUF file's blocks, decided before the weights are loaded so
+    that the loader can skip dequantizing what those layers replace."""
+
+    layers: dict[str, list[GGUFTensor]]  # module name -> its tensors, stacked in this order
+    checkpoint_names: frozenset[str]  # the HF names of those tensors
+
+    @property
+    def unloaded_tensors(self) -> frozenset[str]:
+        """Checkpoint tensors the float model need not load (the embedding table is still looked up)."""
+        return self.checkpoint_names - {"model.embed_tokens.weight"}
+
+    @property
+    def replaced_parameters(self) -> frozenset[str]:
+        return frozenset(f"{name}.weight" for name in self.layers)
+
+
+def plan_gguf_layers(model: nn.Module, gguf_file: Path) -> GGUFPlan | None:
+    """The layers of `model` whose checkpoint tensors in `gguf_file` share one block type the kernel
+    reads, or None (with a warning) where the kernels do not run: the model then keeps float weights."""
     device = next(model.parameters()).device
     if device.type != "cpu" or kernel_library() is None:
         logger.warning(
@@ -123,27 +141,45 @@ def quantize_gguf(model: nn.Module, gguf_file: Path) -> int:
             "keeps the dequantized weights it was loaded with",
             device.type if device.type != "cpu" else "this machine",
         )
-        return 0
-    layers: list[GGUFLinear] = []
+        return None
+    layers: dict[str, list[GGUFTensor]] = {}
+    names: set[str] = set()
     skipped: dict[str, int] = defaultdict(int)  # block types the kernel does not read -> layers
-    for module_name, tensors in _module_shards(model, dict(iter_gguf_tensors(gguf_file))).items():
-        types = {tensor.tensor_type for tensor in tensors}
+    for module_name, shards in _module_shards(model, dict(iter_gguf_tensors(gguf_file))).items():
+        types = {tensor.tensor_type for _, tensor in shards}
         if len(types) != 1 or next(iter(types)) not in KERNEL_FORMATS:
             skipped[" + ".join(sorted(t.name for t in types))] += 1
             continue
+        layers[module_name] = [tensor for _, tensor in shards]
+        names.update(name for name, _ in shards)
+    if skipped:
+        kinds = ", ".join(f"{count} of {kind}" for kind, count in sorted(skipped.items()))
+        logger.info("float weights kept for linear layers of block types the kernel does not read: %s", kinds)
+    return GGUFPlan(layers, frozenset(names))
+
+
+@torch.no_grad()
+def apply_gguf_plan(model: nn.Module, plan: GGUFPlan) -> int:
+    """Replaces (in place) each planned layer of `model` by a `GGUFLinear` over its tensors (biases come
+    from the loaded layer); returns how many it replaced."""
+    layers: list[GGUFLinear] = []
+    for module_name, tensors in plan.layers.items():
         layer = _gguf_layer(model.get_submodule(module_name), tensors)
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         layers.append(layer)
-    if skipped:
-        kinds = ", ".join(f"{count} of {kind}" for kind, count in sorted(skipped.items()))
-        logger.info("float weights kept for linear layers of block types the kernel does not read: %s", kinds)
     for layer, weight in zip(layers, pack_on_huge_pages([layer.weight for layer in layers]), strict=True):
         layer.weight = weight
     for module in model.modules():  # approximate now, like int8: the fused C norm and activation too
         if isinstance(module, RMSNorm | SiluAndMul):
             module.use_cpu_kernel = True
     return len(layers)
+
+
+def quantize_gguf(model: nn.Module, gguf_file: Path) -> int:
+    """Plans and applies GGUF layers on a model loaded from `gguf_file`; returns how many it replaced."""
+    plan = plan_gguf_layers(model, gguf_file)
+    return 0 if plan is None else apply_gguf_plan(model, plan)
 
 
 def _gguf_layer(module: nn.Module, tensors: list[GGUFTensor]) -> GGUFLinear:
@@ -155,23 +191,25 @@ def _gguf_layer(module: nn.Module, tensors: list[GGUFTensor]) -> GGUFLinear:
     return GGUFLinear(torch.from_numpy(packed), KERNEL_FORMATS[tensor_type], output_size, input_size, bias)
 
 
-def _module_shards(model: nn.Module, tensors: dict[str, GGUFTensor]) -> dict[str, list[GGUFTensor]]:
-    """Each linear module of `model` -> its GGUF tensors, in the order its weight stacks them (q, k, v;
-    gate, up). `tensors` maps HF weight names to the file's tensors."""
+def _module_shards(
+    model: nn.Module, tensors: dict[str, GGUFTensor]
+) -> dict[str, list[tuple[str, GGUFTensor]]]:
+    """Each linear module of `model` -> its GGUF tensors with their HF names, in the order its weight
+    stacks them (q, k, v; gate, up). `tensors` maps HF weight names to the file's tensors."""
     names = dict(tensors)
-    if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:  # tied: the embedding's blocks
-        names["lm_head.weight"] = names["model.embed_tokens.weight"]
-    names.pop("model.embed_tokens.weight", None)
-    grouped: dict[str, list[tuple[int, GGUFTensor]]] = defaultdict(list)
+    embedding = names.pop("model.embed_tokens.weight", None)
+    grouped: dict[str, list[tuple[int, str, GGUFTensor]]] = defaultdict(list)
     for hf_name, tensor in names.items():
         if not hf_name.endswith(".weight"):
             continue
         target, shard = stacked_target(hf_name)
         order = SHARD_ORDER[shard] if isinstance(shard, str) else (shard or 0)
-        grouped[target.removesuffix(".weight")].append((order, tensor))
+        grouped[target.removesuffix(".weight")].append((order, hf_name, tensor))
+    if "lm_head" not in grouped and embedding is not None:  # tied: the head takes the embedding's blocks
+        grouped["lm_head"].append((0, "model.embed_tokens.weight", embedding))
     modules = dict(model.named_modules())
     return {
-        name: [tensor for _, tensor in sorted(parts, key=lambda part: part[0])]
+        name: [(hf_name, tensor) for _, hf_name, tensor in sorted(parts, key=lambda part: part[0])]
         for name, parts in grouped.items()
         if isinstance(modules.get(name), LinearBase | LMHead)
     }

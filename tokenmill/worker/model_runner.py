@@ -49,9 +49,11 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.default_generator = torch.Generator(device=device).manual_seed(config.model.seed)
 
-    def load_weights(self, weights: Any) -> None:
+    def load_weights(self, weights: Any, unloaded: frozenset[str] = frozenset()) -> None:
+        """Loads the checkpoint's `weights`; every parameter must get one, except those named in `unloaded`
+        (replaced after loading, as `--quantization gguf` replaces linear layers)."""
         loaded = self.model.load_weights(weights)
-        missing = {name for name, _ in self.model.named_parameters()} - loaded
+        missing = {name for name, _ in self.model.named_parameters()} - loaded - unloaded
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
 
