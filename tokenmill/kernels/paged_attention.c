@@ -46,18 +46,6 @@ static inline void store_kv(void* cache, int64_t offset, const float* src, int64
     }
 }
 
-static inline __attribute__((always_inline)) float dot(const float* a, const void* cache, int64_t offset, int64_t n,
-                                                       int half) {
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_kv(cache, offset + i, half), even);
-        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_kv(cache, offset + i + 8, half), odd);
-    }
-    if (i < n) even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_kv(cache, offset + i, half), even);
-    return hsum(_mm256_add_ps(even, odd));
-}
-
 /* Scores [len_padded] -> probabilities in place; entries from len on are -inf and come out 0. */
 static void softmax(float* s, int64_t len_padded) {
     __m256 max = _mm256_set1_ps(-INFINITY);
@@ -75,10 +63,19 @@ static void softmax(float* s, int64_t len_padded) {
 
 typedef struct {
     const void *k_cache, *v_cache;
-    const int64_t* table; /* the sequence's blocks */
-    int64_t len, block_size, row; /* row: elements per cached token (all KV heads) */
-    int half;                     /* float16 elements, else float32 */
+    const int64_t* rows; /* [len] where each cached token's row starts, in elements */
+    int64_t len;
+    int half; /* float16 elements, else float32 */
 } Sequence;
+
+/* rows[t] for each of the sequence's len tokens: block by block, with no division per token (a 64-bit
+ * division per token and head cost more than the arithmetic of attention). */
+static void token_rows(const int64_t* table, int64_t len, int64_t block_size, int64_t row, int64_t* rows) {
+    for (int64_t t = 0, block = 0; t < len; block++) {
+        const int64_t base = table[block] * block_size * row;
+        for (int64_t j = 0; j < block_size && t < len; j++, t++) rows[t] = base + j * row;
+    }
+}
 
 /* Cached rows are scattered over blocks, so the hardware prefetcher loses the stream at each block's end:
  * rows are requested PREFETCH tokens ahead. */
@@ -90,9 +87,7 @@ static inline void prefetch_row(const void* cache, int64_t offset, int64_t n, in
     for (int64_t i = 0; i < n * size; i += 64) _mm_prefetch((const char*)cache + offset * size + i, _MM_HINT_T0);
 }
 
-static inline int64_t slot_offset(const Sequence* seq, int64_t t) {
-    return (seq->table[t / seq->block_size] * seq->block_size + t % seq->block_size) * seq->row;
-}
+static inline int64_t slot_offset(const Sequence* seq, int64_t t) { return seq->rows[t]; }
 
 /* out[0 .. D) = sum_t p[t] * value_t for one query head; `head` is the KV head's offset in a cached row. */
 static inline __attribute__((always_inline)) void weighted_values(const Sequence* seq, int64_t head, const float* p,
@@ -118,6 +113,36 @@ static inline __attribute__((always_inline)) void weighted_values(const Sequence
     }
 }
 
+/* Lane i: the sum of the 8 lanes of v[i]. */
+static inline __m256 reduce_lanes_ps(const __m256 v[8]) {
+    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+/* scores[t] = scale * (query . key_t) for every cached token t, the keys at offset `head` of each row. Eight
+ * tokens at a time, one accumulator each, reduced together: a token's sum runs in the same order whichever
+ * tokens share its eight (the last eight repeat the last token where the sequence ends). */
+static inline __attribute__((always_inline)) void head_scores(const Sequence* seq, const float* query, int64_t head,
+                                                              int64_t D, float scale, float* scores, int half) {
+    for (int64_t t = 0; t < seq->len; t += 8) {
+        int64_t rows[8];
+        for (int j = 0; j < 8; j++) rows[j] = slot_offset(seq, t + j < seq->len ? t + j : seq->len - 1) + head;
+        for (int64_t ahead = t + PREFETCH; ahead < t + PREFETCH + 8 && ahead < seq->len; ahead++)
+            prefetch_row(seq->k_cache, slot_offset(seq, ahead) + head, D, half);
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 q = _mm256_loadu_ps(query + d);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(q, load_kv(seq->k_cache, rows[j] + d, half), acc[j]);
+        }
+        float sums[8];
+        _mm256_storeu_ps(sums, _mm256_mul_ps(reduce_lanes_ps(acc), _mm256_set1_ps(scale)));
+        for (int j = 0; j < 8 && t + j < seq->len; j++) scores[t + j] = sums[j];
+    }
+}
+
 /* One task: sequence b's KV heads first_head .. first_head + heads_per_task - 1 (see tm_paged_decode_attention). */
 static inline __attribute__((always_inline)) int attend(const float* q, int64_t q_stride, void* k_cache, void* v_cache,
                                                         const int64_t* block_tables, int64_t table_stride,
@@ -127,23 +152,24 @@ static inline __attribute__((always_inline)) int attend(const float* q, int64_t 
                                                         const float* key, int64_t key_stride, const float* value,
                                                         int64_t value_stride, const int64_t* slots, int half) {
     const int64_t group = H / KV;
-    const Sequence seq = {k_cache, v_cache, block_tables + b * table_stride, seq_lens[b], block_size, KV * D, half};
-    const int64_t len_padded = (seq.len + 7) / 8 * 8, rows = heads_per_task * group;
+    const int64_t len = seq_lens[b], len_padded = (len + 7) / 8 * 8, rows = heads_per_task * group;
     if (key != NULL) {
         const int64_t offset = slots[b] * KV * D + first_head * D;
         store_kv(k_cache, offset, key + b * key_stride + first_head * D, heads_per_task * D, half);
         store_kv(v_cache, offset, value + b * value_stride + first_head * D, heads_per_task * D, half);
     }
     float* scores = malloc((size_t)(rows * len_padded + 1) * sizeof(float)); /* [rows, len_padded] */
-    if (scores == NULL) return -1;
-    const float* queries = q + b * q_stride + first_head * group * D;
-    for (int64_t t = 0; t < seq.len; t++) {
-        if (t + PREFETCH < seq.len)
-            prefetch_row(k_cache, slot_offset(&seq, t + PREFETCH) + first_head * D, rows / group * D, half);
-        const int64_t keys = slot_offset(&seq, t) + first_head * D;
-        for (int64_t r = 0; r < rows; r++)
-            scores[r * len_padded + t] = dot(queries + r * D, k_cache, keys + r / group * D, D, half) * scale;
+    int64_t* token_starts = malloc((size_t)len * sizeof(int64_t));
+    if (scores == NULL || token_starts == NULL) {
+        free(scores);
+        free(token_starts);
+        return -1;
     }
+    token_rows(block_tables + b * table_stride, len, block_size, KV * D, token_starts);
+    const Sequence seq = {k_cache, v_cache, token_starts, len, half};
+    const float* queries = q + b * q_stride + first_head * group * D;
+    for (int64_t r = 0; r < rows; r++)
+        head_scores(&seq, queries + r * D, (first_head + r / group) * D, D, scale, scores + r * len_padded, half);
     float* heads_out = out + (b * H + first_head * group) * D;
     for (int64_t r = 0; r < rows; r++) {
         float* p = scores + r * len_padded;
@@ -152,6 +178,7 @@ static inline __attribute__((always_inline)) int attend(const float* q, int64_t 
         weighted_values(&seq, (first_head + r / group) * D, p, heads_out + r * D, D, half);
     }
     free(scores);
+    free(token_starts);
     return 0;
 }
 
