@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,17 @@ SSE_INTERVAL_S = 0.4
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every socket stays bound until all are picked, so none repeats (one
+    socket at a time, the OS may hand the same port out twice)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -147,7 +156,8 @@ async def start_portal(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Star
     started: list[Portal] = []
 
     async def start(cloudflared: str | None = None, **env: str) -> RunningPortal:
-        ports = {name: free_port() for name in ("portal", "ui", "api", "dead", "dead_int", "open")}
+        names = ("portal", "ui", "api", "dead", "dead_int", "open")
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
         config = "|".join(
             [
                 f"localhost:{ports['portal']}:{ports['ui']}:/:Instance Portal",
