@@ -75,8 +75,7 @@ class EngineCore:
         plan = plan_gguf_layers(model, gguf_file) if quantization == "gguf" and gguf_file else None
         if plan is None:
             self.runner.load_weights(iter_weights(self.source, self.dtype))
-            if quantization != "gguf":  # gguf without a plan: its kernels do not run here (warned)
-                quantize(self.runner.model, quantization)
+            quantize(self.runner.model, quantization)
             return
         # Layers that keep the file's blocks skip their float copy: never dequantized, never held.
         weights = iter_weights(self.source, self.dtype, plan.unloaded_tensors)

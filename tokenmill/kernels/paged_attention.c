@@ -65,7 +65,6 @@ typedef struct {
     const void *k_cache, *v_cache;
     const int64_t* rows; /* [len] where each cached token's row starts, in elements */
     int64_t len;
-    int half; /* float16 elements, else float32 */
 } Sequence;
 
 /* rows[t] for each of the sequence's len tokens: block by block, with no division per token (a 64-bit
@@ -87,8 +86,6 @@ static inline void prefetch_row(const void* cache, int64_t offset, int64_t n, in
     for (int64_t i = 0; i < n * size; i += 64) _mm_prefetch((const char*)cache + offset * size + i, _MM_HINT_T0);
 }
 
-static inline int64_t slot_offset(const Sequence* seq, int64_t t) { return seq->rows[t]; }
-
 /* out[0 .. D) = sum_t p[t] * value_t for one query head; `head` is the KV head's offset in a cached row. */
 static inline __attribute__((always_inline)) void weighted_values(const Sequence* seq, int64_t head, const float* p,
                                                                   float* out, int64_t D, int half) {
@@ -98,8 +95,8 @@ static inline __attribute__((always_inline)) void weighted_values(const Sequence
         for (int i = 0; i < CHUNK; i++) acc[i] = _mm256_setzero_ps();
         for (int64_t t = 0; t < seq->len; t++) {
             if (t + PREFETCH < seq->len)
-                prefetch_row(seq->v_cache, slot_offset(seq, t + PREFETCH) + head + d0, vectors * 8, half);
-            const int64_t value = slot_offset(seq, t) + head + d0;
+                prefetch_row(seq->v_cache, seq->rows[t + PREFETCH] + head + d0, vectors * 8, half);
+            const int64_t value = seq->rows[t] + head + d0;
             const __m256 weight = _mm256_set1_ps(p[t]);
             if (vectors == CHUNK) {
                 for (int i = 0; i < CHUNK; i++)
@@ -127,15 +124,15 @@ static inline __m256 reduce_lanes_ps(const __m256 v[8]) {
 static inline __attribute__((always_inline)) void head_scores(const Sequence* seq, const float* query, int64_t head,
                                                               int64_t D, float scale, float* scores, int half) {
     for (int64_t t = 0; t < seq->len; t += 8) {
-        int64_t rows[8];
-        for (int j = 0; j < 8; j++) rows[j] = slot_offset(seq, t + j < seq->len ? t + j : seq->len - 1) + head;
+        int64_t starts[8];
+        for (int j = 0; j < 8; j++) starts[j] = seq->rows[t + j < seq->len ? t + j : seq->len - 1] + head;
         for (int64_t ahead = t + PREFETCH; ahead < t + PREFETCH + 8 && ahead < seq->len; ahead++)
-            prefetch_row(seq->k_cache, slot_offset(seq, ahead) + head, D, half);
+            prefetch_row(seq->k_cache, seq->rows[ahead] + head, D, half);
         __m256 acc[8];
         for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
             const __m256 q = _mm256_loadu_ps(query + d);
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(q, load_kv(seq->k_cache, rows[j] + d, half), acc[j]);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(q, load_kv(seq->k_cache, starts[j] + d, half), acc[j]);
         }
         float sums[8];
         _mm256_storeu_ps(sums, _mm256_mul_ps(reduce_lanes_ps(acc), _mm256_set1_ps(scale)));
@@ -166,7 +163,7 @@ static inline __attribute__((always_inline)) int attend(const float* q, int64_t 
         return -1;
     }
     token_rows(block_tables + b * table_stride, len, block_size, KV * D, token_starts);
-    const Sequence seq = {k_cache, v_cache, token_starts, len, half};
+    const Sequence seq = {k_cache, v_cache, token_starts, len};
     const float* queries = q + b * q_stride + first_head * group * D;
     for (int64_t r = 0; r < rows; r++)
         head_scores(&seq, queries + r * D, (first_head + r / group) * D, D, scale, scores + r * len_padded, half);

@@ -21,17 +21,16 @@ from typing import cast
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from tokenmill.kernels.cpu import block_linear, kernel_library
 from tokenmill.kernels.memory import pack_on_huge_pages
 from tokenmill.loader.gguf_loader import GGUFTensor, iter_gguf_tensors
-from tokenmill.model.layers.activation import SiluAndMul
 from tokenmill.model.layers.embedding import LMHead
-from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.linear import LinearBase
 from tokenmill.model.llama import stacked_target
+from tokenmill.model.quantization import replace_module, use_cpu_layer_ops
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +42,6 @@ KERNEL_FORMATS = {
 }
 COLUMNS = 8  # weight rows the kernel interleaves: one per float lane
 SHARD_ORDER = {"q": 0, "k": 1, "v": 2}
-_GGUF_BLOCK_BYTES = {
-    GGMLQuantizationType.Q4_0: 18,
-    GGMLQuantizationType.Q4_1: 20,
-    GGMLQuantizationType.Q8_0: 34,
-}
 
 
 def pack_rows(data: np.ndarray, tensor_type: GGMLQuantizationType) -> np.ndarray:
@@ -55,7 +49,8 @@ def pack_rows(data: np.ndarray, tensor_type: GGMLQuantizationType) -> np.ndarray
     [ceil(N / 8), bytes per group] (layout in kernels/block_linear.c). Only bytes move: every weight keeps
     its value."""
     num_rows = data.shape[0]
-    blocks = np.ascontiguousarray(data).reshape(num_rows, -1, _GGUF_BLOCK_BYTES[tensor_type])
+    _, block_bytes = GGML_QUANT_SIZES[tensor_type]
+    blocks = np.ascontiguousarray(data).reshape(num_rows, -1, block_bytes)
     padding = -num_rows % COLUMNS  # zero rows: their outputs are never written
     blocks = np.concatenate([blocks, np.zeros((padding, *blocks.shape[1:]), dtype=np.uint8)])
     scales = _interleaved(blocks[:, :, 0:2])
@@ -165,14 +160,11 @@ def apply_gguf_plan(model: nn.Module, plan: GGUFPlan) -> int:
     layers: list[GGUFLinear] = []
     for module_name, tensors in plan.layers.items():
         layer = _gguf_layer(model.get_submodule(module_name), tensors)
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+        replace_module(model, module_name, layer)
         layers.append(layer)
     for layer, weight in zip(layers, pack_on_huge_pages([layer.weight for layer in layers]), strict=True):
         layer.weight = weight
-    for module in model.modules():  # approximate now, like int8: the fused C norm and activation too
-        if isinstance(module, RMSNorm | SiluAndMul):
-            module.use_cpu_kernel = True
+    use_cpu_layer_ops(model)
     return len(layers)
 
 

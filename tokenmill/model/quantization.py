@@ -26,7 +26,6 @@ from tokenmill.config import QUANTIZATION_METHODS
 from tokenmill.kernels.cpu import ACTIVATION_BLOCK, int8_linear, kernel_library
 from tokenmill.kernels.memory import pack_on_huge_pages
 from tokenmill.loader.source import ModelSource
-from tokenmill.model.gguf_linear import quantize_gguf
 from tokenmill.model.layers.activation import SiluAndMul
 from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.linear import LinearBase
@@ -89,15 +88,23 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         if module.weight.shape[1] % ACTIVATION_BLOCK == 0
     ]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        bias = getattr(module, "bias", None)
-        setattr(parent, child, Int8Linear(module.weight, bias))
+        replace_module(model, name, Int8Linear(module.weight, getattr(module, "bias", None)))
     pack_int8_weights([m for m in model.modules() if isinstance(m, Int8Linear)])
-    for module in model.modules():  # the model is approximate now: the fused C norm and activation too
+    use_cpu_layer_ops(model)
+    return model
+
+
+def replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, replacement)
+
+
+def use_cpu_layer_ops(model: nn.Module) -> None:
+    """A quantized model is approximate already: its RMSNorm and SiluAndMul layers take their C kernels on
+    CPU too (the float model keeps torch's, bit for bit transformers')."""
+    for module in model.modules():
         if isinstance(module, RMSNorm | SiluAndMul):
             module.use_cpu_kernel = True
-    return model
 
 
 def pack_int8_weights(layers: list[Int8Linear]) -> None:
@@ -118,15 +125,13 @@ def check_quantization(method: str | None, source: ModelSource) -> None:
         )
 
 
-def quantize(model: CausalLM, method: str | None, source: ModelSource | None = None) -> None:
-    """Applies the quantization `method` (None: none) to a model loaded from `source`, in place."""
-    if method is None:
+def quantize(model: CausalLM, method: str | None) -> None:
+    """Applies the quantization `method` to a loaded model, in place. None, and gguf, leave it as it is:
+    gguf layers replace the float ones while the weights load (gguf_linear.plan_gguf_layers), and where its
+    kernels do not run the model keeps its float weights."""
+    if method is None or method == "gguf":
         return
     module = cast(nn.Module, model)
-    if method == "gguf":
-        assert source is not None and source.gguf_file is not None, "check_quantization first"
-        quantize_gguf(module, source.gguf_file)
-        return
     if method == "int8":
         device = next(module.parameters()).device
         if device.type != "cpu":
