@@ -29,6 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from tokenmill.attention import triton_decode, triton_kv_write, triton_prefill  # noqa: E402
+from tokenmill.kernels import triton_layer_ops  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ def test_kernels_compile_for_h100() -> None:
     script = [sys.executable, "-W", "error", __file__]
     result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("compiled") == 8, result.stdout
+    assert result.stdout.count("compiled") == 16, result.stdout
 
 
 def compile_for_h100(kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any]) -> Any:
@@ -117,6 +118,19 @@ def prefill_compiles(dtype: str, group_size: int, head_dim: int) -> None:
     compile_for_h100(triton_prefill._prefill_kernel, pointers, constexprs)
 
 
+def layer_ops_compile(dtype: str, hidden: int, head_dim: int) -> None:
+    tensors = ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "summed_ptr")
+    pointers = {name: f"*{dtype}" for name in tensors}
+    for has_residual in (True, False):
+        norm = {"HAS_RESIDUAL": has_residual, "BLOCK": triton.next_power_of_2(hidden)}
+        compile_for_h100(triton_layer_ops._rms_norm_kernel, pointers | {"eps": "fp32"}, norm)
+    pointers = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+    compile_for_h100(triton_layer_ops._silu_and_mul_kernel, pointers, {"BLOCK": 1024})
+    pointers |= {"cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}"}
+    rotary = {"HALF": head_dim // 2, "HALF_PAD": triton.next_power_of_2(head_dim // 2)}
+    compile_for_h100(triton_layer_ops._rotary_kernel, pointers, rotary)
+
+
 def main() -> None:
     kv_write_compiles("bf16", 8, 128)
     kv_write_compiles("fp16", 3, 64)
@@ -125,6 +139,8 @@ def main() -> None:
     prefill_compiles("bf16", 4, 128)
     prefill_compiles("fp16", 7, 64)
     prefill_compiles("fp32", 2, 64)  # float32 models when the Triton backend is forced
+    layer_ops_compile("bf16", 4096, 128)
+    layer_ops_compile("fp16", 576, 64)
 
 
 if __name__ == "__main__":

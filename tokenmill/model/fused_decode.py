@@ -29,6 +29,8 @@ from tokenmill.model.quantization import MAX_KERNEL_ROWS, Int8Linear
 class FusedDecode:
     def __init__(self, layers: list[LlamaDecoderLayer], library: ctypes.CDLL) -> None:
         self.decoder_layers, self.library = layers, library
+        # Looked up once: a step reads their caches, and a submodule lookup costs a microsecond or two.
+        self._attentions = [layer.self_attn.attn for layer in layers]
         self._layers: list[DecoderLayer] = []
         self._caches: list[int] = []  # the KV cache addresses the layer structures were built for
         self._workspace_floats = 0  # per sequence
@@ -87,7 +89,7 @@ class FusedDecode:
 
     def _bound_layers(self) -> list[DecoderLayer]:
         """The layers' structures, rebuilt when the runner has bound new KV caches."""
-        caches = [layer.self_attn.attn.kv_cache.data_ptr() for layer in self.decoder_layers]
+        caches = [attention.kv_cache.data_ptr() for attention in self._attentions]
         if caches != self._caches:
             self._layers = [_layer_struct(layer) for layer in self.decoder_layers]
             self._caches = caches

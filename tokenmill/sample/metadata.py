@@ -131,23 +131,17 @@ class SamplingMetadata:
         all_greedy, all_random = not random_params, not any(greedy)
         # Greedy rows get neutral values: temperature 1 (never a division by 0), no truncation.
         rows = [(p, not g) for p, g in zip(params, greedy, strict=True)]
-        floats = torch.tensor(
-            [
-                [p.temperature if is_random else 1.0 for p, is_random in rows],
-                [p.top_p if is_random else 1.0 for p, is_random in rows],
-                [p.min_p if is_random else 0.0 for p, is_random in rows],
-            ],
-            dtype=torch.float32,
-        ).to(device)  # [3, num_rows]
+        # All greedy: no copy to the device at all (on CUDA each one waits for the step's forward pass).
+        floats = None if all_greedy else _random_row_floats(rows, device)  # [3, num_rows]
         return cls(
             num_rows=num_rows,
             all_greedy=all_greedy,
             all_random=all_random,
-            temperature=None if all_greedy else floats[0],
+            temperature=None if floats is None else floats[0],
             is_greedy=None if all_greedy or all_random else torch.tensor(greedy).to(device),
             top_k=TopK.build(rows, vocab_size, device),
-            top_p=floats[1] if any(p.top_p < 1.0 for p in random_params) else None,
-            min_p=floats[2] if any(p.min_p > 0.0 for p in random_params) else None,
+            top_p=floats[1] if floats is not None and any(p.top_p < 1.0 for p in random_params) else None,
+            min_p=floats[2] if floats is not None and any(p.min_p > 0.0 for p in random_params) else None,
             generators={i: gen for i, gen in enumerate(generators) if gen is not None and not greedy[i]},
             logit_bias=SparseLogits.build(_logit_bias_entries(params), vocab_size, device),
             min_tokens_mask=SparseLogits.build(
@@ -156,6 +150,18 @@ class SamplingMetadata:
             penalties=PenaltyTensors.build(params, prompt_token_ids, output_token_ids, vocab_size, device),
             max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
         )
+
+
+def _random_row_floats(rows: list[tuple[SamplingParams, bool]], device: torch.device) -> torch.Tensor:
+    """[3, num_rows]: temperature, top_p and min_p of each (params, is_random) row; neutral on greedy rows."""
+    return torch.tensor(
+        [
+            [p.temperature if is_random else 1.0 for p, is_random in rows],
+            [p.top_p if is_random else 1.0 for p, is_random in rows],
+            [p.min_p if is_random else 0.0 for p, is_random in rows],
+        ],
+        dtype=torch.float32,
+    ).to(device)
 
 
 def _logit_bias_entries(params: list[SamplingParams]) -> list[tuple[int, int, float]]:

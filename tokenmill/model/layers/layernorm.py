@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.kernels.cpu import kernel_library, rms_norm
+from tokenmill.kernels.gpu import triton_layer_ops
 
 
 class RMSNorm(nn.Module):
@@ -13,6 +14,7 @@ class RMSNorm(nn.Module):
     With `use_cpu_kernel` (set by the int8 transform, whose model is approximate anyway) float32 CPU calls
     take one C kernel call (kernels/layer_ops.c): several times faster at decode, within a rounding of
     torch's result rather than bit for bit, so the float model keeps torch's ops and matches transformers.
+    Half-precision CUDA tensors take one Triton kernel (kernels/triton_layer_ops.py), rounded as below.
     """
 
     use_cpu_kernel = False
@@ -33,6 +35,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        gpu_ops = triton_layer_ops(x)
+        if gpu_ops is not None and self.weight.dtype == x.dtype:  # one launch instead of eight or nine
+            out, summed = gpu_ops.rms_norm(x, residual, self.weight, self.eps)
+            return out if summed is None else (out, summed)
         library = self._kernel(x)
         if library is not None:
             out, summed = rms_norm(library, x, residual, self.weight, self.eps)
