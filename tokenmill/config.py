@@ -69,6 +69,8 @@ class SchedulerConfig:
     """Most requests queued before new ones are refused."""
     long_prefill_token_threshold: int = 0
     """Cap on one request's prefill chunk per step; 0: no cap beyond the budget."""
+    async_scheduling: bool | None = None
+    """Schedule and launch step N+1 before reading step N's tokens; None: on with CUDA."""
 
 
 @dataclass(frozen=True)

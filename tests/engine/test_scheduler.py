@@ -198,3 +198,106 @@ def test_stop_token_id_is_reported_as_stop_reason() -> None:
     step = scheduler.schedule()
     (output,) = scheduler.update_from_output(step, ModelRunnerOutput({"r": 42}))
     assert output.finish_reason == FinishReason.STOP and output.stop_reason == 42
+
+
+# --- async scheduling: the next step scheduled before the previous one's tokens are applied ----------
+
+
+def run_async(scheduler: Scheduler, max_steps: int = 1000) -> tuple[list[SchedulerOutput], int]:
+    """The engine's async loop with the fake runner: each launched step's follower is scheduled before
+    the step's tokens are applied. (The fake runner runs a step when its tokens are applied, which gives
+    what a device would: its inputs are known by then.) Returns the steps and how many were early."""
+    steps: list[SchedulerOutput] = []
+    launched: SchedulerOutput | None = None
+    num_early = 0
+    while (launched is not None or scheduler.has_unfinished_requests()) and len(steps) < max_steps:
+        if launched is None:
+            launched = scheduler.schedule()
+        following = scheduler.schedule_after(launched)
+        scheduler.update_from_output(launched, fake_runner(launched))
+        steps.append(launched)
+        num_early += following is not None
+        launched = following
+    assert not scheduler.has_unfinished_requests(), "scheduler made no progress"
+    return steps, num_early
+
+
+def mixed_requests(scheduler: Scheduler) -> list[Request]:
+    requests = [add(scheduler, f"r{i}", list(range(i, 3 + 3 * i)), max_tokens=4 + 3 * i) for i in range(6)]
+    stopping = SamplingParams(max_tokens=30, temperature=0, stop_token_ids=list(range(0, 1000, 9)))
+    penalised = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, presence_penalty=0.5)
+    late_min = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, min_tokens=9)
+    for request_id, params in (("stops", stopping), ("penalised", penalised), ("min", late_min)):
+        request = Request(EngineCoreRequest(request_id, [5, 6, 7, 8, 9], params))
+        scheduler.add_request(request)
+        requests.append(request)
+    return requests
+
+
+@pytest.mark.parametrize("max_num_seqs", [16, 3])  # 3: requests wait for seats
+def test_async_schedule_gives_the_same_tokens(check_pool_free: list[Scheduler], max_num_seqs: int) -> None:
+    sync_scheduler, async_scheduler = (make_scheduler(max_num_seqs=max_num_seqs, chunk=4) for _ in range(2))
+    check_pool_free.extend([sync_scheduler, async_scheduler])
+    expected, actual = mixed_requests(sync_scheduler), mixed_requests(async_scheduler)
+    run(sync_scheduler)
+    steps, num_early = run_async(async_scheduler)
+    assert [r.output_token_ids for r in actual] == [r.output_token_ids for r in expected]
+    assert [r.finish_reason for r in actual] == [r.finish_reason for r in expected]
+    assert num_early > len(steps) // 3  # steady decoding was scheduled early
+    for step in steps:
+        if step.previous_rows is not None:
+            assert all(s.num_new_tokens == 1 and s.samples for s in step.scheduled)
+
+
+def test_early_step_decodes_previous_rows_and_skips_a_length_finish(check_pool_free: list[Scheduler]) -> None:
+    scheduler = make_scheduler()
+    check_pool_free.append(scheduler)
+    short = add(scheduler, "short", [1, 2, 3], max_tokens=2)
+    long = add(scheduler, "long", [4, 5], max_tokens=9)
+    first = scheduler.schedule()  # both prompts, each samples its first token
+    second = scheduler.schedule_after(first)
+    assert second is not None and second.previous_rows == [0, 1]
+    assert [(s.num_computed_tokens, s.num_new_tokens) for s in second.scheduled] == [(3, 1), (2, 1)]
+    assert all(len(s.block_ids) * BLOCK >= s.num_computed_tokens + 1 for s in second.scheduled)
+    scheduler.update_from_output(first, fake_runner(first))
+    third = scheduler.schedule_after(second)  # short's second token (from `second`) is its last
+    assert third is not None and [s.request for s in third.scheduled] == [long] and third.previous_rows == [1]
+    scheduler.update_from_output(second, fake_runner(second))
+    assert short.finish_reason == FinishReason.LENGTH and short.num_output_tokens == 2
+    scheduler.update_from_output(third, fake_runner(third))
+    run(scheduler)
+
+
+def test_no_early_step_while_a_waiting_request_can_be_admitted_or_a_prompt_is_chunked(
+    check_pool_free: list[Scheduler],
+) -> None:
+    scheduler = make_scheduler(budget=6)
+    check_pool_free.append(scheduler)
+    add(scheduler, "a", [1, 2, 3])
+    add(scheduler, "b", list(range(10, 20)))  # 10 tokens: its prefill takes two steps of the budget
+    first = scheduler.schedule()
+    assert [s.samples for s in first.scheduled] == [True, False]
+    assert scheduler.schedule_after(first) is None  # b's prompt is mid-prefill
+    scheduler.update_from_output(first, fake_runner(first))
+    add(scheduler, "c", [7, 8])
+    second = scheduler.schedule()
+    assert scheduler.schedule_after(second) is None  # c is admitted as a seat is free
+    scheduler.update_from_output(second, fake_runner(second))
+    run(scheduler)
+
+
+def test_abort_while_an_early_step_is_in_flight_frees_everything(check_pool_free: list[Scheduler]) -> None:
+    scheduler = make_scheduler()
+    check_pool_free.append(scheduler)
+    kept = add(scheduler, "kept", [1, 2, 3, 4], max_tokens=6)
+    aborted = add(scheduler, "gone", [5, 6], max_tokens=6)
+    first = scheduler.schedule()
+    second = scheduler.schedule_after(first)
+    assert second is not None
+    scheduler.finish_requests(["gone"], RequestStatus.FINISHED_ABORTED)
+    outputs = scheduler.update_from_output(first, fake_runner(first))
+    outputs += scheduler.update_from_output(second, fake_runner(second))
+    assert {o.request_id for o in outputs} == {"kept"} and aborted.num_output_tokens == 0
+    assert kept.num_output_tokens == 2
+    assert scheduler.schedule_after(second) is None  # the running set changed: back to schedule()
+    run(scheduler)

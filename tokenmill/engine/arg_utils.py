@@ -58,6 +58,8 @@ class EngineArgs:
     """Number of GPUs to split the model across."""
     enforce_eager: bool = False
     """Never compile the model or capture CUDA graphs."""
+    async_scheduling: bool | None = None
+    """Schedule each decode step while the GPU runs the one before (default: on with CUDA)."""
     device: str = "auto"
     """cpu, cuda or auto."""
     hf_overrides: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +108,7 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_waiting=self.max_waiting,
+                async_scheduling=self.async_scheduling,
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             device=self.device,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.outputs import EngineCoreOutput, EngineCoreRequest
+from tokenmill.engine.outputs import EngineCoreOutput, EngineCoreRequest, SchedulerOutput
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.kernels.cpu import kernel_library
@@ -23,7 +23,7 @@ from tokenmill.model.fused_decode import attach_fused_decode
 from tokenmill.model.gguf_linear import apply_gguf_plan, plan_gguf_layers
 from tokenmill.model.quantization import check_quantization, quantize
 from tokenmill.worker.memory import GiB, kv_cache_budget
-from tokenmill.worker.model_runner import ModelRunner
+from tokenmill.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ class EngineCore:
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+        # Only a device that runs behind the host gains from scheduling ahead of it.
+        self.async_scheduling = config.scheduler.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.type == "cuda"
+        self._launched: tuple[SchedulerOutput, LaunchedStep] | None = None
 
     def _load_weights(self, quantization: str | None) -> None:
         model, gguf_file = cast(nn.Module, self.runner.model), self.source.gguf_file
@@ -111,14 +116,23 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def step(self) -> list[EngineCoreOutput]:
-        if not self.scheduler.has_unfinished_requests():
-            return []
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute_model(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        """One step's outputs. With async scheduling they may be the previous step's: a step is launched,
+        the next one scheduled and launched behind it, and only then are the first one's tokens read."""
+        if self._launched is None:
+            if not self.scheduler.has_unfinished_requests():
+                return []
+            scheduler_output = self.scheduler.schedule()
+            if not self.async_scheduling:
+                runner_output = self.runner.execute_model(scheduler_output)
+                return self.scheduler.update_from_output(scheduler_output, runner_output)
+            self._launched = (scheduler_output, self.runner.launch(scheduler_output))
+        scheduler_output, launched = self._launched
+        following = self.scheduler.schedule_after(scheduler_output)
+        self._launched = None if following is None else (following, self.runner.launch(following, launched))
+        return self.scheduler.update_from_output(scheduler_output, launched.output())
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self._launched is not None or self.scheduler.has_unfinished_requests()
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.get_stats()

@@ -69,6 +69,10 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     preempted_request_ids: list[str] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # since the last step: drop their state
+    # Async scheduling: this step was scheduled before the previous step's sampled tokens were read. Each
+    # scheduled request decodes the token the previous step samples for it, in row previous_rows[i] of
+    # that step's sampled ids (still on the device); its token_ids are not known yet.
+    previous_rows: list[int] | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -16,6 +16,7 @@ from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import EngineCoreOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.metrics.stats import SchedulerStats
+from tokenmill.sample.penalties import has_penalties
 
 
 class Scheduler:
@@ -61,6 +62,49 @@ class Scheduler:
             budget = self._admit_waiting(scheduled, budget)
         finished, self.finished_ids = self.finished_ids, []
         return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished)
+
+    def schedule_after(self, previous: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after `previous`, scheduled before `previous`'s sampled tokens are read (async
+        scheduling: the host prepares step N+1 while the device runs step N).
+
+        Only for steady decoding: `previous` ran every running request and each sampled, no waiting
+        request could be admitted, and no request's sampling reads its own output tokens (penalties, a
+        min_tokens boundary), which are one token behind until `previous` is applied. Each request
+        decodes the token `previous` samples for it, except those that token ends by length. None when
+        that is not the step `schedule` would choose, or blocks run out: the caller then applies
+        `previous` and calls `schedule`.
+        """
+        if [s.request for s in previous.scheduled] != self.running:
+            return None  # a request finished or was aborted, or the budget left one out
+        admits = bool(self.waiting) and len(self.running) < self.config.max_num_seqs
+        if admits or len(self.running) > self.config.max_num_batched_tokens:
+            return None
+        scheduled: list[ScheduledRequest] = []
+        rows: list[int] = []
+        for row, prior in enumerate(previous.scheduled):
+            request = prior.request
+            if not prior.samples or not _samples_without_own_outputs(request):
+                return None
+            if self._ends_by_length_after_one_more(request):
+                if self.waiting:
+                    return None  # its seat goes to a waiting request at the next step
+                continue
+            # Blocks for previous's tokens and the one sampled now; known tokens' full blocks are hashed.
+            if not self.kv_cache.allocate_slots(request, prior.num_new_tokens + 1):
+                return None
+            num_computed = prior.num_computed_tokens + prior.num_new_tokens
+            scheduled.append(ScheduledRequest(request, num_computed, 1, list(request.block_ids), True))
+            rows.append(row)
+        if not scheduled:
+            return None
+        finished, self.finished_ids = self.finished_ids, []
+        return SchedulerOutput(scheduled, [], finished, previous_rows=rows)
+
+    def _ends_by_length_after_one_more(self, request: Request) -> bool:
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and request.num_output_tokens + 1 >= max_tokens:
+            return True
+        return request.num_tokens + 1 >= self.max_model_len
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -192,3 +236,10 @@ class Scheduler:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
         )
+
+
+def _samples_without_own_outputs(request: Request) -> bool:
+    """Whether the request's next sampling ignores its output tokens so far (they lag a step when the step
+    is scheduled early): no penalties, and min_tokens is not crossed by the token in flight."""
+    params, num_output = request.sampling_params, request.num_output_tokens
+    return not has_penalties(params) and not num_output < params.min_tokens <= num_output + 1

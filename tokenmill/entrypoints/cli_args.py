@@ -78,7 +78,7 @@ def _converter(name: str, annotation: str) -> dict[str, Any]:
         return {"type": parse_human_int}
     if annotation == "float":
         return {"type": float}
-    if annotation == "bool":
+    if annotation in ("bool", "bool | None"):
         return {"action": argparse.BooleanOptionalAction}
     if annotation == "Dtype":
         return {"choices": typing.get_args(Dtype)}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.sample.device import to_device
 from tokenmill.sample.penalties import PenaltyTensors, TokenIds
 from tokenmill.sampling_params import SamplingParams
 
@@ -28,8 +29,8 @@ class SparseLogits:
         if not entries:
             return None
         rows, token_ids, values = zip(*entries, strict=True)
-        index = torch.tensor([rows, token_ids], dtype=torch.int64).to(device)  # [2, num_entries]
-        return cls(index[0], index[1], torch.tensor(values, dtype=torch.float32).to(device))
+        index = to_device(torch.tensor([rows, token_ids], dtype=torch.int64), device)  # [2, num_entries]
+        return cls(index[0], index[1], to_device(torch.tensor(values, dtype=torch.float32), device))
 
 
 @dataclass
@@ -56,10 +57,10 @@ class TopK:
         limited = [i for i, k in enumerate(top_k) if k < vocab_size]
         unlimited = [i for i, k in enumerate(top_k) if k >= vocab_size]
         return cls(
-            k=torch.tensor(top_k, dtype=torch.int64).to(device),
+            k=to_device(torch.tensor(top_k, dtype=torch.int64), device),
             max_k=max(random_top_k),
-            limited_rows=torch.tensor(limited).to(device) if unlimited else None,
-            unlimited_rows=torch.tensor(unlimited).to(device) if unlimited else None,
+            limited_rows=to_device(torch.tensor(limited), device) if unlimited else None,
+            unlimited_rows=to_device(torch.tensor(unlimited), device) if unlimited else None,
         )
 
 
@@ -131,14 +132,14 @@ class SamplingMetadata:
         all_greedy, all_random = not random_params, not any(greedy)
         # Greedy rows get neutral values: temperature 1 (never a division by 0), no truncation.
         rows = [(p, not g) for p, g in zip(params, greedy, strict=True)]
-        # All greedy: no copy to the device at all (on CUDA each one waits for the step's forward pass).
+        # All greedy: no copy to the device at all.
         floats = None if all_greedy else _random_row_floats(rows, device)  # [3, num_rows]
         return cls(
             num_rows=num_rows,
             all_greedy=all_greedy,
             all_random=all_random,
             temperature=None if floats is None else floats[0],
-            is_greedy=None if all_greedy or all_random else torch.tensor(greedy).to(device),
+            is_greedy=None if all_greedy or all_random else to_device(torch.tensor(greedy), device),
             top_k=TopK.build(rows, vocab_size, device),
             top_p=floats[1] if floats is not None and any(p.top_p < 1.0 for p in random_params) else None,
             min_p=floats[2] if floats is not None and any(p.min_p > 0.0 for p in random_params) else None,
@@ -154,14 +155,12 @@ class SamplingMetadata:
 
 def _random_row_floats(rows: list[tuple[SamplingParams, bool]], device: torch.device) -> torch.Tensor:
     """[3, num_rows]: temperature, top_p and min_p of each (params, is_random) row; neutral on greedy rows."""
-    return torch.tensor(
-        [
-            [p.temperature if is_random else 1.0 for p, is_random in rows],
-            [p.top_p if is_random else 1.0 for p, is_random in rows],
-            [p.min_p if is_random else 0.0 for p, is_random in rows],
-        ],
-        dtype=torch.float32,
-    ).to(device)
+    floats = [
+        [p.temperature if is_random else 1.0 for p, is_random in rows],
+        [p.top_p if is_random else 1.0 for p, is_random in rows],
+        [p.min_p if is_random else 0.0 for p, is_random in rows],
+    ]
+    return to_device(torch.tensor(floats, dtype=torch.float32), device)
 
 
 def _logit_bias_entries(params: list[SamplingParams]) -> list[tuple[int, int, float]]:

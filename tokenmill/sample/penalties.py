@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from tokenmill.sample.device import to_device
 from tokenmill.sampling_params import SamplingParams
 
 # One sequence's token ids: a list, or an int64 array that a caller keeps per request (long prompts then
@@ -44,10 +45,8 @@ class PenaltyTensors:
         if all(not has_penalties(p) for p in params):
             return None
         num_rows = len(params)
-        values = torch.tensor(
-            [[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params],
-            dtype=torch.float32,
-        ).to(device)  # [num_rows, 3]
+        rows = [[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params]
+        values = to_device(torch.tensor(rows, dtype=torch.float32), device)  # [num_rows, 3]
         output_ids: list[TokenIds] = [
             ids if has_penalties(p) else [] for p, ids in zip(params, output_token_ids, strict=True)
         ]
@@ -96,6 +95,6 @@ def _token_counts(
     cols = np.concatenate(parts).astype(np.int64, copy=False)
     rows = np.repeat(np.arange(num_rows), lengths)
     index = np.stack([rows, cols])[:, (cols >= 0) & (cols < vocab_size)]  # [2, num_tokens]
-    rows_t, cols_t = torch.from_numpy(index).to(device)  # one host -> device copy
+    rows_t, cols_t = to_device(torch.from_numpy(index), device)  # one host -> device copy
     counts.index_put_((rows_t, cols_t), torch.ones_like(cols_t, dtype=torch.int32), accumulate=True)
     return counts

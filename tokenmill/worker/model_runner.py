@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -19,7 +20,7 @@ from tokenmill.model.llama import head_dim_of
 from tokenmill.model.registry import CausalLM, get_model_class
 from tokenmill.sample.logprobs import compute_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
-from tokenmill.sample.sampler import Sampler
+from tokenmill.sample.sampler import Sampler, SamplerOutput
 from tokenmill.worker.cuda_graph import DecodeGraphs
 from tokenmill.worker.inputs import HostStager, ModelInputs, prepare_inputs
 
@@ -132,34 +133,40 @@ class ModelRunner:
 
     # --- one step ---------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(scheduler_output).output()
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queues the step's forward pass and sampling on the device without reading the sampled tokens
+        back (on CUDA the host returns while the device works). `previous`: the step whose sampled tokens
+        are this step's inputs, when it was scheduled early (`scheduler_output.previous_rows`)."""
         for request_id in scheduler_output.finished_request_ids:
             self.generators.pop(request_id, None)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput({})
+            return LaunchedStep([], None, ModelRunnerOutput({}))
         inputs = prepare_inputs(scheduler_output, self.block_size, self.stager)
+        if inputs.previous_rows is not None:
+            if previous is None or previous.sampled is None:
+                raise ValueError("a step scheduled early needs the step whose sampled tokens it decodes")
+            inputs.input_ids = previous.sampled.sampled_token_ids.index_select(0, inputs.previous_rows)
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
             hidden = self.decode_graphs.run(inputs)  # [num_tokens, hidden]
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        rows = [scheduler_output.scheduled[i] for i in inputs.sample_seq_indices]
+        sampled = self._sample(rows, inputs, hidden)
         output = ModelRunnerOutput({})
-        self._sample(scheduler_output.scheduled, inputs, hidden, output)
         for i, scheduled in enumerate(scheduler_output.scheduled):
             if scheduled.request.wants_prompt_logprobs:
                 self._prompt_logprobs(scheduled, inputs.attn_metadata.query_start_loc[i], hidden, output)
-        return output
+        return LaunchedStep(rows, sampled, output)
 
     def _sample(
-        self,
-        scheduled: list[ScheduledRequest],
-        inputs: ModelInputs,
-        hidden: torch.Tensor,
-        out: ModelRunnerOutput,
-    ) -> None:
-        if not inputs.sample_seq_indices:
-            return
-        rows = [scheduled[i] for i in inputs.sample_seq_indices]
+        self, rows: list[ScheduledRequest], inputs: ModelInputs, hidden: torch.Tensor
+    ) -> SamplerOutput | None:
+        if not rows:
+            return None
         logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [num_rows, vocab]
         metadata = SamplingMetadata.build(
             [r.request.sampling_params for r in rows],
@@ -169,13 +176,7 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             device=self.device,
         )
-        sampled = self.sampler(logits, metadata)
-        token_ids = sampled.sampled_token_ids.tolist()  # the step's one device -> host transfer of tokens
-        logprobs = sampled.logprobs.tolists() if sampled.logprobs is not None else None
-        for row, (r, token_id) in enumerate(zip(rows, token_ids, strict=True)):
-            out.sampled_token_ids[r.request_id] = token_id
-            if logprobs is not None and r.request.sampling_params.logprobs is not None:
-                out.logprobs[r.request_id] = logprobs.slice(row, row + 1)
+        return self.sampler(logits, metadata)
 
     def _generator(self, scheduled: ScheduledRequest) -> torch.Generator | None:
         seed = scheduled.request.sampling_params.seed
@@ -199,6 +200,29 @@ class ModelRunner:
         next_tokens = torch.tensor(request.prompt_token_ids[start + 1 : end + 1], device=self.device)
         num_top = request.sampling_params.prompt_logprobs or 0
         out.prompt_logprobs[request.request_id] = compute_logprobs(logits, next_tokens, num_top).tolists()
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: its sampling rows, their sampled tokens (still on the device) and
+    whatever was read back already (prompt logprobs)."""
+
+    rows: list[ScheduledRequest]  # the sequences that sampled, in the order of `sampled`
+    sampled: SamplerOutput | None
+    partial: ModelRunnerOutput
+
+    def output(self) -> ModelRunnerOutput:
+        """The step's results on the host: one transfer of the sampled ids (waits for the device)."""
+        if self.sampled is None:
+            return self.partial
+        token_ids = self.sampled.sampled_token_ids.tolist()
+        logprobs = self.sampled.logprobs.tolists() if self.sampled.logprobs is not None else None
+        out = self.partial
+        for row, (r, token_id) in enumerate(zip(self.rows, token_ids, strict=True)):
+            out.sampled_token_ids[r.request_id] = token_id
+            if logprobs is not None and r.request.sampling_params.logprobs is not None:
+                out.logprobs[r.request_id] = logprobs.slice(row, row + 1)
+        return out
 
 
 def zeroed_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
