@@ -23,6 +23,7 @@ from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.attention.backend import AttentionMetadata  # noqa: E402
 from tokenmill.attention.selector import BACKEND_ENV  # noqa: E402
 from tokenmill.attention.triton_backend import TritonBackend  # noqa: E402
+from tokenmill.kernels import gpu, triton_layer_ops  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 SHARED = " ".join(f"word{i}" for i in range(24))
@@ -60,3 +61,25 @@ def test_greedy_tokens_match_sdpa(
 ) -> None:
     model = tiny_model_dir(arch)
     assert generate(model, "triton", monkeypatch) == generate(model, "sdpa", monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: per-head q/k norms on strided views
+def test_greedy_tokens_match_with_triton_layer_ops(
+    arch: str, tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every op of the model in our Triton kernels (RMSNorm with its residual, rotary, SiLU-and-mul and
+    attention), forced onto float32 CPU tensors in the interpreter: the layers' wiring end to end."""
+    model = tiny_model_dir(arch)
+    expected = generate(model, "sdpa", monkeypatch)
+    calls: list[str] = []
+    for name in ("rms_norm", "silu_and_mul", "rotary"):
+        original = getattr(triton_layer_ops, name)
+        spy = lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args)  # noqa: E731
+        monkeypatch.setattr(triton_layer_ops, name, spy)
+    monkeypatch.setenv(gpu.LAYER_OPS_ENV, "1")
+    gpu._mode.cache_clear()
+    try:
+        assert generate(model, "triton", monkeypatch) == expected
+    finally:
+        gpu._mode.cache_clear()
+    assert {"rms_norm", "silu_and_mul", "rotary"} <= set(calls)

@@ -123,11 +123,11 @@ def test_only_half_precision_cuda_tensors_take_them(monkeypatch: pytest.MonkeyPa
     assert gpu.triton_layer_ops(torch.zeros(2, device="cuda")) is None  # float32 keeps torch's ops
     assert gpu.triton_layer_ops(torch.zeros(2, dtype=torch.bfloat16, device="cuda")) is triton_layer_ops
     monkeypatch.setenv(gpu.LAYER_OPS_ENV, "0")
-    gpu._layer_ops_module.cache_clear()
+    gpu._mode.cache_clear()
     try:
         assert gpu.triton_layer_ops(torch.zeros(2, dtype=torch.bfloat16, device="cuda")) is None
     finally:
-        gpu._layer_ops_module.cache_clear()
+        gpu._mode.cache_clear()
 
 
 @pytest.mark.gpu
