@@ -1,7 +1,7 @@
 """Triton kernels for a decoder layer's small ops in half precision: residual add + RMSNorm, SiLU-and-mul
 and rotary embedding, one launch each.
 
-In eager torch these are about twenty kernels per layer (RMSNorm alone is eight: upcast, square, mean,
+In eager torch these are about 25 kernels per layer (RMSNorm alone is eight: upcast, square, mean,
 add, rsqrt, multiply, downcast, weight), and at batch 1 each costs a few microseconds of GPU time even
 replayed from a CUDA graph: on an 8B model, hundreds per step. Each kernel rounds to the model's dtype
 wherever the torch expression it replaces does, so results agree with the eager layers (up to the order of
