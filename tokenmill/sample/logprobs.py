@@ -24,19 +24,27 @@ class LogprobsTensors:
 
     def tolists(self) -> LogprobsLists:
         """Host copy of all rows, in a single device->host transfer."""
-        num_rows, width = self.token_ids.shape
-        # float64 holds int64 ids/ranks below 2**53 and float32 logprobs exactly: one packed copy.
-        packed = torch.cat(
+        return unpack_logprobs(self.packed().cpu())
+
+    def packed(self) -> torch.Tensor:
+        """All rows in one tensor on the device, [num_rows, 2 * (1 + k) + 1] float64, for one copy to the
+        host (float64 holds int64 ids and ranks below 2**53 and float32 logprobs exactly)."""
+        return torch.cat(
             [self.token_ids.double(), self.logprobs.double(), self.ranks.double().unsqueeze(1)], dim=1
-        ).cpu()  # [num_rows, 2 * width + 1]
-        return LogprobsLists(
-            token_ids=packed[:, :width].long().tolist(),
-            logprobs=packed[:, width : 2 * width].tolist(),
-            ranks=packed[:, 2 * width].long().tolist(),
         )
 
     def slice(self, start: int, end: int) -> LogprobsTensors:
         return LogprobsTensors(self.token_ids[start:end], self.logprobs[start:end], self.ranks[start:end])
+
+
+def unpack_logprobs(packed: torch.Tensor) -> LogprobsLists:
+    """`LogprobsTensors.packed()`, on the host, as lists."""
+    width = (packed.shape[1] - 1) // 2
+    return LogprobsLists(
+        token_ids=packed[:, :width].long().tolist(),
+        logprobs=packed[:, width : 2 * width].tolist(),
+        ranks=packed[:, 2 * width].long().tolist(),
+    )
 
 
 def compute_logprobs(logits: torch.Tensor, chosen_token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:

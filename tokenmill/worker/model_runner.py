@@ -18,7 +18,7 @@ from tokenmill.loader.dtype import resolve_kv_cache_dtype
 from tokenmill.model.layers.attention import Attention
 from tokenmill.model.llama import head_dim_of
 from tokenmill.model.registry import CausalLM, get_model_class
-from tokenmill.sample.logprobs import compute_logprobs
+from tokenmill.sample.logprobs import compute_logprobs, unpack_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
 from tokenmill.sample.sampler import Sampler, SamplerOutput
 from tokenmill.worker.cuda_graph import DecodeGraphs
@@ -144,7 +144,7 @@ class ModelRunner:
         for request_id in scheduler_output.finished_request_ids:
             self.generators.pop(request_id, None)
         if scheduler_output.is_empty:
-            return LaunchedStep([], None, ModelRunnerOutput({}))
+            return LaunchedStep([], None, None, ModelRunnerOutput({}))
         inputs = prepare_inputs(scheduler_output, self.block_size, self.stager)
         if inputs.previous_rows is not None:
             if previous is None or previous.sampled is None:
@@ -156,11 +156,12 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         rows = [scheduler_output.scheduled[i] for i in inputs.sample_seq_indices]
         sampled = self._sample(rows, inputs, hidden)
+        results = None if sampled is None else SampledResults.copy_to_host(sampled)
         output = ModelRunnerOutput({})
         for i, scheduled in enumerate(scheduler_output.scheduled):
             if scheduled.request.wants_prompt_logprobs:
                 self._prompt_logprobs(scheduled, inputs.attn_metadata.query_start_loc[i], hidden, output)
-        return LaunchedStep(rows, sampled, output)
+        return LaunchedStep(rows, sampled, results, output)
 
     def _sample(
         self, rows: list[ScheduledRequest], inputs: ModelInputs, hidden: torch.Tensor
@@ -203,26 +204,65 @@ class ModelRunner:
 
 
 @dataclass
+class SampledResults:
+    """A step's sampled ids and packed logprobs on their way to the host.
+
+    On CUDA they are copied into pinned memory right behind the sampler, ahead of whatever is launched
+    next, and an event marks their arrival: reading them waits for this step only, not for the step
+    launched behind it (a plain .cpu() would queue behind that one). Elsewhere they are the tensors.
+    """
+
+    token_ids: torch.Tensor  # [num_rows] int64
+    logprobs: torch.Tensor | None  # LogprobsTensors.packed(); None when no row wants logprobs
+    arrived: torch.cuda.Event | None
+
+    @classmethod
+    def copy_to_host(cls, sampled: SamplerOutput) -> SampledResults:
+        token_ids = sampled.sampled_token_ids
+        logprobs = None if sampled.logprobs is None else sampled.logprobs.packed()
+        if token_ids.device.type != "cuda":
+            return cls(token_ids, logprobs, None)
+        arrived = torch.cuda.Event()
+        host_ids = _to_pinned_host(token_ids)
+        host_logprobs = None if logprobs is None else _to_pinned_host(logprobs)
+        arrived.record()
+        return cls(host_ids, host_logprobs, arrived)
+
+    def wait(self) -> tuple[list[int], LogprobsLists | None]:
+        if self.arrived is not None:
+            self.arrived.synchronize()
+        logprobs = None if self.logprobs is None else unpack_logprobs(self.logprobs.cpu())
+        return self.token_ids.tolist(), logprobs
+
+
+@dataclass
 class LaunchedStep:
-    """A step queued on the device: its sampling rows, their sampled tokens (still on the device) and
-    whatever was read back already (prompt logprobs)."""
+    """A step queued on the device: its sampling rows, their sampled tokens (still on the device, for a
+    step that decodes them before they are read), their copy to the host, and whatever was read back
+    already (prompt logprobs)."""
 
     rows: list[ScheduledRequest]  # the sequences that sampled, in the order of `sampled`
     sampled: SamplerOutput | None
+    results: SampledResults | None
     partial: ModelRunnerOutput
 
     def output(self) -> ModelRunnerOutput:
-        """The step's results on the host: one transfer of the sampled ids (waits for the device)."""
-        if self.sampled is None:
+        """The step's results on the host (waits for this step's device work)."""
+        if self.results is None:
             return self.partial
-        token_ids = self.sampled.sampled_token_ids.tolist()
-        logprobs = self.sampled.logprobs.tolists() if self.sampled.logprobs is not None else None
+        token_ids, logprobs = self.results.wait()
         out = self.partial
         for row, (r, token_id) in enumerate(zip(self.rows, token_ids, strict=True)):
             out.sampled_token_ids[r.request_id] = token_id
             if logprobs is not None and r.request.sampling_params.logprobs is not None:
                 out.logprobs[r.request_id] = logprobs.slice(row, row + 1)
         return out
+
+
+def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of device `tensor` in pinned host memory, queued on the current stream (not waited for)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def zeroed_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
