@@ -7,7 +7,8 @@
 2. greedy fidelity vs transformers: a tiny random-weight Qwen3, float32 (exact) and bfloat16 (agreement)
 3. the nano-vllm workload: Qwen3-0.6B-shaped random weights, 256 requests, input and output lengths
    uniform in 100-1024, ignore_eos, temperature 0.6, through tokenmill and transformers generate
-4. batch-1 decode of a Llama-3.1-8B-shaped model against the roofline (weight bytes / copy bandwidth)
+4. batch-1 decode of a Llama-3.1-8B-shaped model against the roofline (weight bytes / copy bandwidth),
+   with where a token's time goes: the graph replay alone, without async scheduling, with eager small ops
 5. the same with enforce_eager (no CUDA graphs)
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -216,7 +219,7 @@ def llama_8b_config(args: argparse.Namespace) -> object:
 
 
 def check_batch1_decode(args: argparse.Namespace, enforce_eager: bool) -> None:
-    from tokenmill import LLM, SamplingParams
+    from tokenmill import LLM
 
     directory = model_dir(llama_8b_config(args), args.tokenizer, weights=False)
     llm = LLM(str(directory), load_format="dummy", dtype=args.dtype, max_model_len=2048, device=args.device,
@@ -224,19 +227,8 @@ def check_batch1_decode(args: argparse.Namespace, enforce_eager: bool) -> None:
     model = llm.engine.core.runner.model
     embed_bytes = model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - embed_bytes
-    prompt = {"prompt_token_ids": list(range(1000, 1128))}
     num_decode = 512 if not args.smoke else 16
-    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    timings = []
-    for max_tokens in (1, num_decode + 1):
-        sync(args)
-        start = time.perf_counter()
-        llm.generate(
-            prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False
-        )
-        sync(args)
-        timings.append(time.perf_counter() - start)
-    per_token = (timings[1] - timings[0]) / num_decode
+    per_token = decode_seconds_per_token(llm, num_decode, args)
     bandwidth = copy_bandwidth(args)
     roofline = weight_bytes / bandwidth
     name = "5 batch-1 decode, enforce_eager" if enforce_eager else "4 batch-1 decode, CUDA graphs"
@@ -248,12 +240,54 @@ def check_batch1_decode(args: argparse.Namespace, enforce_eager: bool) -> None:
     )
     graphs = llm.engine.core.runner.decode_graphs
     if graphs is not None and 1 in graphs.graphs:
-        forward = graph_replay_seconds(graphs.graphs[1], 100 if not args.smoke else 5)
-        detail += (
-            f"; of each token, the forward pass (graph replay alone) {forward * 1e3:.2f} ms, the LM head, "
-            f"sampling and host work {(per_token - forward) * 1e3:.2f} ms"
-        )
+        try:  # diagnostics: the measurement above stands if they fail
+            detail += "; " + explain_batch1_decode(llm, graphs, per_token, num_decode, args)
+        except Exception as error:  # noqa: BLE001
+            detail += f"; breakdown failed: {error!r}"
     record(name, verdict, detail)
+
+
+def decode_seconds_per_token(llm: Any, num_decode: int, args: argparse.Namespace) -> float:
+    """Seconds per decoded token of one 128-token prompt (prefill and warm-up excluded)."""
+    from tokenmill import SamplingParams
+
+    prompt = {"prompt_token_ids": list(range(1000, 1128))}
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    timings = []
+    for max_tokens in (1, num_decode + 1):
+        sync(args)
+        start = time.perf_counter()
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        llm.generate(prompt, params, use_tqdm=False)
+        sync(args)
+        timings.append(time.perf_counter() - start)
+    return (timings[1] - timings[0]) / num_decode
+
+
+def explain_batch1_decode(
+    llm: Any, graphs: Any, per_token: float, num_decode: int, args: argparse.Namespace
+) -> str:
+    """Where a token's time goes: the forward pass alone (graph replay), and what turning off async
+    scheduling, then the Triton layer ops (graphs captured again with eager small ops), costs."""
+    from tokenmill.kernels import gpu
+
+    core = llm.engine.core
+    forward = graph_replay_seconds(graphs.graphs[1], 100 if not args.smoke else 5)
+    parts = [
+        f"forward pass alone (graph replay) {forward * 1e3:.2f} ms, the LM head, sampling and host work "
+        f"{(per_token - forward) * 1e3:.2f} ms"
+    ]
+    core.async_scheduling = False
+    parts.append(f"without async scheduling {decode_seconds_per_token(llm, num_decode, args) * 1e3:.2f} ms")
+    core.async_scheduling = True
+    os.environ[gpu.LAYER_OPS_ENV] = "0"
+    gpu._mode.cache_clear()
+    graphs.capture()
+    eager_ops = decode_seconds_per_token(llm, num_decode, args)
+    parts.append(f"with eager RMSNorm/rotary/SiLU {eager_ops * 1e3:.2f} ms")
+    del os.environ[gpu.LAYER_OPS_ENV]
+    gpu._mode.cache_clear()
+    return "; ".join(parts)
 
 
 def graph_replay_seconds(graph: torch.cuda.CUDAGraph, replays: int) -> float:
