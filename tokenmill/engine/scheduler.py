@@ -85,7 +85,7 @@ class Scheduler:
             request = prior.request
             if not prior.samples or not _samples_without_own_outputs(request):
                 return None
-            if self._ends_by_length_after_one_more(request):
+            if self._at_length_limit(request, pending=1):  # previous's token is its last
                 if self.waiting:
                     return None  # its seat goes to a waiting request at the next step
                 continue
@@ -100,11 +100,13 @@ class Scheduler:
         finished, self.finished_ids = self.finished_ids, []
         return SchedulerOutput(scheduled, [], finished, previous_rows=rows)
 
-    def _ends_by_length_after_one_more(self, request: Request) -> bool:
+    def _at_length_limit(self, request: Request, pending: int = 0) -> bool:
+        """Whether the request has reached max_tokens or max_model_len, counting `pending` sampled tokens
+        not appended yet."""
         max_tokens = request.sampling_params.max_tokens
-        if max_tokens is not None and request.num_output_tokens + 1 >= max_tokens:
+        if max_tokens is not None and request.num_output_tokens + pending >= max_tokens:
             return True
-        return request.num_tokens + 1 >= self.max_model_len
+        return request.num_tokens + pending >= self.max_model_len
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -197,9 +199,7 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_STOPPED
             if token_id not in params.eos_token_ids or params.ignore_eos:
                 request.stop_reason = token_id
-        elif (
-            params.max_tokens is not None and request.num_output_tokens >= params.max_tokens
-        ) or request.num_tokens >= self.max_model_len:
+        elif self._at_length_limit(request):
             request.status = RequestStatus.FINISHED_LENGTH
 
     # --- aborts and cleanup -----------------------------------------------------------------------

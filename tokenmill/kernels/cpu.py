@@ -155,21 +155,26 @@ def int8_linear(
 ) -> torch.Tensor:
     """`x` [M, K] float32 times the int8 `weight` [N, K] with float32 channel `scales` [N], plus float32
     `bias` [N]: [M, N] float32. The kernel quantizes `x` per row in blocks of 32 features."""
-    x = x.contiguous()
-    (num_rows, features), num_outputs = x.shape, weight.shape[0]
+    weights = (weight.data_ptr(), scales.data_ptr())
+    return _linear(library.tm_int8_linear, "int8", x.contiguous(), weights, bias, weight.shape[0])
+
+
+def _linear(
+    kernel: Any,
+    name: str,
+    x: torch.Tensor,
+    weights: tuple[int, ...],
+    bias: torch.Tensor | None,
+    num_outputs: int,
+) -> torch.Tensor:
+    """Calls a linear kernel taking (x, *weights, bias, out, M, N, K): `x` [M, K] contiguous float32 in,
+    [M, num_outputs] float32 out."""
+    num_rows, features = x.shape
     out = torch.empty(num_rows, num_outputs, dtype=torch.float32)
-    status = library.tm_int8_linear(
-        x.data_ptr(),
-        weight.data_ptr(),
-        scales.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        num_rows,
-        num_outputs,
-        features,
-    )
+    bias_ptr = None if bias is None else bias.data_ptr()
+    status = kernel(x.data_ptr(), *weights, bias_ptr, out.data_ptr(), num_rows, num_outputs, features)
     if status != 0:
-        raise MemoryError(f"int8 kernel could not allocate scratch for {num_rows} x {features} activations")
+        raise MemoryError(f"{name} kernel could not allocate scratch for {num_rows} x {features} activations")
     return out
 
 
@@ -193,20 +198,7 @@ def block_linear(
     code = BLOCK_FORMATS[block_format]
     assert weight.is_contiguous() and weight.shape[0] == -(-num_outputs // 8)
     assert weight.shape[1] == library.tm_block_group_bytes(code, features)
-    out = torch.empty(num_rows, num_outputs, dtype=torch.float32)
-    status = library.tm_block_linear(
-        x.data_ptr(),
-        weight.data_ptr(),
-        code,
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        num_rows,
-        num_outputs,
-        features,
-    )
-    if status != 0:
-        raise MemoryError(f"block kernel could not allocate scratch for {num_rows} x {features} activations")
-    return out
+    return _linear(library.tm_block_linear, "block", x, (weight.data_ptr(), code), bias, num_outputs)
 
 
 def heads_contiguous(x: torch.Tensor) -> bool:
