@@ -62,9 +62,10 @@ def test_sdpa_backend_plans_once_per_step() -> None:
 
 @pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
 @pytest.mark.parametrize("case", ["decode", "prefix_hits_and_decode", "many_decodes", "one_decode"])
-@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (6, 2), (4, 1), (2, 2)])
+# Query heads per KV head 2, 3, 4 and 8: the kernel takes them 3 at a time (tiles of 3, 3 + 1, 3 + 3 + 2).
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (6, 2), (4, 1), (2, 2), (8, 1)])
 @pytest.mark.parametrize("strided", [False, True])
-@pytest.mark.parametrize("head_dim", [16, 72])  # 72: the weighted sum's 64-feature chunk and a rest
+@pytest.mark.parametrize("head_dim", [16, 72])  # 72: two 32-feature passes of the weighted sum and a rest
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 def test_c_decode_kernel_matches_the_torch_path(
     case: str, num_heads: int, num_kv_heads: int, strided: bool, head_dim: int, cache_dtype: torch.dtype

@@ -10,8 +10,9 @@
  * sequences to keep the threads busy, else one sequence and one KV head with its group of query heads
  * (grouped-query attention), so a lone sequence still spreads over the threads; either way each cached key
  * and value is read once. A cached token's KV heads are contiguous, so tasks of different heads read
- * different cache lines. Per task: scores for its heads, softmax (vectorised exp), then the weighted sum
- * of values, kept in registers per 64 features.
+ * different cache lines. Per task and KV head, its query heads up to three at a time: their scores (each
+ * key converted to float once for all of them), softmax (vectorised exp), then the weighted sum of values
+ * (likewise), kept in registers 32 features at a time.
  *
  * Cache layout: [num_blocks, block_size, num_kv_heads, head_dim] for keys and the same for values;
  * head_dim must be a multiple of 8. Part of kernels.c, like int8_linear.c.
@@ -22,8 +23,6 @@
 #include <stdlib.h>
 
 #include "simd.h"
-
-#define CHUNK 8 /* vectors of 8 features per pass of the weighted sum: 64 features in registers */
 
 /* 8 cached features from element `offset` of `cache` as floats: float16 elements when `half`. */
 static inline __attribute__((always_inline)) __m256 load_kv(const void* cache, int64_t offset, int half) {
@@ -65,6 +64,10 @@ typedef struct {
     const void *k_cache, *v_cache;
     const int64_t* rows; /* [len] where each cached token's row starts, in elements */
     int64_t len;
+    /* The task's KV heads in a row (elements span_start .. span_start + span_width): the first head's passes
+     * prefetch all of them, so the task's other heads find their part of each row in the core's cache
+     * (many lines requested at once: a pass over one head alone waits on memory at every row). */
+    int64_t span_start, span_width;
 } Sequence;
 
 /* rows[t] for each of the sequence's len tokens: block by block, with no division per token (a 64-bit
@@ -77,67 +80,109 @@ static void token_rows(const int64_t* table, int64_t len, int64_t block_size, in
 }
 
 /* Cached rows are scattered over blocks, so the hardware prefetcher loses the stream at each block's end:
- * rows are requested PREFETCH tokens ahead. */
-#define PREFETCH 8
+ * rows are requested PREFETCH tokens ahead (a token's pass takes ~10 ns, memory ~100). */
+#define PREFETCH 24
 
-/* Elements offset .. offset + n of `cache`, asked for ahead (a hint: never faults). */
-static inline void prefetch_row(const void* cache, int64_t offset, int64_t n, int half) {
+/* Elements offset .. offset + n of `cache`, asked for ahead (a hint: never faults). Always inlined: as a
+ * plain static inline function gcc dropped its calls, and with them every prefetch of this file. */
+static inline __attribute__((always_inline)) void prefetch_row(const void* cache, int64_t offset, int64_t n, int half) {
     const int64_t size = half ? 2 : 4;
     for (int64_t i = 0; i < n * size; i += 64) _mm_prefetch((const char*)cache + offset * size + i, _MM_HINT_T0);
 }
 
-/* out[0 .. D) = sum_t p[t] * value_t for one query head; `head` is the KV head's offset in a cached row. */
-static inline __attribute__((always_inline)) void weighted_values(const Sequence* seq, int64_t head, const float* p,
-                                                                  float* out, int64_t D, int half) {
-    for (int64_t d0 = 0; d0 < D; d0 += CHUNK * 8) {
-        const int64_t vectors = (D - d0) / 8 < CHUNK ? (D - d0) / 8 : CHUNK;
-        __m256 acc[CHUNK];
-        for (int i = 0; i < CHUNK; i++) acc[i] = _mm256_setzero_ps();
-        for (int64_t t = 0; t < seq->len; t++) {
-            if (t + PREFETCH < seq->len)
+/* Query heads that share a KV head are computed together, up to GROUP_TILE at a time: each cached key and
+ * value is converted to float once for all of them (converting it once per query head made the kernel
+ * bound by instruction count, not memory). TILE_TOKENS keys are scored at a time. */
+#define GROUP_TILE 3
+#define TILE_TOKENS 4
+
+/* out[g][d0 .. d0 + 8 * vectors) = sum_t p[g][t] * value_t there, for G query heads (probabilities G rows
+ * len_padded apart, outputs D apart) of one KV head at offset `head` of each cached row. */
+static inline __attribute__((always_inline)) void weighted_values_pass(const Sequence* seq, int64_t head,
+                                                                       const float* p, int64_t len_padded,
+                                                                       float* out, int64_t D, int64_t d0,
+                                                                       int vectors, int G, int whole_rows, int half) {
+    __m256 acc[GROUP_TILE][4];
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < vectors; i++) acc[g][i] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < seq->len; t++) {
+        if (t + PREFETCH < seq->len) {
+            if (whole_rows)
+                prefetch_row(seq->v_cache, seq->rows[t + PREFETCH] + seq->span_start, seq->span_width, half);
+            else
                 prefetch_row(seq->v_cache, seq->rows[t + PREFETCH] + head + d0, vectors * 8, half);
-            const int64_t value = seq->rows[t] + head + d0;
-            const __m256 weight = _mm256_set1_ps(p[t]);
-            if (vectors == CHUNK) {
-                for (int i = 0; i < CHUNK; i++)
-                    acc[i] = _mm256_fmadd_ps(weight, load_kv(seq->v_cache, value + 8 * i, half), acc[i]);
-            } else {
-                for (int64_t i = 0; i < vectors; i++)
-                    acc[i] = _mm256_fmadd_ps(weight, load_kv(seq->v_cache, value + 8 * i, half), acc[i]);
-            }
         }
-        for (int64_t i = 0; i < vectors; i++) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
+        const int64_t value = seq->rows[t] + head + d0;
+        for (int i = 0; i < vectors; i++) {
+            const __m256 v = load_kv(seq->v_cache, value + 8 * i, half);
+            for (int g = 0; g < G; g++)
+                acc[g][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * len_padded + t), v, acc[g][i]);
+        }
     }
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < vectors; i++) _mm256_storeu_ps(out + g * D + d0 + 8 * i, acc[g][i]);
 }
 
-/* Lane i: the sum of the 8 lanes of v[i]. */
-static inline __m256 reduce_lanes_ps(const __m256 v[8]) {
-    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+/* All D features, 32 per pass over the values (a constant width, so the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void weighted_values(const Sequence* seq, int64_t head, const float* p,
+                                                                  int64_t len_padded, float* out, int64_t D, int G,
+                                                                  int whole_rows, int half) {
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32)
+        weighted_values_pass(seq, head, p, len_padded, out, D, d0, 4, G, whole_rows && d0 == 0, half);
+    if (d0 < D)
+        weighted_values_pass(seq, head, p, len_padded, out, D, d0, (int)((D - d0) / 8), G, whole_rows && d0 == 0, half);
 }
 
-/* scores[t] = scale * (query . key_t) for every cached token t, the keys at offset `head` of each row. Eight
- * tokens at a time, one accumulator each, reduced together: a token's sum runs in the same order whichever
- * tokens share its eight (the last eight repeat the last token where the sequence ends). */
+/* Lane i (i < 4) of the result: the sum of the 8 lanes of v[i]. */
+static inline __m128 reduce_lanes4_ps(const __m256 v[TILE_TOKENS]) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* scores[g][t] = scale * (query_g . key_t) for G query heads (D apart; scores rows len_padded apart) and
+ * every cached token t, the keys at offset `head` of each row. A token's sum runs in the same order
+ * whichever tokens share its tile (the last tile repeats the last token where the sequence ends). */
 static inline __attribute__((always_inline)) void head_scores(const Sequence* seq, const float* query, int64_t head,
-                                                              int64_t D, float scale, float* scores, int half) {
-    for (int64_t t = 0; t < seq->len; t += 8) {
-        int64_t starts[8];
-        for (int j = 0; j < 8; j++) starts[j] = seq->rows[t + j < seq->len ? t + j : seq->len - 1] + head;
-        for (int64_t ahead = t + PREFETCH; ahead < t + PREFETCH + 8 && ahead < seq->len; ahead++)
-            prefetch_row(seq->k_cache, seq->rows[ahead] + head, D, half);
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) {
-            const __m256 q = _mm256_loadu_ps(query + d);
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(q, load_kv(seq->k_cache, starts[j] + d, half), acc[j]);
+                                                              int64_t D, float scale, float* scores,
+                                                              int64_t len_padded, int G, int whole_rows, int half) {
+    for (int64_t t = 0; t < seq->len; t += TILE_TOKENS) {
+        int64_t starts[TILE_TOKENS];
+        for (int j = 0; j < TILE_TOKENS; j++) starts[j] = seq->rows[t + j < seq->len ? t + j : seq->len - 1] + head;
+        for (int64_t ahead = t + PREFETCH; ahead < t + PREFETCH + TILE_TOKENS && ahead < seq->len; ahead++)
+            if (whole_rows)
+                prefetch_row(seq->k_cache, seq->rows[ahead] + seq->span_start, seq->span_width, half);
+            else
+                prefetch_row(seq->k_cache, seq->rows[ahead] + head, D, half);
+        __m256 acc[GROUP_TILE][TILE_TOKENS];
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < TILE_TOKENS; j++) acc[g][j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8)
+            for (int j = 0; j < TILE_TOKENS; j++) {
+                const __m256 k = load_kv(seq->k_cache, starts[j] + d, half);
+                for (int g = 0; g < G; g++) acc[g][j] = _mm256_fmadd_ps(_mm256_loadu_ps(query + g * D + d), k, acc[g][j]);
+            }
+        for (int g = 0; g < G; g++) {
+            float sums[TILE_TOKENS];
+            _mm_storeu_ps(sums, _mm_mul_ps(reduce_lanes4_ps(acc[g]), _mm_set1_ps(scale)));
+            for (int j = 0; j < TILE_TOKENS && t + j < seq->len; j++) scores[g * len_padded + t + j] = sums[j];
         }
-        float sums[8];
-        _mm256_storeu_ps(sums, _mm256_mul_ps(reduce_lanes_ps(acc), _mm256_set1_ps(scale)));
-        for (int j = 0; j < 8 && t + j < seq->len; j++) scores[t + j] = sums[j];
     }
+}
+
+/* Query heads first .. first + G - 1 of one KV head (`head`: its offset in a cached row): their scores,
+ * softmax and weighted values, G <= GROUP_TILE. */
+static inline __attribute__((always_inline)) void attend_heads(const Sequence* seq, const float* queries,
+                                                               int64_t head, int64_t D, float scale, float* scores,
+                                                               int64_t len_padded, float* out, int G, int whole_rows,
+                                                               int half) {
+    head_scores(seq, queries, head, D, scale, scores, len_padded, G, whole_rows, half);
+    for (int g = 0; g < G; g++) {
+        float* p = scores + g * len_padded;
+        for (int64_t t = seq->len; t < len_padded; t++) p[t] = -INFINITY;
+        softmax(p, len_padded);
+    }
+    weighted_values(seq, head, scores, len_padded, out, D, G, whole_rows, half);
 }
 
 /* One task: sequence b's KV heads first_head .. first_head + heads_per_task - 1 (see tm_paged_decode_attention). */
@@ -163,16 +208,23 @@ static inline __attribute__((always_inline)) int attend(const float* q, int64_t 
         return -1;
     }
     token_rows(block_tables + b * table_stride, len, block_size, KV * D, token_starts);
-    const Sequence seq = {k_cache, v_cache, token_starts, len};
+    const Sequence seq = {k_cache, v_cache, token_starts, len, first_head * D, heads_per_task * D};
     const float* queries = q + b * q_stride + first_head * group * D;
-    for (int64_t r = 0; r < rows; r++)
-        head_scores(&seq, queries + r * D, (first_head + r / group) * D, D, scale, scores + r * len_padded, half);
     float* heads_out = out + (b * H + first_head * group) * D;
-    for (int64_t r = 0; r < rows; r++) {
-        float* p = scores + r * len_padded;
-        for (int64_t t = seq.len; t < len_padded; t++) p[t] = -INFINITY;
-        softmax(p, len_padded);
-        weighted_values(&seq, (first_head + r / group) * D, p, heads_out + r * D, D, half);
+    for (int64_t r = 0; r < rows; r += GROUP_TILE) {
+        /* Tiles never straddle two KV heads: each starts a group or follows a full tile of one. */
+        const int64_t in_group = r % group, left = group - in_group;
+        const int G = left < GROUP_TILE ? (int)left : GROUP_TILE;
+        const int64_t head = (first_head + r / group) * D;
+        float* tile_scores = scores + r * len_padded;
+        const int whole_rows = r == 0 && heads_per_task > 1;
+        if (G == GROUP_TILE)
+            attend_heads(&seq, queries + r * D, head, D, scale, tile_scores, len_padded, heads_out + r * D, GROUP_TILE, whole_rows, half);
+        else if (G == 2)
+            attend_heads(&seq, queries + r * D, head, D, scale, tile_scores, len_padded, heads_out + r * D, 2, whole_rows, half);
+        else
+            attend_heads(&seq, queries + r * D, head, D, scale, tile_scores, len_padded, heads_out + r * D, 1, whole_rows, half);
+        r += G - GROUP_TILE; /* the loop adds GROUP_TILE */
     }
     free(scores);
     free(token_starts);
