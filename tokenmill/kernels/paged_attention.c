@@ -64,10 +64,7 @@ typedef struct {
     const void *k_cache, *v_cache;
     const int64_t* rows; /* [len] where each cached token's row starts, in elements */
     int64_t len;
-    /* The task's KV heads in a row (elements span_start .. span_start + span_width): the first head's passes
-     * prefetch all of them, so the task's other heads find their part of each row in the core's cache
-     * (many lines requested at once: a pass over one head alone waits on memory at every row). */
-    int64_t span_start, span_width;
+    int64_t span_start, span_width; /* the task's KV heads in a row: elements span_start .. + span_width */
 } Sequence;
 
 /* rows[t] for each of the sequence's len tokens: block by block, with no division per token (a 64-bit
@@ -101,17 +98,12 @@ static inline __attribute__((always_inline)) void prefetch_row(const void* cache
 static inline __attribute__((always_inline)) void weighted_values_pass(const Sequence* seq, int64_t head,
                                                                        const float* p, int64_t len_padded,
                                                                        float* out, int64_t D, int64_t d0,
-                                                                       int vectors, int G, int whole_rows, int half) {
+                                                                       int vectors, int G, int half) {
     __m256 acc[GROUP_TILE][4];
     for (int g = 0; g < G; g++)
         for (int i = 0; i < vectors; i++) acc[g][i] = _mm256_setzero_ps();
     for (int64_t t = 0; t < seq->len; t++) {
-        if (t + PREFETCH < seq->len) {
-            if (whole_rows)
-                prefetch_row(seq->v_cache, seq->rows[t + PREFETCH] + seq->span_start, seq->span_width, half);
-            else
-                prefetch_row(seq->v_cache, seq->rows[t + PREFETCH] + head + d0, vectors * 8, half);
-        }
+        if (t + PREFETCH < seq->len) prefetch_row(seq->v_cache, seq->rows[t + PREFETCH] + head + d0, vectors * 8, half);
         const int64_t value = seq->rows[t] + head + d0;
         for (int i = 0; i < vectors; i++) {
             const __m256 v = load_kv(seq->v_cache, value + 8 * i, half);
@@ -126,12 +118,10 @@ static inline __attribute__((always_inline)) void weighted_values_pass(const Seq
 /* All D features, 32 per pass over the values (a constant width, so the accumulators stay in registers). */
 static inline __attribute__((always_inline)) void weighted_values(const Sequence* seq, int64_t head, const float* p,
                                                                   int64_t len_padded, float* out, int64_t D, int G,
-                                                                  int whole_rows, int half) {
+                                                                  int half) {
     int64_t d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32)
-        weighted_values_pass(seq, head, p, len_padded, out, D, d0, 4, G, whole_rows && d0 == 0, half);
-    if (d0 < D)
-        weighted_values_pass(seq, head, p, len_padded, out, D, d0, (int)((D - d0) / 8), G, whole_rows && d0 == 0, half);
+    for (; d0 + 32 <= D; d0 += 32) weighted_values_pass(seq, head, p, len_padded, out, D, d0, 4, G, half);
+    if (d0 < D) weighted_values_pass(seq, head, p, len_padded, out, D, d0, (int)((D - d0) / 8), G, half);
 }
 
 /* Lane i (i < 4) of the result: the sum of the 8 lanes of v[i]. */
@@ -140,49 +130,63 @@ static inline __m128 reduce_lanes4_ps(const __m256 v[TILE_TOKENS]) {
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-/* scores[g][t] = scale * (query_g . key_t) for G query heads (D apart; scores rows len_padded apart) and
- * every cached token t, the keys at offset `head` of each row. A token's sum runs in the same order
+/* scores[g][t + j] = scale * (query_g . key_(t + j)), j < TILE_TOKENS, for G query heads (D apart; scores
+ * rows len_padded apart), the keys at offset `head` of each row. A token's sum runs in the same order
  * whichever tokens share its tile (the last tile repeats the last token where the sequence ends). */
-static inline __attribute__((always_inline)) void head_scores(const Sequence* seq, const float* query, int64_t head,
+static inline __attribute__((always_inline)) void tile_scores(const Sequence* seq, const float* query, int64_t head,
                                                               int64_t D, float scale, float* scores,
-                                                              int64_t len_padded, int G, int whole_rows, int half) {
-    for (int64_t t = 0; t < seq->len; t += TILE_TOKENS) {
-        int64_t starts[TILE_TOKENS];
-        for (int j = 0; j < TILE_TOKENS; j++) starts[j] = seq->rows[t + j < seq->len ? t + j : seq->len - 1] + head;
-        for (int64_t ahead = t + PREFETCH; ahead < t + PREFETCH + TILE_TOKENS && ahead < seq->len; ahead++)
-            if (whole_rows)
-                prefetch_row(seq->k_cache, seq->rows[ahead] + seq->span_start, seq->span_width, half);
-            else
-                prefetch_row(seq->k_cache, seq->rows[ahead] + head, D, half);
-        __m256 acc[GROUP_TILE][TILE_TOKENS];
-        for (int g = 0; g < G; g++)
-            for (int j = 0; j < TILE_TOKENS; j++) acc[g][j] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8)
-            for (int j = 0; j < TILE_TOKENS; j++) {
-                const __m256 k = load_kv(seq->k_cache, starts[j] + d, half);
-                for (int g = 0; g < G; g++) acc[g][j] = _mm256_fmadd_ps(_mm256_loadu_ps(query + g * D + d), k, acc[g][j]);
-            }
-        for (int g = 0; g < G; g++) {
-            float sums[TILE_TOKENS];
-            _mm_storeu_ps(sums, _mm_mul_ps(reduce_lanes4_ps(acc[g]), _mm_set1_ps(scale)));
-            for (int j = 0; j < TILE_TOKENS && t + j < seq->len; j++) scores[g * len_padded + t + j] = sums[j];
+                                                              int64_t len_padded, int64_t t, int G, int half) {
+    int64_t starts[TILE_TOKENS];
+    for (int j = 0; j < TILE_TOKENS; j++) starts[j] = seq->rows[t + j < seq->len ? t + j : seq->len - 1] + head;
+    __m256 acc[GROUP_TILE][TILE_TOKENS];
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < TILE_TOKENS; j++) acc[g][j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8)
+        for (int j = 0; j < TILE_TOKENS; j++) {
+            const __m256 k = load_kv(seq->k_cache, starts[j] + d, half);
+            for (int g = 0; g < G; g++) acc[g][j] = _mm256_fmadd_ps(_mm256_loadu_ps(query + g * D + d), k, acc[g][j]);
         }
+    for (int g = 0; g < G; g++) {
+        float sums[TILE_TOKENS];
+        _mm_storeu_ps(sums, _mm_mul_ps(reduce_lanes4_ps(acc[g]), _mm_set1_ps(scale)));
+        for (int j = 0; j < TILE_TOKENS && t + j < seq->len; j++) scores[g * len_padded + t + j] = sums[j];
     }
 }
 
-/* Query heads first .. first + G - 1 of one KV head (`head`: its offset in a cached row): their scores,
- * softmax and weighted values, G <= GROUP_TILE. */
-static inline __attribute__((always_inline)) void attend_heads(const Sequence* seq, const float* queries,
-                                                               int64_t head, int64_t D, float scale, float* scores,
-                                                               int64_t len_padded, float* out, int G, int whole_rows,
-                                                               int half) {
-    head_scores(seq, queries, head, D, scale, scores, len_padded, G, whole_rows, half);
-    for (int g = 0; g < G; g++) {
-        float* p = scores + g * len_padded;
-        for (int64_t t = seq->len; t < len_padded; t++) p[t] = -INFINITY;
-        softmax(p, len_padded);
+/* Query heads of a task are taken GROUP_TILE at a time, never straddling two KV heads: the tile starting
+ * at query head r (of the task) has this many heads. */
+static inline int heads_in_tile(int64_t r, int64_t group) {
+    const int64_t left = group - r % group;
+    return left < GROUP_TILE ? (int)left : GROUP_TILE;
+}
+
+/* The scores of all the task's `rows` query heads, one tile of tokens at a time for all of them: the keys
+ * stream from memory once, in row order, while the arithmetic runs (a pass per KV head waited on memory),
+ * and the values the weighted sums will read are requested along with them. */
+static inline __attribute__((always_inline)) void task_scores(const Sequence* seq, const float* queries,
+                                                              int64_t first_head, int64_t rows, int64_t group,
+                                                              int64_t D, float scale, float* scores,
+                                                              int64_t len_padded, int half) {
+    for (int64_t t = 0; t < seq->len; t += TILE_TOKENS) {
+        for (int64_t ahead = t + PREFETCH; ahead < t + PREFETCH + TILE_TOKENS && ahead < seq->len; ahead++) {
+            prefetch_row(seq->k_cache, seq->rows[ahead] + seq->span_start, seq->span_width, half);
+            prefetch_row(seq->v_cache, seq->rows[ahead] + seq->span_start, seq->span_width, half);
+        }
+        for (int64_t r = 0; r < rows;) {
+            const int G = heads_in_tile(r, group);
+            const int64_t head = (first_head + r / group) * D;
+            const float* query = queries + r * D;
+            float* tile = scores + r * len_padded;
+            /* Constant tile sizes, so each is compiled with its accumulators in registers. */
+            if (G == GROUP_TILE)
+                tile_scores(seq, query, head, D, scale, tile, len_padded, t, GROUP_TILE, half);
+            else if (G == 2)
+                tile_scores(seq, query, head, D, scale, tile, len_padded, t, 2, half);
+            else
+                tile_scores(seq, query, head, D, scale, tile, len_padded, t, 1, half);
+            r += G;
+        }
     }
-    weighted_values(seq, head, scores, len_padded, out, D, G, whole_rows, half);
 }
 
 /* One task: sequence b's KV heads first_head .. first_head + heads_per_task - 1 (see tm_paged_decode_attention). */
@@ -210,21 +214,24 @@ static inline __attribute__((always_inline)) int attend(const float* q, int64_t 
     token_rows(block_tables + b * table_stride, len, block_size, KV * D, token_starts);
     const Sequence seq = {k_cache, v_cache, token_starts, len, first_head * D, heads_per_task * D};
     const float* queries = q + b * q_stride + first_head * group * D;
+    task_scores(&seq, queries, first_head, rows, group, D, scale, scores, len_padded, half);
+    for (int64_t r = 0; r < rows; r++) {
+        float* p = scores + r * len_padded;
+        for (int64_t t = seq.len; t < len_padded; t++) p[t] = -INFINITY;
+        softmax(p, len_padded);
+    }
     float* heads_out = out + (b * H + first_head * group) * D;
-    for (int64_t r = 0; r < rows; r += GROUP_TILE) {
-        /* Tiles never straddle two KV heads: each starts a group or follows a full tile of one. */
-        const int64_t in_group = r % group, left = group - in_group;
-        const int G = left < GROUP_TILE ? (int)left : GROUP_TILE;
+    for (int64_t r = 0; r < rows;) {
+        const int G = heads_in_tile(r, group);
         const int64_t head = (first_head + r / group) * D;
-        float* tile_scores = scores + r * len_padded;
-        const int whole_rows = r == 0 && heads_per_task > 1;
+        float* tile_out = heads_out + r * D;
         if (G == GROUP_TILE)
-            attend_heads(&seq, queries + r * D, head, D, scale, tile_scores, len_padded, heads_out + r * D, GROUP_TILE, whole_rows, half);
+            weighted_values(&seq, head, scores + r * len_padded, len_padded, tile_out, D, GROUP_TILE, half);
         else if (G == 2)
-            attend_heads(&seq, queries + r * D, head, D, scale, tile_scores, len_padded, heads_out + r * D, 2, whole_rows, half);
+            weighted_values(&seq, head, scores + r * len_padded, len_padded, tile_out, D, 2, half);
         else
-            attend_heads(&seq, queries + r * D, head, D, scale, tile_scores, len_padded, heads_out + r * D, 1, whole_rows, half);
-        r += G - GROUP_TILE; /* the loop adds GROUP_TILE */
+            weighted_values(&seq, head, scores + r * len_padded, len_padded, tile_out, D, 1, half);
+        r += G;
     }
     free(scores);
     free(token_starts);
