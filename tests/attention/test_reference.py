@@ -26,6 +26,8 @@ CASES = {
 KERNEL_CASES = {
     "many_decodes": [(length, 1) for length in (0, 3, 7, 8, 15, 16, 31, 40, 47, 64)],
     "one_decode": [(40, 1)],
+    # The prefill kernel takes 16 queries and 16 keys per tile: prompts past a tile, alone and after context.
+    "long_prefills": [(0, 40), (23, 33), (0, 16), (7, 1)],
 }
 
 
@@ -61,18 +63,20 @@ def test_sdpa_backend_plans_once_per_step() -> None:
 
 
 @pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
-@pytest.mark.parametrize("case", ["decode", "prefix_hits_and_decode", "many_decodes", "one_decode"])
+@pytest.mark.parametrize(
+    "case", ["decode", "prefix_hits_and_decode", "many_decodes", "one_decode", "long_prefills"]
+)
 # Query heads per KV head 2, 3, 4 and 8: the kernel takes them 3 at a time (tiles of 3, 3 + 1, 3 + 3 + 2).
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (6, 2), (4, 1), (2, 2), (8, 1)])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("head_dim", [16, 72])  # 72: two 32-feature passes of the weighted sum and a rest
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_c_decode_kernel_matches_the_torch_path(
+def test_c_attention_kernels_match_the_torch_path(
     case: str, num_heads: int, num_kv_heads: int, strided: bool, head_dim: int, cache_dtype: torch.dtype
 ) -> None:
-    """The C kernel reads each sequence's blocks in place (and, in a decode-only step, writes the new keys
-    and values itself, rounding to float16 as torch does for a float16 cache); the torch path writes with
-    index_copy_, gathers the blocks and pads."""
+    """The C decode kernel reads each sequence's blocks in place (and, in a decode-only step, writes the new
+    keys and values itself, rounding to float16 as torch does for a float16 cache); the torch path writes
+    with index_copy_, gathers the blocks and pads. Prefill rows take the C prefill kernel or SDPA."""
     torch.manual_seed(0)
     lengths = KERNEL_CASES[case] if case in KERNEL_CASES else CASES[case]
     batch = random_paged_batch(lengths, num_heads, num_kv_heads, head_dim=head_dim, block_size=8)

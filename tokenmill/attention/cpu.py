@@ -4,8 +4,8 @@ Decode rows (one query token) go through our C kernel (kernels/paged_attention.c
 sequence's blocks in place, where it runs (float32 on x86 with AVX2); otherwise they are gathered and
 computed as one padded SDPA batch (benchmarks/RESULTS.md has the kernel's end-to-end gains). In a
 decode-only step the kernel also writes the step's keys and values, one call per layer. Prefill rows
-(several query tokens, possibly after cached context) run one sequence at a time through SDPA with a
-causal mask offset by the context.
+(several query tokens, possibly after cached context) run one sequence at a time, causal with the
+context's offset: through our C kernel (kernels/prefill_attention.c) where it runs, else through SDPA.
 """
 
 from __future__ import annotations
@@ -145,22 +145,27 @@ class TorchSDPABackend:
     ) -> None:
         start, end = metadata.query_start_loc[i], metadata.query_start_loc[i + 1]
         context_len = metadata.context_lens[i]
-        q = query[start:end].transpose(0, 1)  # [num_heads, query_len, head_dim]
+        q = query[start:end]  # [query_len, num_heads, head_dim]
         if context_len == 0:
             k, v = key[start:end], value[start:end]
-            mask = None
         else:
             k, v = (
                 x.to(q.dtype)
                 for x in gather_kv(kv_cache, metadata.block_tables[i], context_len + end - start)
             )
+        library = self._prefill_kernel(q, k, v)
+        if library is not None:  # twice torch's flash kernel at prompt lengths of hundreds (kernels/)
+            output[start:end] = kernels.prefill_attention(library, q, k, v, scale)
+            return
+        mask = None
+        if context_len > 0:
             key_pos = torch.arange(k.shape[0], device=q.device)
             query_pos = torch.arange(context_len, context_len + end - start, device=q.device)
             mask = key_pos[None, :] <= query_pos[:, None]  # [query_len, seq_len]
         # With a batch dimension torch takes its fused CPU kernel (flash attention: no score matrix, masked
         # blocks skipped); 3-D inputs take the reference path, about 3x slower at prompt lengths of hundreds.
         out = F.scaled_dot_product_attention(
-            q[None],
+            q.transpose(0, 1)[None],
             k.transpose(0, 1)[None],
             v.transpose(0, 1)[None],
             attn_mask=mask,
@@ -191,6 +196,20 @@ class TorchSDPABackend:
         q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=scale)
         return out.reshape(batch, num_heads, head_dim)
+
+    def _prefill_kernel(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> ctypes.CDLL | None:
+        """The C prefill kernel where it applies: float32 on the CPU, head_dim a multiple of 8, heads
+        contiguous."""
+        applies = (
+            self.use_kernel
+            and query.device.type == "cpu"
+            and query.dtype == key.dtype == value.dtype == torch.float32
+            and query.shape[2] % 8 == 0
+            and all(kernels.heads_contiguous(x) for x in (query, key, value))
+        )
+        return kernel_library() if applies else None
 
     def _kernel(self, query: torch.Tensor, kv_cache: torch.Tensor) -> ctypes.CDLL | None:
         """The C decode kernel where it applies: float32 on the CPU, head_dim a multiple of 8, heads

@@ -128,6 +128,11 @@ SIGNATURES: dict[str, Signature] = {
         + [_POINTER, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_int],  # ..., the cache holds float16
         ctypes.c_int,
     ),
+    # query, its row stride, keys, their row stride, values, their row stride, out, L, S, H, KV, D, scale
+    "tm_prefill_attention": (
+        [_POINTER, _SIZE, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER, *[_SIZE] * 5, ctypes.c_float],
+        ctypes.c_int,
+    ),
     "tm_write_kv_cache": (
         [_POINTER, _SIZE, _POINTER, _SIZE, *[_POINTER] * 3, _SIZE, _SIZE, ctypes.c_int],
         None,
@@ -279,6 +284,34 @@ def paged_decode_attention(
     )
     if status != 0:
         raise MemoryError("paged attention kernel could not allocate its scores")
+    return out
+
+
+def prefill_attention(
+    library: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of `query` [L, H, D] over `key` and `value` [S, KV, D] (all float32, rows may be
+    strided, heads contiguous; S >= L): the queries are positions S - L .. S - 1. Returns [L, H, D]."""
+    num_queries, num_heads, head_dim = query.shape
+    assert heads_contiguous(query) and heads_contiguous(key) and heads_contiguous(value) and head_dim % 8 == 0
+    out = torch.empty(num_queries, num_heads, head_dim, dtype=torch.float32)
+    status = library.tm_prefill_attention(
+        query.data_ptr(),
+        query.stride(0),
+        key.data_ptr(),
+        key.stride(0),
+        value.data_ptr(),
+        value.stride(0),
+        out.data_ptr(),
+        num_queries,
+        key.shape[0],
+        num_heads,
+        key.shape[1],
+        head_dim,
+        scale,
+    )
+    if status != 0:
+        raise MemoryError("prefill attention kernel could not allocate its scratch memory")
     return out
 
 

@@ -4,4 +4,5 @@
 #include "block_linear.c" /* after int8_linear.c: it uses its activation rounding */
 #include "layer_ops.c"
 #include "paged_attention.c"
+#include "prefill_attention.c"
 #include "decode_layer.c"
