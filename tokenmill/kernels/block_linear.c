@@ -152,6 +152,20 @@ static inline __attribute__((always_inline)) void group_columns(int64_t format, 
     for (; m < last; m++) group_rows(format, a, w, bias, y, n, N, m, 1);
 }
 
+/* Rows from which a pass is bound by arithmetic (its threads then share the column groups dynamically); fewer
+ * rows are bound by reading the weights. */
+#define DYNAMIC_MIN_ROWS 16
+
+/* Outputs n .. n + 7 of rows first .. last - 1. Constant formats, so each call is compiled for its layout. */
+static inline void group_pass(int64_t format, const BlockActivations* a, const uint8_t* w, int64_t group_bytes,
+                              const float* bias, float* y, int64_t n, int64_t N, int64_t first, int64_t last) {
+    const uint8_t* group = w + n / COLUMNS * group_bytes;
+    if (format == FORMAT_Q4_1)
+        group_columns(FORMAT_Q4_1, a, group, bias, y, n, N, first, last);
+    else
+        group_columns(FORMAT_Q8_0, a, group, bias, y, n, N, first, last);
+}
+
 /* Bytes of one group of 8 packed weight rows of K features in `format`, or -1 for an unknown format. */
 int64_t tm_block_group_bytes(int64_t format, int64_t K) {
     return format == FORMAT_Q4_1 || format == FORMAT_Q8_0 ? K / BLOCK * group_block_bytes(format) : -1;
@@ -184,15 +198,14 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
         }
         for (int64_t first = 0; first < M; first += ROW_CHUNK) {
             const int64_t last = first + ROW_CHUNK < M ? first + ROW_CHUNK : M;
-            /* Handed out 4 groups at a time: a thread slowed by its core's other tenants takes fewer. */
+            if (last - first >= DYNAMIC_MIN_ROWS) {
+                /* Handed out 4 groups at a time: a thread slowed by its core's other tenants takes fewer. */
 #pragma omp for schedule(dynamic, 4)
-            for (int64_t n = 0; n < N; n += COLUMNS) {
-                const uint8_t* group = w + n / COLUMNS * group_bytes;
-                /* Constant formats, so each call is compiled for its own layout. */
-                if (format == FORMAT_Q4_1)
-                    group_columns(FORMAT_Q4_1, &a, group, bias, y, n, N, first, last);
-                else
-                    group_columns(FORMAT_Q8_0, &a, group, bias, y, n, N, first, last);
+                for (int64_t n = 0; n < N; n += COLUMNS) group_pass(format, &a, w, group_bytes, bias, y, n, N, first, last);
+            } else {
+                /* A few rows read the weights from memory: each thread streams one contiguous half. */
+#pragma omp for schedule(static)
+                for (int64_t n = 0; n < N; n += COLUMNS) group_pass(format, &a, w, group_bytes, bias, y, n, N, first, last);
             }
         }
     }
