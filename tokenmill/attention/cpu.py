@@ -200,27 +200,21 @@ class TorchSDPABackend:
     def _prefill_kernel(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> ctypes.CDLL | None:
-        """The C prefill kernel where it applies: float32 on the CPU, head_dim a multiple of 8, heads
-        contiguous."""
-        applies = (
-            self.use_kernel
-            and query.device.type == "cpu"
-            and query.dtype == key.dtype == value.dtype == torch.float32
-            and query.shape[2] % 8 == 0
-            and all(kernels.heads_contiguous(x) for x in (query, key, value))
-        )
-        return kernel_library() if applies else None
+        """The C prefill kernel where it applies (see `_float32_kernel`)."""
+        return self._float32_kernel(query, key, value)
 
     def _kernel(self, query: torch.Tensor, kv_cache: torch.Tensor) -> ctypes.CDLL | None:
-        """The C decode kernel where it applies: float32 on the CPU, head_dim a multiple of 8, heads
-        contiguous."""
-        head_dim = query.shape[2]
-        applies = (
-            self.use_kernel
-            and query.device.type == "cpu"
-            and query.dtype == torch.float32
-            and kv_cache.dtype in KERNEL_CACHE_DTYPES
-            and head_dim % 8 == 0
-            and kernels.heads_contiguous(query)
+        """The C decode kernel where it applies: a cache it reads, and see `_float32_kernel`."""
+        return self._float32_kernel(query) if kv_cache.dtype in KERNEL_CACHE_DTYPES else None
+
+    def _float32_kernel(self, *tensors: torch.Tensor) -> ctypes.CDLL | None:
+        """The C kernels' library where they apply to `tensors` ([tokens, heads, head_dim] each): float32 on
+        the CPU, head_dim a multiple of 8, heads contiguous."""
+        applies = self.use_kernel and all(
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.shape[2] % 8 == 0
+            and kernels.heads_contiguous(x)
+            for x in tensors
         )
         return kernel_library() if applies else None

@@ -45,21 +45,6 @@ static inline void store_kv(void* cache, int64_t offset, const float* src, int64
     }
 }
 
-/* Scores [len_padded] -> probabilities in place; entries from len on are -inf and come out 0. */
-static void softmax(float* s, int64_t len_padded) {
-    __m256 max = _mm256_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < len_padded; t += 8) max = _mm256_max_ps(max, _mm256_loadu_ps(s + t));
-    const __m256 shift = _mm256_set1_ps(hmax(max));
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t t = 0; t < len_padded; t += 8) {
-        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), shift));
-        _mm256_storeu_ps(s + t, e);
-        sum = _mm256_add_ps(sum, e);
-    }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
-    for (int64_t t = 0; t < len_padded; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), inv));
-}
-
 typedef struct {
     const void *k_cache, *v_cache;
     const int64_t* rows; /* [len] where each cached token's row starts, in elements */
@@ -216,9 +201,7 @@ static inline __attribute__((always_inline)) int attend(const float* q, int64_t 
     const float* queries = q + b * q_stride + first_head * group * D;
     task_scores(&seq, queries, first_head, rows, group, D, scale, scores, len_padded, half);
     for (int64_t r = 0; r < rows; r++) {
-        float* p = scores + r * len_padded;
-        for (int64_t t = seq.len; t < len_padded; t++) p[t] = -INFINITY;
-        softmax(p, len_padded);
+        masked_softmax(scores + r * len_padded, seq.len, len_padded);
     }
     float* heads_out = out + (b * H + first_head * group) * D;
     for (int64_t r = 0; r < rows;) {

@@ -66,22 +66,6 @@ static inline __attribute__((always_inline)) void value_tile(const float* p, int
         for (int i = 0; i < vectors; i++) _mm256_storeu_ps(out + r * D + 8 * i, acc[r][i]);
 }
 
-/* Row [0, n) -> softmax in place, n a multiple of 8; entries from `valid` on are masked (come out 0). */
-static void masked_softmax(float* s, int64_t valid, int64_t n) {
-    for (int64_t t = valid; t < n; t++) s[t] = -INFINITY;
-    __m256 max = _mm256_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < n; t += 8) max = _mm256_max_ps(max, _mm256_loadu_ps(s + t));
-    const __m256 shift = _mm256_set1_ps(hmax(max));
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t t = 0; t < n; t += 8) {
-        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), shift));
-        _mm256_storeu_ps(s + t, e);
-        sum = _mm256_add_ps(sum, e);
-    }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
-    for (int64_t t = 0; t < n; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), inv));
-}
-
 /* One task: KV head h, queries first .. first + count - 1 (count <= QUERY_BLOCK) with their `group` heads.
  * Query vector r of the task is query first + r / group, head h * group + r % group. */
 static int prefill_task(const float* q, int64_t q_stride, const float* kt, int64_t S_pad, const float* v,

@@ -4,6 +4,8 @@
 #define TOKENMILL_SIMD_H
 
 #include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -37,6 +39,23 @@ static inline __m256 exp_ps(__m256 x) {
     /* 2^n in the exponent field: n + 127 is in 0..254 for |x| <= 88 (0 gives 0, as exp(-88) ~ 0). */
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* Scores s[0 .. n) -> probabilities in place, n a multiple of 8; the entries from `valid` on are masked
+ * (set to -inf, they come out 0). */
+static inline void masked_softmax(float* s, int64_t valid, int64_t n) {
+    for (int64_t t = valid; t < n; t++) s[t] = -INFINITY;
+    __m256 max = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n; t += 8) max = _mm256_max_ps(max, _mm256_loadu_ps(s + t));
+    const __m256 shift = _mm256_set1_ps(hmax(max));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; t += 8) {
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), shift));
+        _mm256_storeu_ps(s + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
+    for (int64_t t = 0; t < n; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), inv));
 }
 
 #endif
