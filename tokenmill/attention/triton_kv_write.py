@@ -6,13 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Passed explicitly: triton >= 3.9 warns when it is left to the default, which 3.10 flips to off.
-FP_FUSION = True
-
-
-def dot_precision(dtype: torch.dtype) -> str | None:
-    """tl.dot's input precision: full float32 for float32 inputs (the default would round through TF32)."""
-    return "ieee" if dtype == torch.float32 else None
+from tokenmill.attention.triton_tiles import FP_FUSION
 
 
 @triton.jit  # type: ignore[misc]

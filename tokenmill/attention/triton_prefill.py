@@ -15,9 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.attention.triton_kv_write import FP_FUSION, dot_precision
-
-LOG2_E = 1.4426950408889634
+from tokenmill.attention.triton_tiles import FP_FUSION, LOG2_E, attend_tile, dot_precision, load_kv_tile
 
 
 @triton.jit  # type: ignore[misc]
@@ -77,27 +75,16 @@ def _prefill_kernel(
     # The tile's last token sees keys up to its own position; nothing beyond.
     kv_end = context_len + tl.minimum(q_tile_start + BLOCK_Q, query_len)
     cache_head = cache_ptr + kv_head * stride_c_head
+    block_row = block_table_ptr + seq * stride_bt
     for tile_start in range(0, kv_end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         pos_mask = pos < kv_end
-        block_ptrs = block_table_ptr + seq * stride_bt + (pos // BLOCK_SIZE) * stride_bt_col
-        block = tl.load(block_ptrs, mask=pos_mask, other=0)
-        kv_off = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_offset  # [BLOCK_N]
-        kv_mask = pos_mask[:, None] & dim_mask[None, :]
-        k = tl.load(cache_head + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(cache_head + stride_c_kv + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-
-        s = (
-            tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        )  # [BLOCK_M, BLOCK_N], log2 domain
+        k, v = load_kv_tile(
+            cache_head, block_row, pos, pos_mask, dims, dim_mask,
+            stride_c_kv, stride_c_block, stride_c_offset, stride_bt_col, BLOCK_SIZE,
+        )  # fmt: skip
         causal = (pos[None, :] <= q_pos[:, None]) & pos_mask[None, :]
-        s = tl.where(causal, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, k, v, causal, m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i is 0 only on masked (unstored) rows
     o_off = (q_row0 + token)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.attention.triton_kv_write import FP_FUSION
+from tokenmill.attention.triton_tiles import FP_FUSION
 
 
 @triton.jit  # type: ignore[misc]
