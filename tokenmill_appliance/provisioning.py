@@ -59,9 +59,13 @@ def prepare_provisioning(settings: Settings) -> bool:
 
 
 def local_script(settings: Settings, source: str) -> Path:
-    """A local script path: absolute paths resolve under TOKENMILL_ROOT, relative ones under WORKSPACE."""
+    """A local script path: an absolute one under TOKENMILL_ROOT (or as given, when only that file exists),
+    a relative one under WORKSPACE."""
     path = Path(source)
-    path = settings.path(path) if path.is_absolute() else settings.workspace / path
+    if not path.is_absolute():
+        path = settings.workspace / path
+    elif settings.path(path).is_file() or not path.is_file():
+        path = settings.path(path)
     if not path.is_file():
         raise ProvisioningError(f"PROVISIONING_SCRIPT {source!r}: no such file ({path})")
     return path

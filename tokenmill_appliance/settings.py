@@ -8,6 +8,7 @@ it is missing.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -32,6 +33,7 @@ DEFAULT_WEB_USERNAME = "vastai"
 PORTAL_APP_NAME = "Instance Portal"
 API_APP_NAME = "vLLM API"
 RAY_APP_NAME = "Ray Dashboard"
+MAX_SOCKET_PATH_BYTES = 100
 _TOKEN_STRIP = str.maketrans("", "", "\r\n;")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -49,12 +51,13 @@ def root_path(path: str | os.PathLike[str], root: str | os.PathLike[str] | None 
     """Resolve an absolute appliance path under `root` (default: `TOKENMILL_ROOT` or `/`).
 
     `root_path("/etc/portal.yaml")` is `/etc/portal.yaml` normally and `$TOKENMILL_ROOT/etc/portal.yaml`
-    in tests. Relative paths are returned as they are.
+    in tests. Relative paths, and paths already under the root (`WORKSPACE=$TOKENMILL_ROOT/ws`), are
+    returned as they are.
     """
     if root is None:
         root = os.environ.get("TOKENMILL_ROOT") or "/"
     p = Path(path)
-    if not p.is_absolute():
+    if not p.is_absolute() or p.is_relative_to(root):
         return p
     return Path(root) / p.relative_to(p.anchor)
 
@@ -203,6 +206,14 @@ def write_portal_yaml(path: Path, apps: list[PortalApp]) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
 
 
+def default_vllm_args(workspace: Path) -> str:
+    """VLLM_ARGS when it is unset: the vLLM instance image's default, its download dir in `workspace`."""
+    download_dir = shlex.quote(str(workspace / "models"))
+    return (
+        f"--max-model-len 32768 --enforce-eager --download-dir {download_dir} --host 127.0.0.1 --port 18000"
+    )
+
+
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None:
@@ -314,10 +325,7 @@ class Settings:
         workspace = root_path(env.get("WORKSPACE") or "/workspace", root)
         vllm_args = env.get("VLLM_ARGS")
         if vllm_args is None:
-            download_dir = shlex.quote(str(workspace / "models"))
-            vllm_args = f"--max-model-len 32768 --enforce-eager --download-dir {download_dir} " + (
-                "--host 127.0.0.1 --port 18000"
-            )
+            vllm_args = default_vllm_args(workspace)
         parallel_name = "AUTO_PARALLEL" if "AUTO_PARALLEL" in env else "USE_ALL_GPUS"
         gpu_count_raw = env.get("GPU_COUNT", "").strip()
         label = clean_token(env.get("VAST_CONTAINERLABEL", "")) or "portal"
@@ -395,8 +403,16 @@ class Settings:
 
     @property
     def supervisor_socket(self) -> Path:
-        """The unix socket of supervisord's XML-RPC interface (boot writes it into supervisord.conf)."""
-        return self.path("/var/run/supervisor.sock")
+        """The unix socket of supervisord's XML-RPC interface (boot writes it into supervisord.conf).
+
+        Under a root too deep for a socket path (AF_UNIX allows 107 bytes; test temp dirs reach that), a
+        directory of the temp dir named after the root holds it instead.
+        """
+        path = self.path("/var/run/supervisor.sock")
+        if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
+            return path
+        digest = hashlib.sha256(os.fsencode(self.root.resolve())).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"tokenmill-{digest}" / "supervisor.sock"
 
     @property
     def supervisor_conf(self) -> Path:

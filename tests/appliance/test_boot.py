@@ -291,10 +291,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Appliance
     root = tmp_path_factory.mktemp("served")
     api_port, server_port = free_port(), free_port()
     portal_config = f"{portal_only(free_port())}|localhost:{api_port}:{server_port}:/docs:vLLM API"
-    # Quotes and spaces in VLLM_ARGS reach the server as one argument.
-    vllm_args = f"--max-model-len 2048 --enforce-eager --host 127.0.0.1 --port {server_port} "
-    vllm_args += "--served-model-name 'tiny model'"
-    appliance = Appliance(root, base_env(root, PORTAL_CONFIG=portal_config, VLLM_ARGS=vllm_args))
+    # No VLLM_ARGS: the image's default (--max-model-len 32768 ... --port 18000), which the vllm program
+    # fits to the embedded model (its own 8k limit) and to portal.yaml (the vLLM API's internal port).
+    appliance = Appliance(root, base_env(root, PORTAL_CONFIG=portal_config))
     try:
         yield appliance, api_port, server_port
     finally:
@@ -327,7 +326,8 @@ def wait_for_api(appliance: Appliance, api_port: int) -> None:
 
 
 def complete(api_port: int) -> httpx.Response:
-    body = {"model": "tiny model", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    model = "SmolLM2-135M-Instruct"
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
     url = f"https://127.0.0.1:{api_port}/v1/completions"
     return httpx.post(url, json=body, headers=BEARER, verify=False, timeout=120)
 
@@ -343,7 +343,7 @@ def test_boot_serves_the_api_through_the_edge(served: tuple[Appliance, int, int]
     wait_for(both_running, 60, "`supervisorctl status` to show portal and vllm RUNNING")
     wait_for_api(appliance, api_port)
     models = edge_get(api_port, "/v1/models", BEARER).json()
-    assert [m["id"] for m in models["data"]] == ["tiny model"]
+    assert [m["id"] for m in models["data"]] == ["SmolLM2-135M-Instruct"]
     completion = complete(api_port)
     assert completion.status_code == 200, completion.text
     assert completion.json()["choices"][0]["text"]

@@ -116,6 +116,27 @@ def test_default_model_gives_no_model_argument(tmp_path: Path) -> None:
     assert argv[argv.index("--download-dir") + 1] == str(tmp_path / "workspace/models")
 
 
+def test_default_args_fit_the_embedded_model_and_the_api_port(tmp_path: Path) -> None:
+    api = parse_portal_config("localhost:8000:18123:/docs:vLLM API")[0]
+    argv = serve_argv(settings_for(tmp_path), api, env={})
+    assert "--max-model-len" not in argv  # the default's 32768 is beyond the embedded model's limit
+    assert argv[argv.index("--port") + 1 :] == ["18123"] and argv.count("--port") == 1
+    argv = serve_argv(settings_for(tmp_path, VLLM_MODEL="org/big"), api, env={})
+    assert argv[:2] == ["serve", "org/big"] and argv[argv.index("--max-model-len") + 1] == "32768"
+
+
+def test_user_args_get_the_api_port_only_when_they_name_none(tmp_path: Path) -> None:
+    api = parse_portal_config("localhost:8000:18123:/docs:vLLM API")[0]
+    settings = settings_for(tmp_path, VLLM_ARGS="--max-model-len 4096 --download-dir $WORKSPACE/m")
+    workspace = settings.workspace
+    assert serve_argv(settings, api, env={"WORKSPACE": "/elsewhere"}) == [
+        "serve", "--max-model-len", "4096", "--download-dir", f"{workspace}/m", "--port", "18123",
+    ]  # fmt: skip
+    for named in ("--port 9", "--port=9"):
+        argv = serve_argv(settings_for(tmp_path, VLLM_ARGS=named), api, env={})
+        assert argv == ["serve", *named.split()]
+
+
 @pytest.mark.parametrize(
     ("env", "vllm_args", "expected"),
     [
@@ -124,7 +145,8 @@ def test_default_model_gives_no_model_argument(tmp_path: Path) -> None:
         ({"GPU_COUNT": "4", "USE_ALL_GPUS": "false"}, "--port 1", []),
         ({"GPU_COUNT": "4"}, "--port 1 -tp 2", []),
         ({"GPU_COUNT": "4"}, "--pipeline-parallel-size=2", []),
-        ({"GPU_COUNT": "1"}, "--port 1", []),
+        ({"GPU_COUNT": "1"}, "--port 1", ["--tensor-parallel-size", "1"]),
+        ({"GPU_COUNT": "0"}, "--port 1", []),
         ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, "--port 1", ["--tensor-parallel-size", "3"]),
     ],
 )

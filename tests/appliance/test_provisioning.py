@@ -52,15 +52,21 @@ def test_prepare_without_a_script_clears_a_stale_marker(tmp_path: Path) -> None:
 
 
 def test_local_paths_resolve_under_the_root_and_the_workspace(tmp_path: Path) -> None:
-    (tmp_path / "workspace").mkdir()
-    (tmp_path / "workspace/p.sh").write_text("echo hi\n")
-    for source in ("/workspace/p.sh", "p.sh"):
-        script = fetch_script(settings_for(tmp_path, source))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "p.sh").write_text("echo hi\n")
+    root = tmp_path / "root"
+    (root / "workspace").mkdir(parents=True)
+    (root / "workspace/p.sh").write_text("echo hi\n")
+    # Under the root; relative to the workspace; already under the root; a file outside the root.
+    sources = ("/workspace/p.sh", "p.sh", str(root / "workspace/p.sh"), str(outside / "p.sh"))
+    for source in sources:
+        script = fetch_script(settings_for(root, source))
         assert script.read_text() == "echo hi\n"
         assert script.stat().st_mode & 0o777 == 0o700
         assert provisioning_command(script) == ["bash", str(script)]
     with pytest.raises(ProvisioningError, match="no such file"):
-        fetch_script(settings_for(tmp_path, "/workspace/missing.sh"))
+        fetch_script(settings_for(root, "/workspace/missing.sh"))
 
 
 @pytest.fixture

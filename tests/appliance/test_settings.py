@@ -28,6 +28,10 @@ def test_root_path_resolves_absolute_paths_under_root(tmp_path: Path) -> None:
     assert root_path("/etc/portal.yaml", tmp_path) == tmp_path / "etc/portal.yaml"
     assert root_path("/etc/portal.yaml", "/") == Path("/etc/portal.yaml")
     assert root_path("relative/x", tmp_path) == Path("relative/x")
+    # Already under the root (WORKSPACE=$TOKENMILL_ROOT/ws): not rooted a second time.
+    assert root_path(tmp_path / "ws", tmp_path) == tmp_path / "ws"
+    settings = Settings.from_env({"TOKENMILL_ROOT": str(tmp_path), "WORKSPACE": str(tmp_path / "ws")})
+    assert settings.workspace == tmp_path / "ws"
 
 
 def test_defaults(tmp_path: Path) -> None:

@@ -77,10 +77,16 @@ def test_percent_and_spaces_survive_supervisord_parsing(tmp_path: Path) -> None:
         render_supervisord_conf(settings_for(root), [ProgramConfig("demo", ["echo", "a\nb"])])
 
 
-@pytest.fixture
-def supervisord(tmp_path: Path) -> Iterator[tuple[Settings, SupervisorClient]]:
-    """A real supervisord on a generated config with small real programs."""
-    settings = settings_for(tmp_path)
+@pytest.fixture(params=["root", "deep-root"])
+def supervisord(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[Settings, SupervisorClient]]:
+    """A real supervisord on a generated config with small real programs; under the test's temp dir, and
+    under a root too deep for the socket's path (it moves to a short one)."""
+    root = tmp_path if request.param == "root" else tmp_path / ("deep-" * 16)
+    settings = settings_for(root)
+    if request.param == "deep-root":
+        assert not settings.supervisor_socket.is_relative_to(root)
     ticker = (
         "import itertools, time; [(print('tick', i, flush=True), time.sleep(0.2)) for i in itertools.count()]"
     )

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenmill_appliance.settings import API_APP_NAME, RAY_APP_NAME, PortalApp, Settings
+from tokenmill_appliance.settings import API_APP_NAME, RAY_APP_NAME, PortalApp, Settings, default_vllm_args
 
 _PARALLEL_FLAGS = re.compile(
     r"^(--tensor-parallel-size|-tp|--pipeline-parallel-size|-pp|--data-parallel-size|-dp)(=.*)?$"
@@ -97,20 +97,47 @@ def count_gpus(env: Mapping[str, str] | None = None) -> int:
         return 0
 
 
-def serve_argv(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:
+def serve_argv(
+    settings: Settings, api: PortalApp | None = None, env: Mapping[str, str] | None = None
+) -> list[str]:
     """`serve [MODEL] VLLM_ARGS... [--tensor-parallel-size N]`, as a list (no shell in between).
 
-    No MODEL argument when VLLM_MODEL is unset: the engine then serves its embedded default model.
+    No MODEL argument when VLLM_MODEL is unset: the engine then serves its embedded default model. The
+    server listens where portal.yaml's `api` app expects it: its internal port is added when VLLM_ARGS
+    names no port, and replaces the default VLLM_ARGS' 18000. The default's `--max-model-len 32768` is
+    left out for the embedded model, whose own limit is shorter. `$WORKSPACE` is the settings' workspace.
     """
     env = os.environ if env is None else env
-    args = split_args(settings.vllm_args, env)
+    args = split_args(settings.vllm_args, {**env, "WORKSPACE": str(settings.workspace)})
+    is_default = settings.vllm_args == default_vllm_args(settings.workspace)
+    if is_default and not settings.vllm_model:
+        args = without_option(args, "--max-model-len")
+    if api is not None and (is_default or not has_option(args, "--port")):
+        args = [*without_option(args, "--port"), "--port", str(api.internal_port)]
     argv = ["serve", *([settings.vllm_model] if settings.vllm_model else []), *args]
     if settings.auto_parallel and not has_parallel_size(args):
         gpus = settings.gpu_count if settings.gpu_count is not None else count_gpus(env)
-        # One GPU is the server's default; passing it would only break servers that lack the flag.
-        if gpus > 1:
+        if gpus > 0:
             argv += ["--tensor-parallel-size", str(gpus)]
     return argv
+
+
+def has_option(args: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(f"{flag}=") for arg in args)
+
+
+def without_option(args: list[str], flag: str) -> list[str]:
+    """`args` without `flag VALUE` and `flag=VALUE`."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+        elif arg == flag:
+            skip_value = True
+        elif not arg.startswith(f"{flag}="):
+            kept.append(arg)
+    return kept
 
 
 def portal(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
@@ -119,9 +146,10 @@ def portal(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
 
 
 def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
-    if find_app(apps, API_APP_NAME) is None:
+    api = find_app(apps, API_APP_NAME)
+    if api is None:
         return not_configured(settings, API_APP_NAME)
-    return Launch([*tokenmill_command(), *serve_argv(settings)], cwd=settings.workspace)
+    return Launch([*tokenmill_command(), *serve_argv(settings, api)], cwd=settings.workspace)
 
 
 def ray(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
