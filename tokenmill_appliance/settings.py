@@ -452,4 +452,4 @@ def load_apps(settings: Settings) -> list[PortalApp]:
 
 def mask_token(token: str) -> str:
     """A token safe to log: all but its last 4 characters hidden."""
-    return "********" + token[-4:] if len(token) >= 12 else "********"
+    return "********" + token[-4:] if len(token) > 4 else "********"

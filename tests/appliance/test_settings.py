@@ -87,7 +87,8 @@ def test_token_not_in_repr(tmp_path: Path) -> None:
 
 def test_mask_token_shows_only_last_four() -> None:
     assert mask_token("abcdefghijklmnop") == "********mnop"
-    assert "abc" not in mask_token("abcdef")
+    assert mask_token("tok12345") == "********2345"
+    assert mask_token("abcd") == "********"
 
 
 def test_booleans_ports_and_aliases(tmp_path: Path) -> None:

@@ -11,9 +11,8 @@ import base64
 import binascii
 import enum
 import hmac
-import http.cookies
 from dataclasses import dataclass
-from urllib.parse import urlencode
+from urllib.parse import unquote_plus
 
 from aiohttp import web
 
@@ -81,6 +80,10 @@ def without_cookie(header: str, name: str) -> str:
 
 
 def is_open_path(path: str) -> bool:
+    """`path` (decoded) is served without auth. Never with a `.` or `..` segment: the backend would see
+    `/.well-known/acme-challenge/../../v1/x` as `/v1/x`."""
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return False
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
@@ -91,8 +94,10 @@ def is_browser_navigation(request: web.Request) -> bool:
 
 
 def url_without_token(request: web.Request) -> str:
-    query = [(k, v) for k, v in request.query.items() if k != "token"]
-    return request.rel_url.raw_path + (f"?{urlencode(query)}" if query else "")
+    """The request's raw path and query without its `token` parameters, the rest kept byte for byte."""
+    pairs = request.rel_url.raw_query_string.split("&")
+    kept = [pair for pair in pairs if pair and unquote_plus(pair.partition("=")[0]) != "token"]
+    return request.rel_url.raw_path + (f"?{'&'.join(kept)}" if kept else "")
 
 
 class Authenticator:
@@ -123,7 +128,7 @@ class Authenticator:
             if is_browser_navigation(request):
                 return AuthResult(Verdict.REDIRECT, set_cookie=True, location=url_without_token(request))
             return AuthResult(Verdict.ALLOW, set_cookie=True, strip_token=True)
-        if self._has_cookie(request) or self._has_bearer(request):
+        if self._has_cookie(request) or self.has_bearer(request):
             return AuthResult(Verdict.ALLOW)
         if self._has_basic(request):
             return AuthResult(Verdict.ALLOW, set_cookie=True)
@@ -137,7 +142,7 @@ class Authenticator:
                     found = True
         return found
 
-    def _has_bearer(self, request: web.Request) -> bool:
+    def has_bearer(self, request: web.Request) -> bool:
         scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
         return scheme.lower() == "bearer" and self.is_token(value.strip())
 
@@ -155,16 +160,10 @@ class Authenticator:
         return bool(sep) and user_ok and password_ok and bool(self._password)
 
     def cookie_header(self, is_secure: bool) -> str:
-        """The Set-Cookie value: `<label>_auth_token=<OPEN_BUTTON_TOKEN>` (+ Secure under TLS)."""
-        cookies: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
-        cookies[self.cookie_name] = self._cookie_token
-        morsel = cookies[self.cookie_name]
-        morsel["path"] = "/"
-        morsel["max-age"] = str(COOKIE_MAX_AGE)
-        morsel["httponly"] = True
-        morsel["samesite"] = "Lax"
-        morsel["secure"] = is_secure
-        return morsel.OutputString()
+        """The Set-Cookie value, as the spec writes it: the token verbatim (settings strip the CR, LF and
+        `;` that would end it), so that the cookie a browser sends back is the token itself."""
+        attributes = f"Path=/; Max-Age={COOKIE_MAX_AGE}; HttpOnly; SameSite=Lax"
+        return f"{self.cookie_name}={self._cookie_token}; {attributes}" + ("; Secure" if is_secure else "")
 
     def set_cookie(self, response: web.StreamResponse, is_secure: bool) -> None:
         response.headers.add("Set-Cookie", self.cookie_header(is_secure))

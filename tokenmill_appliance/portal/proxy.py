@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ align-items:center;justify-content:center;height:100vh;margin:0}div{text-align:c
 </div>
 <script>setTimeout(function(){location.reload()},3000)</script></body></html>
 """
+
+
+def exact(url: str) -> URL:
+    """`url` as given, its path not normalized: the backend gets the path the edge authorized."""
+    return URL(url, encoded=True)
 
 
 def without_query(url: str) -> str:
@@ -125,7 +131,7 @@ async def proxy_http(
     body = request.content if request.body_exists else None
     try:
         upstream = await session.request(
-            request.method, url, headers=headers, data=body, allow_redirects=False, compress=None
+            request.method, exact(url), headers=headers, data=body, allow_redirects=False, compress=None
         )
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return placeholder(f"{without_query(url)}: {exc}")
@@ -174,7 +180,7 @@ async def proxy_websocket(
             del headers[name]
     try:
         upstream = await session.ws_connect(
-            url, headers=headers, protocols=protocols, max_msg_size=0, autoping=True, compress=0
+            exact(url), headers=headers, protocols=protocols, max_msg_size=0, autoping=True, compress=0
         )
     except aiohttp.WSServerHandshakeError as exc:
         # The backend answered but refused the upgrade: pass its refusal on (a non-error answer is a 502).

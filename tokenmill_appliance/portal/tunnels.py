@@ -103,7 +103,7 @@ class TunnelManager:
         return {
             "available": self.is_available,
             "message": "" if self.is_available else "cloudflared is not installed on this machine",
-            "named_warning": NAMED_TUNNEL_WARNING if self.named_token else "",
+            "named_warning": NAMED_TUNNEL_WARNING if "named" in self._tunnels else "",
             "tunnels": [t.describe() for t in self._tunnels.values()],
         }
 

@@ -42,8 +42,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             return state.auth.redirect(result, request.secure)
         viewer = "authenticated" if result.is_authenticated else "open"
     request[IS_AUTHENTICATED] = viewer == "authenticated"
-    if request.method not in ("GET", "HEAD", "OPTIONS") and request.headers.get(CSRF_HEADER) != "1":
-        # Browsers resend cached basic-auth credentials on cross-site form posts; a custom header cannot be.
+    is_safe = request.method in ("GET", "HEAD", "OPTIONS") or state.auth.has_bearer(request)
+    if not is_safe and request.headers.get(CSRF_HEADER) != "1":
+        # Browsers resend cookies and cached basic-auth credentials on cross-site form posts; a custom header
+        # or a Bearer token cannot be sent that way.
         return web.json_response(
             {"error": f"state-changing calls need the {CSRF_HEADER}: 1 header"}, status=403
         )

@@ -49,6 +49,8 @@ async def echo(request: web.Request) -> web.Response:
         {
             "method": request.method,
             "path": request.path,
+            "raw_path": request.rel_url.raw_path,
+            "raw_query": request.rel_url.raw_query_string,
             "query": dict(request.query),
             "headers": dict(request.headers),
             "body": body.decode(),

@@ -11,6 +11,7 @@ from tokenmill_appliance.portal.auth import (
     Authenticator,
     Verdict,
     parse_cookie_header,
+    url_without_token,
     without_cookie,
 )
 from tokenmill_appliance.settings import Settings
@@ -56,7 +57,19 @@ def test_open_paths(auth: Authenticator, path: str) -> None:
     assert auth.check(request(path), PORT).verdict is Verdict.OPEN
 
 
-@pytest.mark.parametrize("path", ["/manifest.jsonx", "/.well-known/acme-challenge", "/x/manifest.json"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/manifest.jsonx",
+        "/.well-known/acme-challenge",
+        "/x/manifest.json",
+        # What a backend would see as /v1/x or /api/apps: dot segments never ride on an open prefix.
+        "/.well-known/acme-challenge/../../v1/x",
+        "/.well-known/acme-challenge/%2e%2e/%2e%2e/api/apps",
+        "/.well-known/acme-challenge/..%2f..%2fapi/apps",
+        "/.well-known/acme-challenge/./x",
+    ],
+)
 def test_near_open_paths_are_not_open(auth: Authenticator, path: str) -> None:
     assert auth.check(request(path), PORT).verdict is Verdict.DENY
 
@@ -169,10 +182,24 @@ def test_cookie_attributes(auth: Authenticator, is_secure: bool) -> None:
     response = web.Response()
     auth.set_cookie(response, is_secure)
     header = response.headers["Set-Cookie"]
-    assert header.startswith(f"portal_auth_token={TOKEN};")
-    for part in ("Path=/", "Max-Age=604800", "HttpOnly", "SameSite=Lax"):
-        assert part in header
-    assert ("Secure" in header) is is_secure
+    expected = f"portal_auth_token={TOKEN}; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax"
+    assert header == expected + ("; Secure" if is_secure else "")
+
+
+@pytest.mark.parametrize("token", ["abc,def-123456", 'a"b\\c-123456', "t\u00e9st-123456", "a b c d e f"])
+def test_the_cookie_set_is_accepted_back(tmp_path: Path, token: str) -> None:
+    auth = authenticator(tmp_path, OPEN_BUTTON_TOKEN=token, WEB_PASSWORD="")
+    name_value = auth.cookie_header(is_secure=True).split("; ")[0]
+    assert auth.check(request(Cookie=name_value), PORT).verdict is Verdict.ALLOW
+
+
+def test_token_removal_keeps_the_rest_of_the_query_as_sent(auth: Authenticator) -> None:
+    result = auth.check(request(f"/v1/x?token={TOKEN}&q=a%20b&x=1&x=2&e=%26%3D&flag"), PORT)
+    assert result.strip_token
+    assert url_without_token(request(f"/v1/x?token={TOKEN}&q=a%20b&x=1&x=2&e=%26%3D&flag")) == (
+        "/v1/x?q=a%20b&x=1&x=2&e=%26%3D&flag"
+    )
+    assert url_without_token(request(f"/v1/x?to%6Ben={TOKEN}")) == "/v1/x"
 
 
 def test_parse_cookie_header_is_exact() -> None:

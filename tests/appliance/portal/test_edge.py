@@ -10,6 +10,7 @@ import time
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from .conftest import PASSWORD, SSE_EVENTS, SSE_INTERVAL_S, TOKEN, StartPortal
 
@@ -109,6 +110,29 @@ async def test_open_paths_reach_the_app_without_auth(
     p = await start_portal()
     status, _, body = await get(client, p.url(p.api_port, path))
     assert status == 200 and json.loads(body)["path"] == path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/.well-known/acme-challenge/../../v1/echo",
+        "/.well-known/acme-challenge/%2e%2e/%2e%2e/v1/echo",
+        "/.well-known/acme-challenge/..%2f..%2fv1/echo",
+    ],
+)
+async def test_dot_segments_never_open_a_path(
+    start_portal: StartPortal, client: aiohttp.ClientSession, path: str
+) -> None:
+    p = await start_portal()
+    for port in (p.api_port, p.portal_port):  # an app, and the dashboard (whose API trusts the edge)
+        url = URL(p.url(port, path), encoded=True)  # sent as written, not normalized by the client
+        async with client.get(url, allow_redirects=False) as response:
+            assert response.status == 401, (port, path)
+    # An open path reaches the app exactly as written, so what was checked is what is served.
+    status, _, body = await get(
+        client, URL(p.url(p.api_port, "/.well-known/acme-challenge/a%2Fb"), encoded=True)
+    )
+    assert status == 200 and json.loads(body)["raw_path"] == "/.well-known/acme-challenge/a%2Fb"
 
 
 async def test_portal_resolver_is_answered_by_the_edge(

@@ -124,6 +124,8 @@ async def test_named_tunnel_token_in_env_and_warning(tmp_path: Path) -> None:
         assert lines == ["--no-autoupdate tunnel run", "TUNNEL_TOKEN=cf-secret"]
         assert manager.status()["named_warning"] == NAMED_TUNNEL_WARNING
         assert "BYPASSES" in NAMED_TUNNEL_WARNING
+        await manager.stop("named")
+        assert manager.status()["named_warning"] == ""  # the warning is about a running tunnel
     finally:
         await manager.close()
 
