@@ -138,6 +138,13 @@ def test_prompt_logprobs_cover_the_prompt(llm: LLM) -> None:
         assert 1 <= len(entry) <= 3
 
 
+def test_prompt_logprobs_once_for_n_completions(llm: LLM) -> None:
+    params = SamplingParams(temperature=1.0, seed=3, n=3, max_tokens=4, prompt_logprobs=1)
+    (output,) = llm.generate("The capital of France is", params, use_tqdm=False)
+    assert len(output.outputs) == 3
+    assert output.prompt_logprobs is not None and len(output.prompt_logprobs) == len(output.prompt_token_ids)
+
+
 def test_token_id_prompts(llm: LLM) -> None:
     ids = llm.get_tokenizer().encode("The capital of France is")
     by_text = llm.generate("The capital of France is", GREEDY, use_tqdm=False)[0]
@@ -161,15 +168,21 @@ def test_bad_input_raises_value_error_and_engine_keeps_working(llm: LLM) -> None
 
 def test_preemption_under_a_tiny_kv_cache_keeps_outputs(tiny_model_dir: Callable[[str], Path]) -> None:
     model = str(tiny_model_dir("qwen3"))
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
     prompts = MIXED_PROMPTS[:8]
     roomy = LLM(model, dtype="float32", max_model_len=256, kv_cache_memory=16 << 20)
     # 8 requests x (~10 prompt + 40 output) tokens need ~32 blocks of 16; give them 16.
     block_bytes = roomy.engine.core.runner.kv_bytes_per_block()
     tight = LLM(model, dtype="float32", max_model_len=256, kv_cache_memory=16 * block_bytes)
-    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
-    got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
-    assert got == expected
+    expected = roomy.generate(prompts, params, use_tqdm=False)
+    got = tight.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    # A resumed request recomputes its prompt; its prompt logprobs are still one per prompt token.
+    for mine, reference in zip(got, expected, strict=True):
+        assert mine.prompt_logprobs is not None and len(mine.prompt_logprobs) == len(mine.prompt_token_ids)
+        assert [sorted(e) if e else e for e in mine.prompt_logprobs] == [
+            sorted(e) if e else e for e in reference.prompt_logprobs or []
+        ]
     stats = tight.engine.core.get_stats()
     assert stats.num_preemptions > 0
     assert stats.num_free_blocks == stats.num_total_blocks

@@ -119,7 +119,8 @@ class OutputProcessor:
         seq = state.sequences[output.request_id]
         state.updated.add(output.request_id)
         state.num_cached_tokens = output.num_cached_tokens
-        if output.new_prompt_logprobs is not None and state.prompt_logprobs is not None:
+        # Every child of an n > 1 request computes the shared prompt's logprobs; the first one's are kept.
+        if output.new_prompt_logprobs is not None and state.prompt_logprobs is not None and seq.index == 0:
             self._append_prompt_logprobs(state, output.new_prompt_logprobs)
         if seq.finished:
             return False

@@ -45,6 +45,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule
+        self.num_prompt_logprobs_sent = (
+            0  # prompt positions whose logprobs went out (not again after a preemption)
+        )
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of the request's full blocks, in order
         self.stop_reason: int | str | None = None

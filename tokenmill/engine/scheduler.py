@@ -13,7 +13,13 @@ from collections.abc import Iterable
 
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.kv_cache import KVCacheManager
-from tokenmill.engine.outputs import EngineCoreOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.engine.outputs import (
+    EngineCoreOutput,
+    LogprobsLists,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.sample.penalties import has_penalties
@@ -169,7 +175,7 @@ class Scheduler:
             self.num_prompt_tokens += max(
                 0, min(request.num_computed_tokens, request.num_prompt_tokens) - scheduled.num_computed_tokens
             )
-            prompt_logprobs = output.prompt_logprobs.get(request.request_id)
+            prompt_logprobs = self._new_prompt_logprobs(scheduled, output.prompt_logprobs)
             token_id = output.sampled_token_ids.get(request.request_id)
             new_token_ids = []
             if token_id is not None:
@@ -192,6 +198,20 @@ class Scheduler:
             if request.is_finished:
                 self._free(request)
         return results
+
+    @staticmethod
+    def _new_prompt_logprobs(
+        scheduled: ScheduledRequest, prompt_logprobs: dict[str, LogprobsLists]
+    ) -> LogprobsLists | None:
+        """The chunk's prompt logprobs without the positions sent before a preemption (recomputed)."""
+        request = scheduled.request
+        lists = prompt_logprobs.get(request.request_id)
+        if lists is None:
+            return None
+        num_sent_here = request.num_prompt_logprobs_sent - scheduled.num_computed_tokens
+        end = scheduled.num_computed_tokens + len(lists.token_ids)
+        request.num_prompt_logprobs_sent = max(request.num_prompt_logprobs_sent, end)
+        return lists if num_sent_here <= 0 else lists.slice(num_sent_here, len(lists.token_ids))
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params
