@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tokenmill import LLM, SamplingParams
 
@@ -186,6 +187,21 @@ def test_preemption_under_a_tiny_kv_cache_keeps_outputs(tiny_model_dir: Callable
     stats = tight.engine.core.get_stats()
     assert stats.num_preemptions > 0
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_the_engine_seed_makes_unseeded_sampling_reproducible(tiny_model_dir: Callable[[str], Path]) -> None:
+    model = str(tiny_model_dir("llama"))
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)  # no per-request seed
+    prompts = MIXED_PROMPTS[:3]
+
+    def sampled(seed: int) -> list[list[int]]:
+        llm = LLM(model, dtype="float32", max_model_len=256, kv_cache_memory=16 << 20, seed=seed)
+        torch.seed()  # a fresh random state of torch's global generator, which must not matter
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    first = sampled(1)
+    assert sampled(1) == first
+    assert sampled(2) != first
 
 
 def test_too_small_kv_cache_fails_at_start_naming_both_numbers(tiny_model_dir: Callable[[str], Path]) -> None:

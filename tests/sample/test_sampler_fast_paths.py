@@ -110,9 +110,11 @@ def record_race_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     widths: list[int] = []
     race = sampler_module.random_sample
 
-    def recording(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    def recording(
+        probs: torch.Tensor, generators: dict[int, torch.Generator], default: torch.Generator | None = None
+    ) -> torch.Tensor:
         widths.append(probs.shape[-1])
-        return race(probs, generators)
+        return race(probs, generators, default)
 
     monkeypatch.setattr(sampler_module, "random_sample", recording)
     return widths

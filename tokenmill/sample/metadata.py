@@ -77,6 +77,7 @@ class SamplingMetadata:
     top_p: torch.Tensor | None  # [num_rows] float32, 1.0 where off
     min_p: torch.Tensor | None  # [num_rows] float32, 0.0 where off
     generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded random rows)
+    default_generator: torch.Generator | None  # the other random rows' (the engine's seed); None: torch's
     logit_bias: SparseLogits | None  # added to the logits
     min_tokens_mask: SparseLogits | None  # stop token ids masked (-inf) while output < min_tokens
     penalties: PenaltyTensors | None
@@ -116,11 +117,12 @@ class SamplingMetadata:
         generators: list[torch.Generator | None],
         vocab_size: int,
         device: torch.device,
+        default_generator: torch.Generator | None = None,
     ) -> SamplingMetadata:
         """Metadata of the rows sampled this step, in batch order.
 
         `vocab_size` is the logits' width. `generators[i]` is row i's own generator on `device` (from its
-        seed) or None for the default generator; greedy rows ignore it. Token ids are read only for rows
+        seed) or None for `default_generator`; greedy rows ignore it. Token ids are read only for rows
         with penalties, every step: a caller can pass each request's prompt as an int64 numpy array it
         keeps, so that long prompts cost nothing to convert.
         """
@@ -144,6 +146,7 @@ class SamplingMetadata:
             top_p=floats[1] if floats is not None and any(p.top_p < 1.0 for p in random_params) else None,
             min_p=floats[2] if floats is not None and any(p.min_p > 0.0 for p in random_params) else None,
             generators={i: gen for i, gen in enumerate(generators) if gen is not None and not greedy[i]},
+            default_generator=default_generator,
             logit_bias=SparseLogits.build(_logit_bias_entries(params), vocab_size, device),
             min_tokens_mask=SparseLogits.build(
                 _min_tokens_entries(params, output_token_ids), vocab_size, device

@@ -92,22 +92,24 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata, cpu_fast_paths: boo
     probs = logits.softmax(dim=-1)  # [num_rows, vocab]
     is_truncated = not (metadata.no_top_k and metadata.no_top_p and metadata.no_min_p)
     if cpu_fast_paths and is_truncated:
-        sampled = random_sample_candidates(probs, metadata.generators, metadata.is_greedy)
+        sampled = random_sample_candidates(probs, metadata)
     else:
-        sampled = random_sample(probs, metadata.generators)
+        sampled = random_sample(probs, metadata.generators, metadata.default_generator)
     if greedy is None or metadata.is_greedy is None:
         return sampled
     return torch.where(metadata.is_greedy, greedy, sampled)
 
 
-def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+def random_sample(
+    probs: torch.Tensor, generators: dict[int, torch.Generator], default: torch.Generator | None = None
+) -> torch.Tensor:
     """argmax(probs / q), q ~ Exponential(1): a sample from each row of `probs` [num_rows, width].
 
-    A seeded row draws exactly `width` numbers from its generator.
+    A seeded row draws exactly `width` numbers from its generator; the other rows draw from `default`.
     """
     q = torch.empty_like(probs)
     if len(generators) < probs.shape[0]:
-        q.exponential_()
+        q.exponential_(generator=default)
     for row, generator in generators.items():
         q[row].exponential_(generator=generator)
     # Exponential draws of exactly 0 would divide to inf (or nan for a zero prob).
@@ -115,9 +117,7 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     return probs.div_(q).argmax(dim=-1)
 
 
-def random_sample_candidates(
-    probs: torch.Tensor, generators: dict[int, torch.Generator], is_greedy: torch.Tensor | None
-) -> torch.Tensor:
+def random_sample_candidates(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     """`random_sample` of CPU `probs` [num_rows, vocab], racing only over each row's candidates.
 
     A row with at most FAST_PATH_CANDIDATES tokens of nonzero probability races over its
@@ -126,22 +126,24 @@ def random_sample_candidates(
     row alone, and the distribution is that of the full race.
     """
     num_rows, vocab = probs.shape
+    generators, default = metadata.generators, metadata.default_generator
     if vocab <= FAST_PATH_CANDIDATES:
-        return random_sample(probs, generators)
+        return random_sample(probs, generators, default)
     # One more than the candidates: a row fits when that one has probability 0.
     top_probs, top_ids = probs.topk(FAST_PATH_CANDIDATES + 1, dim=-1)  # [num_rows, candidates + 1]
     fits = top_probs[:, -1] == 0.0  # [num_rows]
-    if is_greedy is not None:
-        fits |= is_greedy  # their sample is discarded: the cheapest race will do
+    if metadata.is_greedy is not None:
+        fits |= metadata.is_greedy  # their sample is discarded: the cheapest race will do
     if bool(fits.all()):
-        winners = random_sample(top_probs[:, :-1], generators)  # [num_rows]
+        winners = random_sample(top_probs[:, :-1], generators, default)  # [num_rows]
         return top_ids.gather(1, winners.unsqueeze(1)).squeeze(1)
     sampled = torch.empty(num_rows, dtype=torch.int64)
     narrow, wide = fits.nonzero().squeeze(1), (~fits).nonzero().squeeze(1)
     if narrow.numel() > 0:
-        winners = random_sample(top_probs[narrow, :-1], _generators_of(narrow, generators))  # [num_narrow]
+        narrow_generators = _generators_of(narrow, generators)
+        winners = random_sample(top_probs[narrow, :-1], narrow_generators, default)  # [num_narrow]
         sampled[narrow] = top_ids[narrow].gather(1, winners.unsqueeze(1)).squeeze(1)
-    sampled[wide] = random_sample(probs[wide], _generators_of(wide, generators))
+    sampled[wide] = random_sample(probs[wide], _generators_of(wide, generators), default)
     return sampled
 
 

@@ -176,6 +176,7 @@ class ModelRunner:
             [self._generator(r) for r in rows],
             vocab_size=logits.shape[-1],
             device=self.device,
+            default_generator=self.default_generator,
         )
         return self.sampler(logits, metadata)
 
