@@ -161,6 +161,8 @@ def test_bad_input_raises_value_error_and_engine_keeps_working(llm: LLM) -> None
         llm.generate("x", SamplingParams(max_tokens=5000))
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], GREEDY)
+    with pytest.raises(ValueError, match="empty"):  # the good prompt before it is not left running
+        llm.generate(["Hello", []], GREEDY)
     with pytest.raises(TypeError, match="max_num_seqs"):
         LLM(max_num_seq=4)
     assert not llm.engine.has_unfinished_requests()

@@ -61,11 +61,16 @@ class LLM:
         """Completes each prompt (a string, a list of token ids or {"prompt_token_ids": [...]})."""
         prompt_list = _as_prompt_list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
-        request_ids = []
-        for prompt, params in zip(prompt_list, params_list, strict=True):
-            request_id = str(next(self._request_counter))
-            self.engine.add_request(request_id, prompt, params)
-            request_ids.append(request_id)
+        request_ids: list[str] = []
+        try:
+            for prompt, params in zip(prompt_list, params_list, strict=True):
+                request_id = str(next(self._request_counter))
+                self.engine.add_request(request_id, prompt, params)
+                request_ids.append(request_id)
+        except BaseException:
+            for request_id in request_ids:  # a bad prompt fails the whole call: the ones before it too
+                self.engine.abort_request(request_id)
+            raise
         return self._run(request_ids, use_tqdm)
 
     def chat(
