@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tokenmill.sampling_params import SamplingParams
@@ -39,11 +40,30 @@ from tokenmill.sampling_params import SamplingParams
         ("logit_bias", {5: -100.5}),
         ("logit_bias", {-1: 1.0}),
         ("logit_bias", {"5": 1.0}),
+        # Wrong types name their field too (not a TypeError from a comparison, nor 1.5 tokens).
+        ("n", 1.5),
+        ("n", "2"),
+        ("top_k", 2.5),
+        ("max_tokens", 2.5),
+        ("min_tokens", "1"),
+        ("logprobs", 1.0),
+        ("seed", "x"),
+        ("seed", 2**70),
+        ("temperature", "hot"),
+        ("top_p", None),
+        ("stop_token_ids", ["a"]),
     ],
 )
 def test_invalid_value_raises_naming_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field} "):
         SamplingParams(**{field: value})
+
+
+def test_numpy_numbers_are_accepted() -> None:
+    params = SamplingParams(
+        n=np.int64(2), temperature=np.float32(0.5), seed=np.int64(7), stop_token_ids=[np.int64(3)]
+    )
+    assert params.n == 2 and params.seed == 7
 
 
 def test_min_tokens_above_max_tokens() -> None:

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 from enum import Enum
+from numbers import Integral, Real
 
 
 class RequestOutputKind(Enum):
@@ -13,6 +14,16 @@ class RequestOutputKind(Enum):
 
 
 MAX_TOP_LOGPROBS = 20
+_INTEGER_FIELDS = ("n", "top_k", "min_tokens")
+_OPTIONAL_INTEGER_FIELDS = ("max_tokens", "logprobs", "prompt_logprobs", "seed")
+_NUMBER_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 # Temperatures below this sample greedily (as in vLLM): dividing logits by them would overflow.
 SAMPLING_EPS = 1e-5
 
@@ -55,6 +66,7 @@ class SamplingParams:
         self.validate()
 
     def validate(self, max_logprobs: int = MAX_TOP_LOGPROBS) -> None:
+        self._validate_types()
         _check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
         _check(self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
@@ -95,6 +107,23 @@ class SamplingParams:
                 f"keys must be token ids (non-negative integers), got {token_id!r}",
             )
             _check(-100.0 <= bias <= 100.0, "logit_bias", f"bias for token {token_id} must be in [-100, 100]")
+
+    def _validate_types(self) -> None:
+        """Types first, so that a range check never meets a string (or 1.5 tokens) and fails obscurely."""
+        for name in _INTEGER_FIELDS + _OPTIONAL_INTEGER_FIELDS:
+            value = getattr(self, name)
+            if value is not None or name in _INTEGER_FIELDS:
+                _check(isinstance(value, Integral), name, f"must be an integer, got {value!r}")
+        for name in _NUMBER_FIELDS:
+            value = getattr(self, name)
+            _check(isinstance(value, Real), name, f"must be a number, got {value!r}")
+        ids = self.stop_token_ids or []
+        _check(all(isinstance(t, Integral) for t in ids), "stop_token_ids", f"must be integers, got {ids!r}")
+        _check(
+            self.seed is None or -(2**63) <= self.seed < 2**64,
+            "seed",
+            f"must fit in 64 bits, got {self.seed}",
+        )
 
     def validate_token_ids(self, vocab_size: int) -> None:
         """Check the token ids in logit_bias and stop_token_ids against the model's vocabulary."""
