@@ -10,9 +10,16 @@ from tokenmill.loader.dtype import resolve_kv_cache_dtype
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)],
+    [
+        ("float32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("float", torch.float32),  # vLLM's aliases
+        ("half", torch.float16),
+        (torch.bfloat16, torch.bfloat16),  # LLM(dtype=torch.bfloat16)
+    ],
 )
-def test_explicit_dtype(name: str, expected: torch.dtype) -> None:
+def test_explicit_dtype(name: str | torch.dtype, expected: torch.dtype) -> None:
     assert resolve_dtype(name, "cpu") is expected
     assert resolve_dtype(name, torch.device("cuda")) is expected
 

@@ -6,6 +6,7 @@ from these fields (see `tokenmill/entrypoints/cli_args.py`), so a new option is 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -18,6 +19,34 @@ from tokenmill.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+
+_NUMBER_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+# Options that are counts: at least 1.
+_POSITIVE_INTS = (
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_waiting",
+    "tensor_parallel_size",
+)
+
+
+def parse_human_int(value: str | int) -> int:
+    """'32768', '32k' (32000), '32K' (32768), '1.5k' (1500), '4GiB', '512MB' -> an int (vLLM's suffixes:
+    lowercase decimal, uppercase binary; byte sizes KB/MB/GB decimal, KiB/MiB/GiB binary)."""
+    if isinstance(value, int):
+        return value
+    match = _NUMBER_RE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a number (examples: 2048, 32k, 32K, 4GiB)")
+    number, unit, byte_suffix = match.groups()
+    binary = unit.isupper() if not byte_suffix else byte_suffix.lower() == "ib"
+    scale = (1024 if binary else 1000) ** _POWERS[unit.lower()]
+    result = float(number) * scale
+    if result != int(result):
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(result)
 
 
 @dataclass
@@ -74,7 +103,29 @@ class EngineArgs:
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
 
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "kv_cache_memory"):  # LLM(kv_cache_memory="4GiB") as on the CLI
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, parse_human_int(value))
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+
+    def _check_ranges(self) -> None:
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "kv_cache_memory"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (or unset), got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
     def create_engine_config(self) -> EngineConfig:
+        self._check_ranges()
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: "

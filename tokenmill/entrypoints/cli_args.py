@@ -14,7 +14,6 @@ import difflib
 import inspect
 import json
 import os
-import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,27 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.config import Dtype
+from tokenmill.engine import arg_utils
 from tokenmill.engine.arg_utils import EngineArgs
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV_VARS = ("VLLM_API_KEY", "TOKENMILL_API_KEY")
-_NUMBER_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
-_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 def parse_human_int(value: str) -> int:
-    """'32768', '32k' (32000), '32K' (32768), '1.5k' (1500), '4GiB', '512MB' -> an int."""
-    match = _NUMBER_RE.match(value)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number (examples: 2048, 32k, 32K, 4GiB)")
-    number, unit, byte_suffix = match.groups()
-    binary = unit.isupper() if not byte_suffix else byte_suffix.lower() == "ib"
-    scale = (1024 if binary else 1000) ** _POWERS[unit.lower()]
-    result = float(number) * scale
-    if result != int(result):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number")
-    return int(result)
+    """`arg_utils.parse_human_int` for argparse, which shows an ArgumentTypeError's message as it is."""
+    try:
+        return arg_utils.parse_human_int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _json_object(value: str) -> dict[str, Any]:

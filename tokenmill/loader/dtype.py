@@ -11,6 +11,8 @@ DTYPES_BY_NAME: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "float": torch.float32,  # vLLM's aliases
+    "half": torch.float16,
 }
 
 # x86: AVX512-BF16 or AMX-BF16 compute bf16 natively; aarch64: the BF16 extension (e.g. Graviton 3).
@@ -37,12 +39,15 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & _NATIVE_BF16_CPU_FLAGS)
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """The torch dtype for `name` (auto | float32 | bfloat16 | float16) on `device`.
+def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The torch dtype for `name` (auto | float32 | bfloat16 | float16 | float | half, or a torch dtype)
+    on `device`.
 
     auto: bfloat16 on GPUs that support it (float16 on older ones) and on CPUs with native bf16,
     else float32.
     """
+    if isinstance(name, torch.dtype) and name in DTYPES_BY_NAME.values():  # LLM(dtype=torch.bfloat16)
+        return name
     if name in DTYPES_BY_NAME:
         return DTYPES_BY_NAME[name]
     if name != "auto":
