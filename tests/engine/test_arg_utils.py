@@ -24,6 +24,7 @@ def test_sizes_accept_the_command_lines_suffixes() -> None:
         ("max_num_batched_tokens", 0),
         ("block_size", 0),
         ("max_waiting", -1),
+        ("max_waiting", 1.5),
         ("max_num_seqs", 2.5),
         ("max_model_len", 0),
         ("max_model_len", -5),

@@ -154,11 +154,18 @@ def test_token_id_prompts(llm: LLM) -> None:
     assert by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids == by_list.outputs[0].token_ids
 
 
+def test_max_tokens_past_the_context_end_there(llm: LLM) -> None:
+    # As vLLM's offline API: the prompt must leave room for one token; generation stops at the context's end.
+    params = SamplingParams(temperature=0, max_tokens=5000, ignore_eos=True)
+    (output,) = llm.generate([[1] * 1018], params, use_tqdm=False)
+    assert len(output.outputs[0].token_ids) == 6 and output.outputs[0].finish_reason == "length"
+
+
 def test_bad_input_raises_value_error_and_engine_keeps_working(llm: LLM) -> None:
     with pytest.raises(ValueError, match="temperature"):
         llm.generate("x", SamplingParams(temperature=-1))
     with pytest.raises(ValueError, match="maximum context length"):
-        llm.generate("x", SamplingParams(max_tokens=5000))
+        llm.generate([[1] * 1024], GREEDY)  # no room left for a completion
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], GREEDY)
     with pytest.raises(ValueError, match="empty"):  # the good prompt before it is not left running

@@ -23,13 +23,7 @@ from tokenmill.config import (
 _NUMBER_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 # Options that are counts: at least 1.
-_POSITIVE_INTS = (
-    "block_size",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "max_waiting",
-    "tensor_parallel_size",
-)
+_POSITIVE_INTS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
 
 
 def parse_human_int(value: str | int) -> int:
@@ -121,6 +115,12 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (or unset), got {value!r}")
+        if (
+            isinstance(self.max_waiting, bool)
+            or not isinstance(self.max_waiting, int)
+            or self.max_waiting < 0
+        ):
+            raise ValueError(f"max_waiting must be a non-negative integer, got {self.max_waiting!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

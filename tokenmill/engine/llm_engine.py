@@ -22,6 +22,7 @@ class LLMEngine:
             self.core.max_model_len,
             self.core.vocab_size,
             self.generation_defaults.eos_token_ids,
+            strict_max_tokens=False,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
 

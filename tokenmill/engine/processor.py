@@ -37,7 +37,12 @@ class InputProcessor:
         vocab_size: int,
         eos_token_ids: frozenset[int],
         max_logprobs: int = MAX_TOP_LOGPROBS,
+        strict_max_tokens: bool = True,
     ) -> None:
+        """`strict_max_tokens`: the prompt plus max_tokens must fit the context (the OpenAI server's rule,
+        as vLLM's); else the prompt must leave room for one token and generation ends at the context's
+        end with finish_reason "length" (vLLM's offline rule)."""
+        self.strict_max_tokens = strict_max_tokens
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -84,7 +89,7 @@ class InputProcessor:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})")
-        max_tokens = params.max_tokens or 1
+        max_tokens = params.max_tokens if params.max_tokens and self.strict_max_tokens else 1
         if len(token_ids) + max_tokens > self.max_model_len:
             raise ValueError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the request "
