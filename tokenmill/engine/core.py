@@ -77,7 +77,9 @@ class EngineCore:
 
     def _load_weights(self, quantization: str | None) -> None:
         model, gguf_file = cast(nn.Module, self.runner.model), self.source.gguf_file
-        plan = plan_gguf_layers(model, gguf_file) if quantization == "gguf" and gguf_file else None
+        plan = None
+        if quantization == "gguf" and gguf_file is not None:
+            plan = plan_gguf_layers(model, gguf_file, self.device)
         if plan is None:
             self.runner.load_weights(iter_weights(self.source, self.dtype))
             quantize(self.runner.model, quantization)

@@ -126,10 +126,10 @@ class GGUFPlan:
         return frozenset(f"{name}.weight" for name in self.layers)
 
 
-def plan_gguf_layers(model: nn.Module, gguf_file: Path) -> GGUFPlan | None:
-    """The layers of `model` whose checkpoint tensors in `gguf_file` share one block type the kernel
-    reads, or None (with a warning) where the kernels do not run: the model then keeps float weights."""
-    device = next(model.parameters()).device
+def plan_gguf_layers(model: nn.Module, gguf_file: Path, device: torch.device) -> GGUFPlan | None:
+    """The layers of `model` (on `device`, its parameters maybe not loaded yet) whose checkpoint tensors in
+    `gguf_file` share one block type the kernel reads, or None (with a warning) where the kernels do not
+    run: the model then keeps float weights."""
     if device.type != "cpu" or kernel_library() is None:
         logger.warning(
             "--quantization gguf runs the file's blocks in CPU kernels (x86-64 with AVX2); on %s the model "
@@ -170,7 +170,7 @@ def apply_gguf_plan(model: nn.Module, plan: GGUFPlan) -> int:
 
 def quantize_gguf(model: nn.Module, gguf_file: Path) -> int:
     """Plans and applies GGUF layers on a model loaded from `gguf_file`; returns how many it replaced."""
-    plan = plan_gguf_layers(model, gguf_file)
+    plan = plan_gguf_layers(model, gguf_file, next(model.parameters()).device)
     return 0 if plan is None else apply_gguf_plan(model, plan)
 
 

@@ -15,6 +15,7 @@ from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tokenmill.model.layers.rotary import RotaryEmbedding, RotaryTables, apply_rotary, rope_parameters
+from tokenmill.model.parameters import ParameterSlots
 
 if TYPE_CHECKING:
     from tokenmill.model.fused_decode import FusedDecode
@@ -151,20 +152,24 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads checkpoint tensors by their Hugging Face names; returns the parameters filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
+        names = {name for name, _ in self.named_parameters(remove_duplicate=False)}
         tied = self.lm_head.weight is self.model.embed_tokens.weight
+        slots = ParameterSlots(self)
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
                 continue
             target, shard_id = stacked_target(name)
-            if target not in params:
+            if target not in names:
                 raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            param = params[target]
-            if hasattr(param, "weight_loader"):
-                param.weight_loader(param, tensor, shard_id)
-            else:
-                param.data.copy_(tensor)
+            param = self.get_parameter(target)
+            if shard_id is None:
+                slots.assign(target, tensor)  # the loaded tensor becomes the parameter
+            else:  # one shard of a fused parameter, allocated with its first shard
+                if param.is_meta:
+                    empty = torch.empty(param.shape, dtype=tensor.dtype, device=tensor.device)
+                    param = slots.assign(target, empty)
+                param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]
             loaded.add(target)
         if tied:
             loaded.add("lm_head.weight")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata, kv_cache_shape
 from tokenmill.attention.selector import get_attention_backend
@@ -16,7 +17,9 @@ from tokenmill.engine.outputs import LogprobsLists, ModelRunnerOutput, Scheduled
 from tokenmill.kernels.memory import anonymous_tensor
 from tokenmill.loader.dtype import resolve_kv_cache_dtype
 from tokenmill.model.layers.attention import Attention
+from tokenmill.model.layers.rotary import RotaryEmbedding
 from tokenmill.model.llama import head_dim_of
+from tokenmill.model.parameters import materialize
 from tokenmill.model.registry import CausalLM, get_model_class
 from tokenmill.sample.logprobs import compute_logprobs, unpack_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
@@ -53,7 +56,7 @@ class ModelRunner:
     def load_weights(self, weights: Any, unloaded: frozenset[str] = frozenset()) -> None:
         """Loads the checkpoint's `weights`; every parameter must get one, except those named in `unloaded`
         (replaced after loading, as `--quantization gguf` replaces linear layers)."""
-        loaded = self.model.load_weights(weights)
+        loaded = self.model.load_weights((name, tensor.to(self.device)) for name, tensor in weights)
         missing = {name for name, _ in self.model.named_parameters()} - loaded - unloaded
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
@@ -61,6 +64,7 @@ class ModelRunner:
     @torch.inference_mode()
     def init_dummy_weights(self) -> None:
         """Small random weights in place of a checkpoint (norm weights 1), for benchmarks of a model shape."""
+        materialize(cast(nn.Module, self.model), self.device, self.dtype)
         generator = torch.Generator(device=self.device).manual_seed(self.config.model.seed)
         for name, param in self.model.named_parameters():
             if "norm" in name:
@@ -275,13 +279,17 @@ def zeroed_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
 
 
 def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """Allocates the model's parameters (uninitialized) in `dtype` on `device`; weights are loaded after."""
+    """The model with its parameters on the meta device (no memory: loading assigns each its checkpoint
+    tensor, in `dtype` on `device`) and its computed tables (rotary) on `device`."""
     model_class = get_model_class(hf_config)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device("meta"):
             model = model_class(hf_config)
     finally:
         torch.set_default_dtype(default_dtype)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build_tables(device)
     return cast(CausalLM, model.eval())

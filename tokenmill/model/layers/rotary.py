@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 from typing import Any
@@ -80,10 +81,20 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
-        inv_freq = _inverse_frequencies(head_dim, params)  # [head_dim / 2], float32
-        positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
+        self.head_dim, self.max_position, self.params = head_dim, max_position, params
+        # Built on the meta device, the model gets its tables from build_model, on its real device (and
+        # meta arithmetic would cost its first user ~0.8 s of imports).
+        if torch.get_default_device().type != "meta":
+            self.build_tables()
+
+    def build_tables(self, device: torch.device | None = None) -> None:
+        """Computes the cos/sin tables on `device` (default: the current one). A model built on the meta
+        device has none until this runs: they are computed, not loaded."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            inv_freq = _inverse_frequencies(self.head_dim, self.params)  # [head_dim / 2], float32
+            positions = torch.arange(self.max_position, dtype=torch.float32)
+            freqs = torch.outer(positions, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
