@@ -208,6 +208,11 @@ class AsyncLLM:
     def _check_can_accept(self, num_seqs: int) -> None:
         if self.errored or not self._ready:
             raise EngineDeadError(self.error_message or "the engine is still loading the model")
+        if num_seqs > self._max_in_flight:  # no retry could succeed: the request's own fault
+            raise ValueError(
+                f"n={num_seqs} is more sequences than this server takes at once ({self._max_in_flight}: "
+                "--max-num-seqs plus --max-waiting)"
+            )
         in_flight = sum(self._num_seqs.values())
         if in_flight + num_seqs > self._max_in_flight:
             raise EngineOverloadedError(

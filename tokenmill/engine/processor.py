@@ -77,8 +77,8 @@ class InputProcessor:
 
     @staticmethod
     def _child_params(params: SamplingParams, index: int) -> SamplingParams:
-        # A seeded request with n > 1 must not repeat one completion n times.
-        seed = None if params.seed is None else params.seed + index
+        # A seeded request with n > 1 must not repeat one completion n times (seeds are 64-bit: wrap).
+        seed = None if params.seed is None else (params.seed + index) % 2**64
         return dataclasses.replace(params, n=1, seed=seed)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:

@@ -10,9 +10,13 @@ from transformers import PreTrainedTokenizerBase
 _TEXT_PART_TYPES = ("text", "input_text")
 
 
+def is_inline_template(template: str) -> bool:
+    return "{{" in template or "{%" in template
+
+
 def read_chat_template(template: str) -> str:
     """A chat template given as an inline Jinja string or as the path of a file holding one."""
-    if "{{" in template or "{%" in template:
+    if is_inline_template(template):
         return template
     path = Path(template).expanduser()
     if path.is_file():

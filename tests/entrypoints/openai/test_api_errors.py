@@ -37,6 +37,11 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("streamed bad request", CHAT, {"messages": HI, "stream": True, "max_tokens": 5000}, 400),
     ("bad detokenize ids", "/detokenize", {"tokens": [-1]}, 400),
     ("tokenize without input", "/tokenize", {}, 400),
+    ("seed past 64 bits", COMPLETIONS, {"prompt": "a", "max_tokens": 1, "seed": 2**64}, 400),
+    ("seed below 64 bits", CHAT, {"messages": HI, "max_tokens": 1, "seed": -(2**63) - 1}, 400),
+    ("n past the server's capacity", COMPLETIONS, {"prompt": "a", "max_tokens": 1, "n": 100000}, 400),
+    # A request's template is inline Jinja only: a path would render a server file into the prompt.
+    ("chat_template naming a file", CHAT, {"messages": HI, "chat_template": "/etc/hostname"}, 400),
 ]
 
 
@@ -86,3 +91,13 @@ def test_serves_after_errors(server) -> None:
             assert_error_body(http.post(COMPLETIONS, json={"prompt": "a", "max_tokens": -3}), 400)
         reply = http.post(COMPLETIONS, json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["choices"][0]["text"]
+
+
+def test_the_largest_seeds_serve(server) -> None:
+    # n children get seed, seed + 1, ...: past 2**64 - 1 they wrap, never reaching the engine out of range.
+    with server.http() as http:
+        for seed in (2**64 - 1, -(2**63)):
+            body = {"prompt": "Hello", "max_tokens": 2, "n": 2, "seed": seed, "temperature": 1.0}
+            reply = http.post(COMPLETIONS, json=body)
+            assert reply.status_code == 200, reply.text
+        assert http.get("/health").status_code == 200

@@ -44,13 +44,17 @@ from tokenmill.entrypoints.openai.serving_engine import (
 
 def render_chat_prompt(ctx: ServingContext, request: Any, conversation: list[dict[str, Any]]) -> str:
     """The prompt text the chat template makes of `conversation` (runs on the tokenizer thread)."""
-    from tokenmill.tokenizer.chat import apply_chat_template
+    from tokenmill.tokenizer.chat import apply_chat_template, is_inline_template
 
+    requested = getattr(request, "chat_template", None)
+    if requested is not None and not is_inline_template(requested):
+        # Never a path: a client could have any file the server can read rendered into its prompt.
+        raise ValueError("chat_template must be the Jinja template itself (a request cannot name a file)")
     try:
         return apply_chat_template(
             ctx.tokenizer,
             conversation,
-            chat_template=getattr(request, "chat_template", None) or ctx.chat_template,
+            chat_template=requested or ctx.chat_template,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
             **(request.chat_template_kwargs or {}),
