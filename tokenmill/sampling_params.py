@@ -151,6 +151,15 @@ class SamplingParams:
         return ids
 
 
+class InvalidParameterError(ValueError):
+    """A sampling parameter out of its range or of the wrong type; `param` names it (the OpenAI error
+    body's `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param} {message}")
+        self.param = param
+
+
 def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"{field_name} {message}")
+        raise InvalidParameterError(field_name, message)

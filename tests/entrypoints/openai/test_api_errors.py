@@ -85,6 +85,13 @@ def test_api_key(server) -> None:
             assert http.get(open_path).status_code == 200
 
 
+def test_a_bad_sampling_value_names_its_param(server) -> None:
+    with server.http() as http:
+        reply = http.post(COMPLETIONS, json={"prompt": "a", "min_tokens": 3, "max_tokens": 2})
+        assert_error_body(reply, 400)
+        assert reply.json()["error"]["param"] == "min_tokens"
+
+
 def test_serves_after_errors(server) -> None:
     with server.http() as http:
         for _ in range(3):

@@ -52,6 +52,11 @@ class APIError(Exception):
         self.code = code
         self.headers = headers
 
+    @classmethod
+    def bad_request(cls, err: ValueError) -> APIError:
+        """The 400 of an invalid value; `param` from the error when it names one (sampling parameters)."""
+        return cls(str(err), 400, param=getattr(err, "param", None))
+
 
 def error_body(
     message: str, status_code: int, param: str | None = None, code: str | None = None

@@ -81,7 +81,7 @@ class OpenAIServingChat:
                 encode, self.ctx.tokenizer, text, request.add_special_tokens
             )
         except ValueError as err:
-            raise APIError(str(err), 400) from None
+            raise APIError.bad_request(err) from None
         request_id = random_id("chatcmpl")
         self.ctx.log_request(request_id, len(token_ids), params)
         prompt = TokensPrompt(prompt=text, prompt_token_ids=token_ids)

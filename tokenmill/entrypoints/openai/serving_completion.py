@@ -46,7 +46,7 @@ class OpenAIServingCompletion:
             params = request.to_sampling_params(self.ctx.default_sampling)
             prompts = await self._tokenize(request)
         except ValueError as err:
-            raise APIError(str(err), 400) from None
+            raise APIError.bad_request(err) from None
         request_id = random_id("cmpl")
         generators = []
         for i, (text, token_ids) in enumerate(prompts):

@@ -68,7 +68,7 @@ class ServingContext:
 def engine_error(err: Exception) -> APIError:
     """The HTTP error an engine exception becomes."""
     if isinstance(err, ValueError):
-        return APIError(str(err), 400)
+        return APIError.bad_request(err)
     if isinstance(err, EngineOverloadedError):
         return APIError(str(err), 503, code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(err, EngineDeadError):

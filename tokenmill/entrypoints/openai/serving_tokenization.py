@@ -40,7 +40,7 @@ class OpenAIServingTokenization:
                 add_special = request.add_special_tokens is not False
             tokens = await engine.run_in_executor(encode, self.ctx.tokenizer, text, add_special)
         except ValueError as err:
-            raise APIError(str(err), 400) from None
+            raise APIError.bad_request(err) from None
         token_strs = self.ctx.tokenizer.convert_ids_to_tokens(tokens) if request.return_token_strs else None
         return TokenizeResponse(
             count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=token_strs
