@@ -104,3 +104,11 @@ def test_validate_with_a_smaller_logprobs_limit() -> None:
     params = SamplingParams(logprobs=8)
     with pytest.raises(ValueError, match="^logprobs "):
         params.validate(max_logprobs=5)
+
+
+def test_no_logprobs_limit_with_max_logprobs_minus_one() -> None:
+    params = SamplingParams()
+    params.logprobs, params.prompt_logprobs = 100, 50
+    params.validate(max_logprobs=-1)
+    with pytest.raises(ValueError, match="^logprobs "):
+        params.validate()

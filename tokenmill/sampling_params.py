@@ -93,11 +93,14 @@ class SamplingParams:
         )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(
-                value is None or 0 <= value <= max_logprobs,
-                name,
-                f"must be between 0 and {max_logprobs}, got {value}",
-            )
+            if max_logprobs < 0:  # --max-logprobs -1: no limit (vLLM's meaning)
+                _check(value is None or value >= 0, name, f"must be non-negative, got {value}")
+            else:
+                _check(
+                    value is None or 0 <= value <= max_logprobs,
+                    name,
+                    f"must be between 0 and {max_logprobs}, got {value}",
+                )
         _check(all(isinstance(s, str) and s for s in self.stop or []), "stop", "must be non-empty strings")
         _check(all(t >= 0 for t in self.stop_token_ids or []), "stop_token_ids", "must be non-negative")
         for token_id, bias in (self.logit_bias or {}).items():

@@ -119,7 +119,12 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="sampling defaults: auto (the model's generation config), vllm (none), or a directory",
     )
     add("--allowed-origins", type=_origins, default=[], help="CORS origins, a JSON list or comma-separated")
-    add("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default: 20)")
+    add(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="most logprobs a request may ask for; -1: no limit (default: 20)",
+    )
     add(
         "--reasoning-parser",
         choices=("deepseek_r1",),
