@@ -291,8 +291,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Appliance
     root = tmp_path_factory.mktemp("served")
     api_port, server_port = free_port(), free_port()
     portal_config = f"{portal_only(free_port())}|localhost:{api_port}:{server_port}:/docs:vLLM API"
-    # No VLLM_ARGS: the image's default (--max-model-len 32768 ... --port 18000), which the vllm program
-    # fits to the embedded model (its own 8k limit) and to portal.yaml (the vLLM API's internal port).
+    # No VLLM_ARGS: the image's default (--max-model-len 32768 ... --port 18000). The engine serves the
+    # embedded model's own 8k limit; the vllm program moves the port to the vLLM API's internal one.
     appliance = Appliance(root, base_env(root, PORTAL_CONFIG=portal_config))
     try:
         yield appliance, api_port, server_port

@@ -213,6 +213,15 @@ def test_the_engine_seed_makes_unseeded_sampling_reproducible(tiny_model_dir: Ca
     assert sampled(2) != first
 
 
+def test_max_model_len_beyond_the_model_serves_its_limit(
+    tiny_model_dir: Callable[[str], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the vLLM image's `--max-model-len 32768` with a model of shorter context (tiny models: 2048).
+    llm = LLM(str(tiny_model_dir("llama")), max_model_len=32768, kv_cache_memory=64 << 20)
+    assert llm.engine.core.max_model_len == 2048
+    assert "longer than the model's limit of 2048 tokens" in caplog.text
+
+
 def test_too_small_kv_cache_fails_at_start_naming_both_numbers(tiny_model_dir: Callable[[str], Path]) -> None:
     with pytest.raises(ValueError, match=r"holds \d+ tokens .* max_model_len is 2048"):
         LLM(str(tiny_model_dir("llama")), max_model_len=2048, kv_cache_memory=1 << 16)

@@ -35,14 +35,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
+    """`requested`, at most the model's limit. A longer one is served at the limit with a warning (as
+    llama.cpp's server does; vLLM refuses to start), so that the vLLM image's `--max-model-len 32768`
+    also serves a model of shorter context."""
     model_limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     if requested is None:
         return model_limit
     if requested > model_limit:
-        raise ValueError(
-            f"max_model_len={requested} is longer than the model's limit of {model_limit} tokens "
-            f"(max_position_embeddings): pass --max-model-len {model_limit} or less"
+        logger.warning(
+            "max_model_len=%d is longer than the model's limit of %d tokens (max_position_embeddings): "
+            "serving %d-token contexts",
+            requested,
+            model_limit,
+            model_limit,
         )
+        return model_limit
     return requested
 
 

@@ -102,16 +102,14 @@ def serve_argv(
 ) -> list[str]:
     """`serve [MODEL] VLLM_ARGS... [--tensor-parallel-size N]`, as a list (no shell in between).
 
-    No MODEL argument when VLLM_MODEL is unset: the engine then serves its embedded default model. The
-    server listens where portal.yaml's `api` app expects it: its internal port is added when VLLM_ARGS
-    names no port, and replaces the default VLLM_ARGS' 18000. The default's `--max-model-len 32768` is
-    left out for the embedded model, whose own limit is shorter. `$WORKSPACE` is the settings' workspace.
+    No MODEL argument when VLLM_MODEL is unset: the engine then serves its embedded default model (the
+    default's `--max-model-len 32768` is more than its 8k: the engine serves its limit, with a warning).
+    The server listens where portal.yaml's `api` app expects it: its internal port is added when VLLM_ARGS
+    names no port, and replaces the default VLLM_ARGS' 18000. `$WORKSPACE` is the settings' workspace.
     """
     env = os.environ if env is None else env
     args = split_args(settings.vllm_args, {**env, "WORKSPACE": str(settings.workspace)})
     is_default = settings.vllm_args == default_vllm_args(settings.workspace)
-    if is_default and not settings.vllm_model:
-        args = without_option(args, "--max-model-len")
     if api is not None and (is_default or not has_option(args, "--port")):
         args = [*without_option(args, "--port"), "--port", str(api.internal_port)]
     argv = ["serve", *([settings.vllm_model] if settings.vllm_model else []), *args]
