@@ -28,6 +28,14 @@ def test_n_stop_and_logprobs(server) -> None:
     assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
     assert first.text.startswith(stopped.choices[0].text)
 
+    # All of them in one request, through the strict client: echoed tokens carry logprobs too.
+    combined = client.completions.create(
+        model="smol", prompt=PROMPT, n=2, stop=["."], logprobs=2, echo=True, max_tokens=5, temperature=0
+    )
+    for choice in combined.choices:
+        assert choice.text.startswith(PROMPT) and choice.logprobs is not None
+        assert "".join(choice.logprobs.tokens or []) == choice.text
+
 
 def test_echo_and_prompt_forms(server) -> None:
     client = server.client()
@@ -83,8 +91,8 @@ def test_stream_equals_non_stream_and_echo_logprobs(server) -> None:
     )
     logprobs = echoed.choices[0].logprobs
     assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.tokens is not None
-    assert logprobs.token_logprobs[0] is None  # the first prompt token has no logprob
-    assert all(value is not None for value in logprobs.token_logprobs[1:])
+    assert logprobs.token_logprobs[0] == 0.0  # the first prompt token has no logprob: given, certain
+    assert all(value is not None and value <= 0.0 for value in logprobs.token_logprobs[1:])
     assert "".join(logprobs.tokens) == echoed.choices[0].text
     prompt_logprobs = (echoed.choices[0].model_extra or {})["prompt_logprobs"]  # vLLM's extra field
     assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(logprobs.tokens) - 1

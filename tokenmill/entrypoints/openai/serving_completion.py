@@ -141,8 +141,10 @@ class OpenAIServingCompletion:
             result.text_offset.append(offset)
             offset += len(token)
             if step is None or chosen is None:
-                result.token_logprobs.append(None)
-                result.top_logprobs.append(None)
+                # The first echoed prompt token has no logprob. OpenAI's API sends null, which its own
+                # SDK's types reject (strict validation); 0.0 treats the given token as certain.
+                result.token_logprobs.append(0.0)
+                result.top_logprobs.append({token: 0.0})
                 continue
             result.token_logprobs.append(clamp_logprob(chosen.logprob))
             top = {
