@@ -31,6 +31,8 @@ from tokenmill_appliance.supervisor import default_programs, supervisord_argv, w
 
 _ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+# `export NAME ...` without a value: it only marks names for export, which every name here already is.
+_EXPORT_ONLY = re.compile(r"^\s*export(\s+[A-Za-z_][A-Za-z0-9_]*)+\s*$")
 
 
 class BootError(RuntimeError):
@@ -48,7 +50,7 @@ def parse_env_file(text: str, env: MutableMapping[str, str]) -> list[str]:
     """
     names: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+        if not line.strip() or line.lstrip().startswith("#") or _EXPORT_ONLY.match(line):
             continue
         match = _ENV_LINE.match(line)
         if match is None:

@@ -23,6 +23,7 @@ import psutil
 import pytest
 import yaml
 
+from tokenmill_appliance.boot import BootError, parse_env_file
 from tokenmill_appliance.supervisor import SupervisorClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,6 +177,15 @@ def test_unconfigured_programs_end_exited_with_their_log_line(
     # Every program's output also reaches the console (the container log).
     assert "jupyter: 'Jupyter' is not in" in boot_out
     assert TOKEN not in boot_out and TOKEN not in (tmp_path / "etc/supervisor/supervisord.conf").read_text()
+
+
+def test_env_file_is_parsed_not_sourced() -> None:
+    env = {"HOME_DIR": "/h"}
+    text = "# comment\nexport A='x $HOME_DIR'\nexport A\nexport B C\nD=\"$HOME_DIR/d\" # note\nE=$(id)\n"
+    assert parse_env_file(text, env) == ["A", "D", "E"]
+    assert (env["A"], env["D"], env["E"]) == ("x $HOME_DIR", "/h/d", "$(id)")
+    with pytest.raises(BootError, match="line 1 is not KEY=VALUE"):
+        parse_env_file("just words\n", {})
 
 
 def test_malformed_portal_config_is_a_clear_error(tmp_path: Path) -> None:
