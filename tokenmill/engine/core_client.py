@@ -25,6 +25,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.outputs import EngineCoreOutput, EngineCoreRequest
+from tokenmill.logging_config import configure_logging
 from tokenmill.metrics.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ CoreMessage = CoreReady | CoreFailed | CoreOutputs
 def run_engine_core(config: EngineConfig, inputs: Connection, conn: Connection, parent_pid: int) -> None:
     """The core process's main: load, report, then loop until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process owns Ctrl-C and stops us
+    configure_logging()  # a spawned process starts without the API process's logging
     try:
         from tokenmill.engine.core import EngineCore
 

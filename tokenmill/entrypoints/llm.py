@@ -14,6 +14,7 @@ from tokenmill.engine.arg_utils import EngineArgs
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.processor import PromptType
+from tokenmill.logging_config import configure_logging
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer import apply_chat_template
 
@@ -38,6 +39,7 @@ class LLM:
         **engine_args: Any,
     ) -> None:
         _check_engine_args(engine_args)
+        configure_logging()  # the KV cache size and CUDA graph capture lines, as vLLM's LLM prints them
         args = EngineArgs(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, **engine_args)  # type: ignore[arg-type]
         self.engine = LLMEngine(args.create_engine_config(), chat_template=chat_template)
         self._request_counter = itertools.count()

@@ -28,6 +28,8 @@ def test_models_version_and_metrics(server) -> None:
     assert [m.id for m in models.data] == ["smol", "smol-alias"]
     with server.http() as http:
         assert http.get("/version").json()["version"]
+        # One request, so that the latency histograms have samples (and buckets) whatever ran before.
+        assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
         metrics = http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     for name in (
@@ -45,3 +47,9 @@ def test_models_version_and_metrics(server) -> None:
         "tokenmill:num_total_blocks",
     ):
         assert name in metrics.text, name
+
+
+def test_start_up_prints_the_kv_cache_size(server) -> None:
+    # The engine core is a spawned process: its start-up figures must reach the server's output too.
+    log = server.log.read_text()
+    assert "KV cache:" in log and "blocks of 16 tokens" in log

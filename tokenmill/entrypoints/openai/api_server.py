@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
-from tokenmill import __version__
+from tokenmill import __version__, logging_config
 from tokenmill.entrypoints.cli_args import ServeArgs
 from tokenmill.entrypoints.openai.auth import APIKeyMiddleware
 from tokenmill.entrypoints.openai.errors import APIError, install_error_handlers, parse_json_body
@@ -110,7 +110,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def configure_logging(args: ServeArgs) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging_config.configure_logging()
     logging.getLogger("tokenmill.server").setLevel(logging.INFO)
     if args.enable_log_requests:
         logging.getLogger("tokenmill.requests").setLevel(logging.INFO)
