@@ -9,12 +9,14 @@ machine comes up anyway; the script runs again at the next boot.
 
 from __future__ import annotations
 
+import base64
+import http.client
 import os
 import shutil
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from tokenmill_appliance.settings import Settings
 
@@ -35,16 +37,30 @@ def script_copy(settings: Settings) -> Path:
 
 
 def is_url(source: str) -> bool:
-    return urlparse(source).scheme in ("http", "https")
+    return source.split(":", 1)[0].lower() in ("http", "https") and "://" in source
 
 
 def display_source(source: str) -> str:
     """The script's source for logs: a URL without its credentials and query (they may hold a token)."""
     if not is_url(source):
         return source
+    try:
+        parts = urlparse(source)
+    except ValueError:
+        return "(a malformed URL)"
+    host = parts.netloc.rpartition("@")[2]  # the user and password are dropped
+    return f"{parts.scheme}://{host}{parts.path}" + ("?..." if parts.query else "")
+
+
+def download_request(source: str) -> urllib.request.Request:
+    """A request for URL `source`; `user:password@` in it (which urllib cannot send) becomes basic auth."""
     parts = urlparse(source)
-    shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
-    return shown + ("?..." if parts.query else "")
+    if "@" not in parts.netloc:
+        return urllib.request.Request(source)
+    request = urllib.request.Request(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl())
+    credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+    return request
 
 
 def prepare_provisioning(settings: Settings) -> bool:
@@ -79,9 +95,10 @@ def fetch_script(settings: Settings) -> Path:
     tmp = target.with_suffix(".part")
     if is_url(source):
         try:
-            with urllib.request.urlopen(source, timeout=DOWNLOAD_TIMEOUT_S) as response, tmp.open("wb") as f:
+            request = download_request(source)
+            with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, tmp.open("wb") as f:
                 shutil.copyfileobj(response, f)
-        except OSError as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a malformed URL
             tmp.unlink(missing_ok=True)
             raise ProvisioningError(
                 f"cannot download PROVISIONING_SCRIPT {display_source(source)}: {exc}"

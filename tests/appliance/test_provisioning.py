@@ -19,6 +19,7 @@ from tokenmill_appliance.provisioning import (
     ProvisioningError,
     display_source,
     done_marker,
+    download_request,
     fetch_script,
     prepare_provisioning,
     provisioning_command,
@@ -100,6 +101,22 @@ def test_download_over_http(tmp_path: Path, http_dir: tuple[str, Path]) -> None:
     assert provisioning_command(script) == [str(script)]
     with pytest.raises(ProvisioningError, match="cannot download"):
         fetch_script(settings_for(tmp_path / "root", f"{url}/missing.sh"))
+
+
+def test_url_credentials_are_sent_as_basic_auth_and_never_shown(
+    tmp_path: Path, http_dir: tuple[str, Path]
+) -> None:
+    url, served = http_dir
+    (served / "p.sh").write_text("echo with credentials\n")
+    with_credentials = url.replace("http://", "http://user:SECRETPW@") + "/p.sh"
+    assert (
+        "echo with credentials" in fetch_script(settings_for(tmp_path / "root", with_credentials)).read_text()
+    )
+    assert download_request(with_credentials).get_header("Authorization") == "Basic dXNlcjpTRUNSRVRQVw=="
+    for malformed in ("https://user:SECRETPW@host:notaport/x.sh", "http://[::1/x.sh"):
+        with pytest.raises(ProvisioningError, match="cannot download") as caught:
+            fetch_script(settings_for(tmp_path / "root", malformed))
+        assert "SECRETPW" not in str(caught.value)
 
 
 def run_program(root: Path, script: str) -> subprocess.CompletedProcess[str]:

@@ -97,7 +97,9 @@ def url_without_token(request: web.Request) -> str:
     """The request's raw path and query without its `token` parameters, the rest kept byte for byte."""
     pairs = request.rel_url.raw_query_string.split("&")
     kept = [pair for pair in pairs if pair and unquote_plus(pair.partition("=")[0]) != "token"]
-    return request.rel_url.raw_path + (f"?{'&'.join(kept)}" if kept else "")
+    # `//host/x` or `/\host/x` as a Location would send the browser to another site.
+    path = "/" + request.rel_url.raw_path.lstrip("/\\")
+    return path + (f"?{'&'.join(kept)}" if kept else "")
 
 
 class Authenticator:
@@ -152,7 +154,7 @@ class Authenticator:
             return False
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII base64 (UnicodeDecodeError is one)
             return False
         user, sep, password = decoded.partition(":")
         user_ok = secret_equal(user, self._username)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import socket
 import ssl
 
@@ -105,8 +106,19 @@ def build_edge_app(handler: EdgeHandler) -> web.Application:
     return app
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
+
+
 async def _redirect_to_https(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPPermanentRedirect(location=f"https://{request.host}{request.rel_url.raw_path_qs}")
+    # The Host header is the client's: only a bare host name goes into Location, with this listener's port.
+    host, colon, port = request.host.rpartition(":")
+    if not colon or not port.isdigit():  # no port given (or an IPv6 address's colons)
+        host = request.host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not _HOST_NAME.fullmatch(host) or not sockname:
+        raise web.HTTPBadRequest(text="400 Bad Request: a Host header naming this machine is needed\n")
+    path = "/" + request.rel_url.raw_path_qs.lstrip("/\\")
+    raise web.HTTPPermanentRedirect(location=f"https://{host}:{sockname[1]}{path}")
 
 
 def build_redirect_app() -> web.Application:

@@ -37,9 +37,15 @@ def resolve_log_file(log_dir: Path, name: str) -> Path:
     if bad or not name.endswith(".log"):
         raise LogPathError(f"{name!r} is not a log file name (expected NAME.log inside the log dir)")
     root = log_dir.resolve()
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+        is_special = path.exists() and not path.is_file()  # a directory or a FIFO would hang or fail a read
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise LogPathError(f"{name[:80]!r} cannot be a log file: {exc.strerror}") from None
     if path.parent != root:
         raise LogPathError(f"{name!r} points outside the log dir")
+    if is_special:
+        raise LogPathError(f"{name!r} is not a regular file")
     return path
 
 

@@ -66,13 +66,17 @@ class Tunnel:
 def check_target(target: str, edge_ports: Collection[int]) -> str:
     """Tunnels may only point at this machine's edge ports: any other port would publish a service
     without the portal's login in front of it."""
-    parts = urlsplit(target)
-    if parts.scheme not in ("http", "https") or parts.hostname not in LOCAL_HOSTS or not parts.port:
+    try:
+        parts = urlsplit(target)
+        port = parts.port  # ValueError when it is not a number in 0-65535
+    except ValueError:
+        port = None
+    if port is None or parts.scheme not in ("http", "https") or parts.hostname not in LOCAL_HOSTS:
         raise TunnelError(f"tunnel target {target!r} must be http(s)://localhost:PORT")
-    if parts.port not in edge_ports:
-        ports = ", ".join(str(port) for port in sorted(edge_ports))
+    if port not in edge_ports:
+        ports = ", ".join(str(edge_port) for edge_port in sorted(edge_ports))
         raise TunnelError(
-            f"tunnel target port {parts.port} is not one of the edge's ports ({ports}): a tunnel to it would "
+            f"tunnel target port {port} is not one of the edge's ports ({ports}): a tunnel to it would "
             "skip the portal's login; point it at the edge port of that service"
         )
     return target

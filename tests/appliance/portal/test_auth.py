@@ -193,6 +193,16 @@ def test_the_cookie_set_is_accepted_back(tmp_path: Path, token: str) -> None:
     assert auth.check(request(Cookie=name_value), PORT).verdict is Verdict.ALLOW
 
 
+def test_non_ascii_basic_credentials_are_refused(auth: Authenticator) -> None:
+    assert auth.check(request(Authorization="Basic \u00e9t\u00e9"), PORT).verdict is Verdict.DENY
+
+
+def test_token_redirect_stays_on_this_site(auth: Authenticator) -> None:
+    for path in ("//evil.example/x", "/\\evil.example/x"):
+        result = auth.check(request(f"{path}?token={TOKEN}", Accept="text/html"), PORT)
+        assert result.location is not None and not result.location.startswith(("//", "/\\"))
+
+
 def test_token_removal_keeps_the_rest_of_the_query_as_sent(auth: Authenticator) -> None:
     result = auth.check(request(f"/v1/x?token={TOKEN}&q=a%20b&x=1&x=2&e=%26%3D&flag"), PORT)
     assert result.strip_token

@@ -211,6 +211,20 @@ async def test_https_served_and_http_redirected_on_the_same_port(
     status, headers, _ = await get(client, f"http://127.0.0.1:{p.api_port}/v1/x?q=1")
     assert status == 308
     assert headers["Location"] == f"https://127.0.0.1:{p.api_port}/v1/x?q=1"
+    # The client's Host header: a bare name keeps this port; anything else is refused.
+    status, headers, _ = await get(
+        client, f"http://127.0.0.1:{p.api_port}/a", headers={"Host": "name.example:1"}
+    )
+    assert status == 308 and headers["Location"] == f"https://name.example:{p.api_port}/a"
+    status, _, _ = await get(client, f"http://127.0.0.1:{p.api_port}/a", headers={"Host": "evil.example/x?"})
+    assert status == 400
+    # A browser's ?token= redirect never leaves for another site (`//host` in Location would).
+    status, headers, _ = await get(
+        client,
+        URL(f"https://127.0.0.1:{p.api_port}//evil.example/x?token={TOKEN}", encoded=True),
+        headers={"Accept": "text/html"},
+    )
+    assert status == 302 and not headers["Location"].startswith(("//", "/\\"))
     async with client.ws_connect(f"wss://127.0.0.1:{p.api_port}/ws", headers=BEARER) as ws:
         await ws.send_str("over tls")
         assert (await ws.receive(timeout=5)).data == "echo: over tls"

@@ -44,6 +44,14 @@ def test_names_outside_the_log_dir_are_refused(tmp_path: Path, name: str) -> Non
         resolve_log_file(tmp_path, name)
 
 
+def test_directories_fifos_and_overlong_names_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "dir.log").mkdir()
+    os.mkfifo(tmp_path / "fifo.log")  # reading it would hang a worker
+    for name in ("dir.log", "fifo.log", "a" * 300 + ".log"):
+        with pytest.raises(LogPathError):
+            resolve_log_file(tmp_path, name)
+
+
 def test_symlink_out_of_the_log_dir_is_refused(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     log_dir.mkdir()

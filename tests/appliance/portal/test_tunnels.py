@@ -95,7 +95,8 @@ async def test_no_url_in_time_is_an_error_and_the_process_is_gone(tmp_path: Path
 async def test_only_edge_ports_on_this_machine(tmp_path: Path) -> None:
     binary, _ = write_stand_in(tmp_path, STAND_IN)
     manager = TunnelManager(binary, EDGE_PORTS)
-    for target in ["http://example.com:80", "file:///etc/passwd", "http://localhost"]:
+    bad_ports = ["http://localhost:99999", "http://localhost:abc", "http://[::1:8000"]
+    for target in ["http://example.com:80", "file:///etc/passwd", "http://localhost", *bad_ports]:
         with pytest.raises(TunnelError, match="must be"):
             await manager.start(target)
     # An internal port (the model server behind the edge) would skip the portal's login.
