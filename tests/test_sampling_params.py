@@ -52,6 +52,10 @@ from tokenmill.sampling_params import SamplingParams
         ("temperature", "hot"),
         ("top_p", None),
         ("stop_token_ids", ["a"]),
+        # Bounded: each is checked at every token.
+        ("stop", [f"s{i}" for i in range(1025)]),
+        ("stop", ["x" * 4097]),
+        ("stop_token_ids", list(range(1025))),
     ],
 )
 def test_invalid_value_raises_naming_the_field(field: str, value: Any) -> None:

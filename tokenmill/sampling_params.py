@@ -14,6 +14,10 @@ class RequestOutputKind(Enum):
 
 
 MAX_TOP_LOGPROBS = 20
+# Each stop string is looked for, and each stop id checked, at every generated token: bounded, so that one
+# request cannot stall the server (200,000 stop strings held the event loop for 30 s).
+MAX_STOP_ENTRIES = 1024
+MAX_STOP_STRING_CHARS = 4096
 _INTEGER_FIELDS = ("n", "top_k", "min_tokens")
 _OPTIONAL_INTEGER_FIELDS = ("max_tokens", "logprobs", "prompt_logprobs", "seed")
 _NUMBER_FIELDS = (
@@ -102,6 +106,19 @@ class SamplingParams:
                     f"must be between 0 and {max_logprobs}, got {value}",
                 )
         _check(all(isinstance(s, str) and s for s in self.stop or []), "stop", "must be non-empty strings")
+        _check(
+            len(self.stop or []) <= MAX_STOP_ENTRIES, "stop", f"may hold at most {MAX_STOP_ENTRIES} strings"
+        )
+        _check(
+            all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop or []),
+            "stop",
+            f"strings may be at most {MAX_STOP_STRING_CHARS} characters long",
+        )
+        _check(
+            len(self.stop_token_ids or []) <= MAX_STOP_ENTRIES,
+            "stop_token_ids",
+            f"may hold at most {MAX_STOP_ENTRIES} ids",
+        )
         _check(all(t >= 0 for t in self.stop_token_ids or []), "stop_token_ids", "must be non-negative")
         for token_id, bias in (self.logit_bias or {}).items():
             _check(

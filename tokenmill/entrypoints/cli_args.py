@@ -114,6 +114,11 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--chat-template", default=None, help="a Jinja chat template: a file path or the template itself")
     add(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests bring their own chat_template (it runs on the server: trusted clients only)",
+    )
+    add(
         "--generation-config",
         default="auto",
         help="sampling defaults: auto (the model's generation config), vllm (none), or a directory",
@@ -207,6 +212,7 @@ class ServeArgs:
     port: int = DEFAULT_PORT
     api_key: str | None = None
     chat_template: str | None = None
+    trust_request_chat_template: bool = False
     generation_config: str = "auto"
     allowed_origins: list[str] = field(default_factory=list)
     max_logprobs: int = 20
@@ -248,6 +254,7 @@ def parse_serve_args(
         port=ns.port,
         api_key=api_key,
         chat_template=load_chat_template(ns.chat_template, fail),
+        trust_request_chat_template=ns.trust_request_chat_template,
         generation_config=ns.generation_config,
         allowed_origins=ns.allowed_origins,
         max_logprobs=ns.max_logprobs,

@@ -128,6 +128,18 @@ def test_reasoning_content(app_client: TestClient) -> None:
     assert "".join(d.get("content") or "" for d in deltas) == "The answer."
 
 
+def test_a_requests_chat_template_needs_the_trust_flag(make_app: Callable[..., TestClient]) -> None:
+    body = {**HI, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}
+    for flags, status in (((), 400), (("--trust-request-chat-template",), 200)):
+        client = make_app(*flags)
+        ScriptedCore.ready.set()
+        wait_status(client, 200)
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == status, reply.text
+        if status == 400:
+            assert "--trust-request-chat-template" in reply.json()["error"]["message"]
+
+
 def test_auth_and_cors(app_client: TestClient) -> None:
     assert app_client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert app_client.get("/health", headers={"Authorization": ""}).status_code == 503  # open, still loading

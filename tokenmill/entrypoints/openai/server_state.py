@@ -99,6 +99,7 @@ class ServerState:
             served_model_names=self.model_names,
             default_sampling=loaded.default_sampling,
             chat_template=self.args.chat_template,
+            trust_request_chat_template=self.args.trust_request_chat_template,
             reasoning_parser=self.args.reasoning_parser,
             log_requests=self.args.enable_log_requests,
         )

@@ -47,6 +47,11 @@ def render_chat_prompt(ctx: ServingContext, request: Any, conversation: list[dic
     from tokenmill.tokenizer.chat import apply_chat_template, is_inline_template
 
     requested = getattr(request, "chat_template", None)
+    if requested is not None and not ctx.trust_request_chat_template:
+        # As vLLM: a template runs on the server (a loop in it can hold the tokenizer thread for minutes).
+        raise ValueError(
+            "chat_template in a request needs the server started with --trust-request-chat-template"
+        )
     if requested is not None and not is_inline_template(requested):
         # Never a path: a client could have any file the server can read rendered into its prompt.
         raise ValueError("chat_template must be the Jinja template itself (a request cannot name a file)")

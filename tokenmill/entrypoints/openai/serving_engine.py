@@ -33,6 +33,7 @@ class ServingContext:
     served_model_names: list[str]
     default_sampling: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
+    trust_request_chat_template: bool = False  # a request's own template runs on the server: opt-in
     reasoning_parser: str | None = None
     log_requests: bool = False
 
