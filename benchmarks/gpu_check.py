@@ -218,6 +218,9 @@ def llama_8b_config(args: argparse.Namespace) -> object:
     )  # fmt: skip
 
 
+BATCH1_SECONDS: dict[str, float] = {}  # check 4's seconds per token, for check 5's comparison
+
+
 def check_batch1_decode(args: argparse.Namespace, enforce_eager: bool) -> None:
     from tokenmill import LLM
 
@@ -231,13 +234,20 @@ def check_batch1_decode(args: argparse.Namespace, enforce_eager: bool) -> None:
     per_token = decode_seconds_per_token(llm, num_decode, args)
     bandwidth = copy_bandwidth(args)
     roofline = weight_bytes / bandwidth
-    name = "5 batch-1 decode, enforce_eager" if enforce_eager else "4 batch-1 decode, CUDA graphs"
+    name = "5 batch-1 decode, --enforce-eager" if enforce_eager else "4 batch-1 decode, CUDA graphs"
     fraction = roofline / per_token
-    verdict = "PASS" if fraction >= 0.7 or enforce_eager else "BELOW GOAL"
     detail = (
         f"{1 / per_token:.0f} tok/s ({per_token * 1e3:.2f} ms/token); roofline {roofline * 1e3:.2f} ms "
-        f"({weight_bytes / 1e9:.1f} GB at {bandwidth / 1e12:.2f} TB/s): {fraction:.0%} (goal 70%)"
+        f"({weight_bytes / 1e9:.1f} GB at {bandwidth / 1e12:.2f} TB/s): {fraction:.0%}"
     )
+    if enforce_eager:  # what the graphs buy, not a goal of its own
+        verdict = "-"
+        if "graphs" in BATCH1_SECONDS:
+            detail += f"; CUDA graphs make a token {per_token / BATCH1_SECONDS['graphs']:.1f}x faster"
+    else:
+        BATCH1_SECONDS["graphs"] = per_token
+        verdict = "PASS" if fraction >= 0.7 else "BELOW GOAL"
+        detail += " (goal 70%)"
     graphs = llm.engine.core.runner.decode_graphs
     if graphs is not None and 1 in graphs.graphs:
         try:  # diagnostics: the measurement above stands if they fail
@@ -327,10 +337,16 @@ def main() -> None:
     }
     for key in args.only:
         phase(f"check {key}", checks[key])
-    print(f"\n## gpu_check on {name}, torch {torch.__version__}\n| check | result | detail |\n|---|---|---|")
-    for row in ROWS:
-        print("| " + " | ".join(row) + " |")
+        print_table(name)  # after every check: a run cut short by its time limit keeps the rows so far
     print(json.dumps({"device": name, "rows": ROWS}))
+    print_table(name)  # the table last
+
+
+def print_table(device_name: str) -> None:
+    print(f"\n## gpu_check on {device_name}, torch {torch.__version__}")
+    print("| check | result | detail |\n|---|---|---|")
+    for row in ROWS:
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

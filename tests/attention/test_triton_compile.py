@@ -89,6 +89,7 @@ def decode_compiles(dtype: str, group_size: int, head_dim: int, num_splits: int)
         "BLOCK_N": 64,
         "BLOCK_SIZE": 16,
         "DOT_PRECISION": None,
+        "UPCAST_DOTS": False,
         "STORE_LSE": num_splits > 1,
     }
     compile_for_h100(triton_decode._decode_kernel, pointers, constexprs)
@@ -114,6 +115,7 @@ def prefill_compiles(dtype: str, group_size: int, head_dim: int) -> None:
         "BLOCK_N": 64,
         "BLOCK_SIZE": 16,
         "DOT_PRECISION": "ieee" if dtype == "fp32" else None,
+        "UPCAST_DOTS": False,
     }
     compile_for_h100(triton_prefill._prefill_kernel, pointers, constexprs)
 

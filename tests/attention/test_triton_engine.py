@@ -32,8 +32,14 @@ PROMPTS = [SHARED + " alpha", "Hi", SHARED + " beta gamma", "The quick brown fox
 
 def generate(model: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     monkeypatch.setenv(BACKEND_ENV, backend)
+    # enforce_eager: on a GPU, decode steps would replay CUDA graphs, past the forward this test records.
     llm = LLM(
-        str(model), dtype="float32", max_model_len=256, kv_cache_memory=4 << 20, max_num_batched_tokens=32
+        str(model),
+        dtype="float32",
+        max_model_len=256,
+        kv_cache_memory=4 << 20,
+        max_num_batched_tokens=32,
+        enforce_eager=True,
     )
     if backend == "triton":
         attention = llm.engine.core.runner.attention_layers[0].backend

@@ -34,9 +34,9 @@ if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
-# On a GPU the half-precision types the selector gives these kernels; float32 in the interpreter and
-# end to end (test_triton_engine.py).
-DTYPES = [torch.float32, torch.float16] if INTERPRETED else [torch.float16, torch.bfloat16]
+# On a GPU the half-precision types the selector gives these kernels; in the interpreter float32 too (the
+# end-to-end tests' type, test_triton_engine.py), bfloat16 with its products in float32 (upcast_dots).
+DTYPES = [torch.float32, torch.float16, torch.bfloat16] if INTERPRETED else [torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 

@@ -13,7 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.attention.triton_tiles import FP_FUSION, LOG2_E, attend_tile, dot_precision, load_kv_tile
+from tokenmill.attention.triton_tiles import (
+    FP_FUSION,
+    LOG2_E,
+    attend_tile,
+    dot_precision,
+    load_kv_tile,
+    upcast_dots,
+)
 
 # Below this many tokens per partition, splitting costs more in the merge than it wins in parallelism.
 MIN_PARTITION_TOKENS = 256
@@ -47,6 +54,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_SIZE: tl.constexpr,  # KV-cache block size
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32 rounding); None: triton's default
+    UPCAST_DOTS: tl.constexpr,  # float32 products (bfloat16 in the interpreter only: see upcast_dots)
     STORE_LSE: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -78,7 +86,9 @@ def _decode_kernel(
             cache_head, block_row, pos, pos_mask, dims, dim_mask,
             stride_c_kv, stride_c_block, stride_c_offset, stride_bt_col, BLOCK_SIZE,
         )  # fmt: skip
-        m_i, l_i, acc = attend_tile(q, k, v, pos_mask[None, :], m_i, l_i, acc, scale_log2, DOT_PRECISION)
+        m_i, l_i, acc = attend_tile(
+            q, k, v, pos_mask[None, :], m_i, l_i, acc, scale_log2, DOT_PRECISION, UPCAST_DOTS
+        )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty split (start >= seq_len) stores zeros
     out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + split * stride_osplit + dims[None, :]
@@ -181,6 +191,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
         DOT_PRECISION=dot_precision(query.dtype),
+        UPCAST_DOTS=upcast_dots(query.dtype),
         STORE_LSE=num_splits > 1,
         enable_fp_fusion=FP_FUSION,
     )

@@ -15,7 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.attention.triton_tiles import FP_FUSION, LOG2_E, attend_tile, dot_precision, load_kv_tile
+from tokenmill.attention.triton_tiles import (
+    FP_FUSION,
+    LOG2_E,
+    attend_tile,
+    dot_precision,
+    load_kv_tile,
+    upcast_dots,
+)
 
 
 @triton.jit  # type: ignore[misc]
@@ -48,6 +55,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_SIZE: tl.constexpr,  # KV-cache block size
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32 rounding); None: triton's default
+    UPCAST_DOTS: tl.constexpr,  # float32 products (bfloat16 in the interpreter only: see upcast_dots)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -84,7 +92,7 @@ def _prefill_kernel(
             stride_c_kv, stride_c_block, stride_c_offset, stride_bt_col, BLOCK_SIZE,
         )  # fmt: skip
         causal = (pos[None, :] <= q_pos[:, None]) & pos_mask[None, :]
-        m_i, l_i, acc = attend_tile(q, k, v, causal, m_i, l_i, acc, scale_log2, DOT_PRECISION)
+        m_i, l_i, acc = attend_tile(q, k, v, causal, m_i, l_i, acc, scale_log2, DOT_PRECISION, UPCAST_DOTS)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i is 0 only on masked (unstored) rows
     o_off = (q_row0 + token)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
@@ -175,6 +183,7 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
         DOT_PRECISION=dot_precision(query.dtype),
+        UPCAST_DOTS=upcast_dots(query.dtype),
         enable_fp_fusion=FP_FUSION,
     )
     return out

@@ -8,6 +8,8 @@ domain). Triton inlines these into each kernel.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,12 @@ LOG2_E = 1.4426950408889634
 def dot_precision(dtype: torch.dtype) -> str | None:
     """tl.dot's input precision: full float32 for float32 inputs (the default would round through TF32)."""
     return "ieee" if dtype == torch.float32 else None
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Whether `attend_tile` multiplies in float32: only for bfloat16 in triton's interpreter, whose
+    bfloat16 tl.dot is wrong (errors of 1e10 in triton 3.6); compiled kernels multiply in bfloat16."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit  # type: ignore[misc]
@@ -55,7 +63,10 @@ def attend_tile(
     acc,  # [ROWS, DIM_PAD] running weighted sums of values
     scale_log2,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32 rounding); None: triton's default
+    UPCAST_DOTS: tl.constexpr,  # see upcast_dots
 ):
+    if UPCAST_DOTS:
+        q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [ROWS, BLOCK_N]
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
