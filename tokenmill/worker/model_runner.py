@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -106,23 +107,15 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_peak_memory(self, max_model_len: int) -> int:
         """Peak GPU bytes of the weights plus one forward of a full token budget (before the KV cache)."""
-        num_tokens = min(self.config.scheduler.max_num_batched_tokens, max_model_len)
-        num_blocks = -(-num_tokens // self.block_size)
+        num_tokens = self.config.scheduler.max_num_batched_tokens
         torch.cuda.reset_peak_memory_stats(self.device)
+        ids, positions, metadata, num_blocks = dummy_prefill(
+            num_tokens, max_model_len, self.block_size, self.device
+        )
         self.allocate_kv_cache(num_blocks, capture_graphs=False)
         dummy_cache_bytes = num_blocks * self.kv_bytes_per_block()
-        metadata = AttentionMetadata(
-            slot_mapping=torch.arange(num_tokens, device=self.device),
-            block_tables=torch.arange(num_blocks, device=self.device)[None, :],
-            seq_lens=torch.tensor([num_tokens], device=self.device),
-            query_start_loc=[0, num_tokens],
-            query_lens=[num_tokens],
-            context_lens=[0],
-            block_size=self.block_size,
-        )
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), metadata)
-        num_rows = min(num_tokens, self.config.scheduler.max_num_seqs)
+        hidden = self.model(ids, positions, metadata)
+        num_rows = min(metadata.num_seqs, self.config.scheduler.max_num_seqs)
         self.model.compute_logits(hidden[-num_rows:]).float().softmax(-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - dummy_cache_bytes
@@ -268,6 +261,34 @@ def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of device `tensor` in pinned host memory, queued on the current stream (not waited for)."""
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
+
+
+def dummy_prefill(
+    num_tokens: int, max_model_len: int, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, int]:
+    """A step's worth of prompt tokens (input ids, positions, metadata, KV blocks they need), as the
+    scheduler could fill one: `num_tokens` in as many sequences as `max_model_len` allows."""
+    lengths = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
+    blocks = [-(-length // block_size) for length in lengths]
+    block_tables = torch.zeros(len(lengths), max(blocks), dtype=torch.int64)
+    first_block = 0
+    for row, count in enumerate(blocks):
+        block_tables[row, :count] = torch.arange(first_block, first_block + count)
+        first_block += count
+    positions = torch.cat([torch.arange(length) for length in lengths])
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    slots = block_tables[rows, positions // block_size] * block_size + positions % block_size
+    metadata = AttentionMetadata(
+        slot_mapping=slots.to(device),
+        block_tables=block_tables.to(device),
+        seq_lens=torch.tensor(lengths, device=device),
+        query_start_loc=[0, *itertools.accumulate(lengths)],
+        query_lens=lengths,
+        context_lens=[0] * len(lengths),
+        block_size=block_size,
+    )
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    return ids, positions.to(device), metadata, sum(blocks)
 
 
 def zeroed_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
