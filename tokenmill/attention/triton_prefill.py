@@ -23,6 +23,7 @@ from tokenmill.attention.triton_tiles import (
     load_kv_tile,
     upcast_dots,
 )
+from tokenmill.sample.device import to_device as host_to_device
 
 
 @triton.jit  # type: ignore[misc]
@@ -126,8 +127,8 @@ def build_prefill_tiles(
         tile_seq.extend([seq] * len(starts))
         tile_start.extend(starts)
 
-    def to_device(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+    def to_device(values: list[int]) -> torch.Tensor:  # through pinned memory: no wait for the GPU
+        return host_to_device(torch.tensor(values, dtype=torch.int32), device)
 
     return PrefillTiles(to_device(query_start_loc), to_device(tile_seq), to_device(tile_start), block_q)
 

@@ -1,4 +1,4 @@
-"""Host -> device copies of the sampler's per-step tensors."""
+"""Host -> device copies of small per-step tensors (sampler parameters, the prefill tile list)."""
 
 from __future__ import annotations
 
