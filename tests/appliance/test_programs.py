@@ -173,6 +173,16 @@ def test_builders_skip_unconfigured_apps(tmp_path: Path) -> None:
         assert isinstance(result, Skip) and repr(name) in result.reason and "not in" in result.reason
 
 
+@pytest.mark.parametrize("given", ["--api-key sk-secret", "--api-key=sk-secret"])
+def test_an_api_key_goes_through_the_environment(tmp_path: Path, given: str) -> None:
+    settings = settings_for(tmp_path, VLLM_ARGS=f"--port 18000 {given} --max-num-seqs 4")
+    launch = vllm(settings, parse_portal_config("localhost:8000:18000:/docs:vLLM API"))
+    assert isinstance(launch, Launch)
+    assert "sk-secret" not in " ".join(launch.command)  # `ps` shows command lines to every user
+    assert launch.command[-5:] == ["serve", "--port", "18000", "--max-num-seqs", "4"]
+    assert launch.env == {"VLLM_API_KEY": "sk-secret"}
+
+
 def test_vllm_builder_runs_tokenmill_serve(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, VLLM_ARGS="--port 18000")
     launch = vllm(settings, parse_portal_config("localhost:8000:18000:/docs:vllm api"))

@@ -124,6 +124,17 @@ def has_option(args: list[str], flag: str) -> bool:
     return any(arg == flag or arg.startswith(f"{flag}=") for arg in args)
 
 
+def option_value(args: list[str], flag: str) -> str | None:
+    """The value of the last `flag VALUE` or `flag=VALUE` in `args`."""
+    value = None
+    for arg, following in zip(args, [*args[1:], None], strict=True):
+        if arg == flag and following is not None:
+            value = following
+        elif arg.startswith(f"{flag}="):
+            value = arg.partition("=")[2]
+    return value
+
+
 def without_option(args: list[str], flag: str) -> list[str]:
     """`args` without `flag VALUE` and `flag=VALUE`."""
     kept: list[str] = []
@@ -147,7 +158,13 @@ def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
     api = find_app(apps, API_APP_NAME)
     if api is None:
         return not_configured(settings, API_APP_NAME)
-    return Launch([*tokenmill_command(), *serve_argv(settings, api)], cwd=settings.workspace)
+    argv = serve_argv(settings, api)
+    api_key = option_value(argv, "--api-key")
+    if api_key is None:
+        return Launch([*tokenmill_command(), *argv], cwd=settings.workspace)
+    # Through the environment, which `ps` does not show to other users, not on the command line.
+    argv = without_option(argv, "--api-key")
+    return Launch([*tokenmill_command(), *argv], cwd=settings.workspace, env={"VLLM_API_KEY": api_key})
 
 
 def ray(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
