@@ -108,19 +108,11 @@ class EngineArgs:
 
     def _check_ranges(self) -> None:
         for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _check_integer(name, getattr(self, name), minimum=1)
         for name in ("max_model_len", "kv_cache_memory"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer (or unset), got {value!r}")
-        if (
-            isinstance(self.max_waiting, bool)
-            or not isinstance(self.max_waiting, int)
-            or self.max_waiting < 0
-        ):
-            raise ValueError(f"max_waiting must be a non-negative integer, got {self.max_waiting!r}")
+            if getattr(self, name) is not None:
+                _check_integer(name, getattr(self, name), minimum=1, unset_allowed=True)
+        _check_integer("max_waiting", self.max_waiting, minimum=0)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -165,3 +157,9 @@ class EngineArgs:
             device=self.device,
             enforce_eager=self.enforce_eager,
         )
+
+
+def _check_integer(name: str, value: Any, minimum: int, unset_allowed: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise ValueError(f"{name} must be {kind}{' (or unset)' if unset_allowed else ''}, got {value!r}")

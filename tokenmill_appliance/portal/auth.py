@@ -97,9 +97,12 @@ def url_without_token(request: web.Request) -> str:
     """The request's raw path and query without its `token` parameters, the rest kept byte for byte."""
     pairs = request.rel_url.raw_query_string.split("&")
     kept = [pair for pair in pairs if pair and unquote_plus(pair.partition("=")[0]) != "token"]
-    # `//host/x` or `/\host/x` as a Location would send the browser to another site.
-    path = "/" + request.rel_url.raw_path.lstrip("/\\")
-    return path + (f"?{'&'.join(kept)}" if kept else "")
+    return same_site(request.rel_url.raw_path) + (f"?{'&'.join(kept)}" if kept else "")
+
+
+def same_site(path: str) -> str:
+    """`path` fit for a Location header: `//host/x` or `/\\host/x` would send the browser to another site."""
+    return "/" + path.lstrip("/\\")
 
 
 class Authenticator:

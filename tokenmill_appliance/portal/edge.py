@@ -23,6 +23,7 @@ from tokenmill_appliance.portal.auth import (
     Authenticator,
     AuthResult,
     Verdict,
+    same_site,
     url_without_token,
     without_cookie,
 )
@@ -117,8 +118,8 @@ async def _redirect_to_https(request: web.Request) -> web.StreamResponse:
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if not _HOST_NAME.fullmatch(host) or not sockname:
         raise web.HTTPBadRequest(text="400 Bad Request: a Host header naming this machine is needed\n")
-    path = "/" + request.rel_url.raw_path_qs.lstrip("/\\")
-    raise web.HTTPPermanentRedirect(location=f"https://{host}:{sockname[1]}{path}")
+    location = f"https://{host}:{sockname[1]}{same_site(request.rel_url.raw_path_qs)}"
+    raise web.HTTPPermanentRedirect(location=location)
 
 
 def build_redirect_app() -> web.Application:
