@@ -2,7 +2,9 @@
 # The GPU check in one command (about 6 minutes on an H200): see benchmarks/gpu_check.py.
 #   benchmarks/gpu_check.sh TOKENIZER_DIR [WHEEL_DIR]
 # TOKENIZER_DIR: any saved Hugging Face tokenizer (the check's models are random-weight, built on the spot).
-# WHEEL_DIR: wheels of packages the machine lacks (e.g. gguf), installed into a private target first.
+# WHEEL_DIR (optional): wheels of packages the machine lacks, installed into a private target first. The
+# checks need only torch, triton and transformers (and what they bring): their models are safetensors, which
+# load without gguf or the server's packages (tests/entrypoints/test_llm.py checks that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tokenizer=${1:?usage: benchmarks/gpu_check.sh TOKENIZER_DIR [WHEEL_DIR]}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -225,3 +228,32 @@ def test_max_model_len_beyond_the_model_serves_its_limit(
 def test_too_small_kv_cache_fails_at_start_naming_both_numbers(tiny_model_dir: Callable[[str], Path]) -> None:
     with pytest.raises(ValueError, match=r"holds \d+ tokens .* max_model_len is 2048"):
         LLM(str(tiny_model_dir("llama")), max_model_len=2048, kv_cache_memory=1 << 16)
+
+
+# What `tokenmill` depends on beyond the GPU device image's packages (torch, triton, transformers,
+# safetensors, tokenizers, numpy, jinja2, tqdm and what transformers needs): the offline engine must not.
+NOT_ON_THE_DEVICE_IMAGE = (
+    "gguf fastapi starlette uvicorn pydantic openai prometheus_client aiohttp supervisor cryptography psutil"
+)
+OFFLINE_RUN = """
+import sys
+for name in sys.argv[2].split():
+    sys.modules[name] = None  # importing it raises ImportError
+from tokenmill import LLM, SamplingParams
+llm = LLM(sys.argv[1], max_model_len=256, kv_cache_memory=16 << 20)
+output = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+print(output.outputs[0].token_ids)
+"""
+
+
+def test_offline_llm_runs_a_safetensors_model_without_the_server_or_gguf_packages(
+    tiny_model_dir: Callable[[str], Path],
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", OFFLINE_RUN, str(tiny_model_dir("qwen3")), NOT_ON_THE_DEVICE_IMAGE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(json.loads(run.stdout.strip().splitlines()[-1])) == 4

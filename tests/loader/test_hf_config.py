@@ -11,7 +11,7 @@ from transformers import AutoConfig, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from tokenmill.loader import ModelSource, load_hf_config, resolve_model
-from tokenmill.loader.hf_config import llama3_rope_scaling
+from tokenmill.loader.gguf_config import llama3_rope_scaling
 
 
 @pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("qwen2", True), ("qwen3", False)])

@@ -20,7 +20,6 @@ from tokenmill.kernels.cpu import kernel_library
 from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.fused_decode import attach_fused_decode
-from tokenmill.model.gguf_linear import apply_gguf_plan, plan_gguf_layers
 from tokenmill.model.quantization import check_quantization, quantize
 from tokenmill.worker.memory import GiB, kv_cache_budget
 from tokenmill.worker.model_runner import LaunchedStep, ModelRunner
@@ -84,17 +83,18 @@ class EngineCore:
 
     def _load_weights(self, quantization: str | None) -> None:
         model, gguf_file = cast(nn.Module, self.runner.model), self.source.gguf_file
-        plan = None
         if quantization == "gguf" and gguf_file is not None:
+            from tokenmill.model.gguf_linear import apply_gguf_plan, plan_gguf_layers  # needs `gguf`
+
             plan = plan_gguf_layers(model, gguf_file, self.device)
-        if plan is None:
-            self.runner.load_weights(iter_weights(self.source, self.dtype))
-            quantize(self.runner.model, quantization)
-            return
-        # Layers that keep the file's blocks skip their float copy: never dequantized, never held.
-        weights = iter_weights(self.source, self.dtype, plan.unloaded_tensors)
-        self.runner.load_weights(weights, plan.replaced_parameters)
-        apply_gguf_plan(model, plan)
+            if plan is not None:
+                # Layers that keep the file's blocks skip their float copy: never dequantized, never held.
+                weights = iter_weights(self.source, self.dtype, plan.unloaded_tensors)
+                self.runner.load_weights(weights, plan.replaced_parameters)
+                apply_gguf_plan(model, plan)
+                return
+        self.runner.load_weights(iter_weights(self.source, self.dtype))
+        quantize(self.runner.model, quantization)
 
     def _num_kv_blocks(self) -> int:
         peak = self.runner.profile_peak_memory(self.max_model_len) if self.device.type == "cuda" else None

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from tokenmill.loader.gguf_loader import count_gguf_tensors, iter_gguf_weights
 from tokenmill.loader.safetensors_loader import count_safetensors_tensors, iter_safetensors_weights
 from tokenmill.loader.source import ModelSource
 
@@ -22,6 +21,8 @@ def iter_weights(
     named in `skip` are left out (layers that keep the file's blocks, `--quantization gguf`).
     """
     if source.gguf_file is not None:
+        from tokenmill.loader.gguf_loader import count_gguf_tensors, iter_gguf_weights  # needs `gguf`
+
         num_tensors = count_gguf_tensors(source.gguf_file) - len(skip)
         weights = iter_gguf_weights(source.gguf_file, dtype, skip)
     else:

@@ -18,12 +18,11 @@ from torch import nn
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.kernels.cpu import BLOCK_FORMATS, cache_halves, kernel_library
 from tokenmill.kernels.decode_layer import FORMAT_INT8, DecoderLayer, DecodeStep, LayerWeight
-from tokenmill.model.gguf_linear import GGUFLinear
 from tokenmill.model.layers.activation import SiluAndMul
 from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.rotary import RotaryTables
 from tokenmill.model.llama import LlamaDecoderLayer, LlamaModel
-from tokenmill.model.quantization import MAX_KERNEL_ROWS, Int8Linear
+from tokenmill.model.quantization import MAX_KERNEL_ROWS, GGUFLinear, Int8Linear
 
 
 class FusedDecode:

@@ -24,13 +24,13 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from tokenmill.kernels.cpu import block_linear, kernel_library
+from tokenmill.kernels.cpu import kernel_library
 from tokenmill.kernels.memory import pack_on_huge_pages
 from tokenmill.loader.gguf_loader import GGUFTensor, iter_gguf_tensors
 from tokenmill.model.layers.embedding import LMHead
 from tokenmill.model.layers.linear import LinearBase
 from tokenmill.model.llama import stacked_target
-from tokenmill.model.quantization import replace_module, use_cpu_layer_ops
+from tokenmill.model.quantization import GGUFLinear, replace_module, use_cpu_layer_ops
 
 logger = logging.getLogger(__name__)
 
@@ -74,38 +74,6 @@ def _interleaved(parts: np.ndarray) -> np.ndarray:
     step = min(width, 4)
     grouped = parts.reshape(num_rows // COLUMNS, COLUMNS, num_blocks, width // step, step)
     return grouped.transpose(0, 2, 3, 1, 4).reshape(num_rows // COLUMNS, num_blocks, width * COLUMNS)
-
-
-class GGUFLinear(nn.Module):
-    """`y = x @ w.T + bias`, w held as a GGUF file's blocks in the kernel's layout (`weight` uint8
-    [ceil(out / 8), group bytes], `block_format` Q4_1 or Q8_0)."""
-
-    weight: torch.Tensor
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        block_format: str,
-        output_size: int,
-        input_size: int,
-        bias: torch.Tensor | None,
-    ) -> None:
-        super().__init__()
-        self.output_size, self.input_size, self.block_format = output_size, input_size, block_format
-        self.register_buffer("weight", weight)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        library = kernel_library()
-        assert library is not None, "GGUFLinear layers are only made where the CPU kernels run"
-        rows = x.reshape(-1, self.input_size).float()
-        out = block_linear(library, rows, self.weight, self.block_format, self.output_size, self.bias)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.output_size)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in={self.input_size}, out={self.output_size}, {self.block_format}, bias={self.bias is not None}"
-        )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ of float32's weight bytes and multiplies in int8. Against float32 `F.linear` on 
 at 64; from MAX_KERNEL_ROWS rows on (prefill chunks) float32 GEMM wins, so the weight is dequantized for
 the call instead. Elsewhere (GPU, other CPUs, no compiler) the weight is always dequantized: the same
 weights, float activations.
+
+`GGUFLinear`, the layer `--quantization gguf` makes of a GGUF file's own blocks (model/gguf_linear.py), is
+here beside `Int8Linear` because the fused decode step runs both and safetensors models never need `gguf`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import QUANTIZATION_METHODS
-from tokenmill.kernels.cpu import ACTIVATION_BLOCK, int8_linear, kernel_library
+from tokenmill.kernels.cpu import ACTIVATION_BLOCK, block_linear, int8_linear, kernel_library
 from tokenmill.kernels.memory import pack_on_huge_pages
 from tokenmill.loader.source import ModelSource
 from tokenmill.model.layers.activation import SiluAndMul
@@ -75,6 +78,38 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
+
+
+class GGUFLinear(nn.Module):
+    """`y = x @ w.T + bias`, w held as a GGUF file's blocks in the kernel's layout (`weight` uint8
+    [ceil(out / 8), group bytes], `block_format` Q4_1 or Q8_0)."""
+
+    weight: torch.Tensor
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        block_format: str,
+        output_size: int,
+        input_size: int,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.output_size, self.input_size, self.block_format = output_size, input_size, block_format
+        self.register_buffer("weight", weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        library = kernel_library()
+        assert library is not None, "GGUFLinear layers are only made where the CPU kernels run"
+        rows = x.reshape(-1, self.input_size).float()
+        out = block_linear(library, rows, self.weight, self.block_format, self.output_size, self.bias)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.output_size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.input_size}, out={self.output_size}, {self.block_format}, bias={self.bias is not None}"
+        )
 
 
 @torch.no_grad()

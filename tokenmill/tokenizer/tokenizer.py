@@ -11,7 +11,6 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from tokenmill.loader.gguf_loader import gguf_eos_token_ids
 from tokenmill.loader.source import ModelSource
 from tokenmill.tokenizer.chat import read_chat_template
 
@@ -68,6 +67,8 @@ def load_generation_config(
     if not eos_token_ids and not source.is_gguf:
         eos_token_ids = _token_ids(_read_json(source.path / "config.json").get("eos_token_id"))
     if not eos_token_ids and source.gguf_file is not None:
+        from tokenmill.loader.gguf_loader import gguf_eos_token_ids  # needs `gguf`: GGUF models only
+
         eos_token_ids = gguf_eos_token_ids(source.gguf_file)
     if not eos_token_ids:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
