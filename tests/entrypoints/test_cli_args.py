@@ -90,6 +90,8 @@ def test_other_vllm_flags() -> None:
             "--disable-log-requests",
             "--chat-template",
             "{{ messages }}",
+            "--max-request-body-size",
+            "1MiB",
         ],
         environ={},
     )
@@ -101,6 +103,7 @@ def test_other_vllm_flags() -> None:
     assert args.allowed_origins == ["http://x"] and args.max_logprobs == 5 and args.api_key == "k"
     assert args.reasoning_parser == "deepseek_r1" and args.chat_template == "{{ messages }}"
     assert args.generation_config == "vllm" and not args.enable_log_requests
+    assert args.max_request_body_size == 1 << 20
 
 
 def test_defaults_and_api_key_from_environment(tmp_path: Path) -> None:
@@ -108,6 +111,7 @@ def test_defaults_and_api_key_from_environment(tmp_path: Path) -> None:
     template.write_text("{{ x }}")
     args = parse_serve_args(["--chat-template", str(template)], environ={"VLLM_API_KEY": "from-env"})
     assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert args.max_request_body_size == 16 << 20
     assert args.api_key == "from-env" and args.chat_template == "{{ x }}"
     assert parse_serve_args([], environ={"TOKENMILL_API_KEY": "t"}).api_key == "t"
 
@@ -121,6 +125,7 @@ def test_defaults_and_api_key_from_environment(tmp_path: Path) -> None:
         (["--chat-template", "missing.jinja"], "neither a file nor a Jinja template"),
         (["a", "--model", "b"], "the model is given twice"),
         (["--generation-config", "/no/such/dir"], "is not auto, vllm or a directory"),
+        (["--max-request-body-size", "0"], "--max-request-body-size must be at least 1 byte"),
     ],
 )
 def test_errors_name_the_fix(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

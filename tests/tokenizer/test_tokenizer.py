@@ -6,10 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFWriter
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerBase
 
 from tokenmill.loader import ModelSource, resolve_model
-from tokenmill.tokenizer import GenerationDefaults, load_generation_config, load_tokenizer
+from tokenmill.tokenizer import (
+    GenerationDefaults,
+    load_generation_config,
+    load_tokenizer,
+    longest_token_bytes,
+)
 
 SAMPLES = [
     "Hello world",
@@ -150,3 +155,25 @@ def test_sentencepiece_style_gguf_tokenizer_is_the_one_auto_tokenizer_builds(tmp
         ids = reference(text).input_ids
         assert ours(text).input_ids == ids and ids[0] == 1
         assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    "text", [*SAMPLES, " " * 5000, "\n" * 3000, "東京" * 500, "🙂" * 400, "a" * 4000, "<|im_end|>" * 300]
+)
+def test_no_token_covers_more_text_than_the_longest_token_bytes(
+    smollm2_tokenizer: PreTrainedTokenizerBase, text: str
+) -> None:
+    bound = longest_token_bytes(smollm2_tokenizer)
+    assert bound is not None
+    num_tokens = len(smollm2_tokenizer.encode(text, add_special_tokens=False))
+    assert len(text.encode("utf-8")) <= num_tokens * bound
+
+
+def test_a_whitespace_stripping_added_token_has_no_byte_bound(
+    smollm2_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.add_tokens([AddedToken("<sep>", rstrip=True)])
+    # "<sep>" and the run of spaces after it are one token: no bound on the bytes a token covers.
+    assert len(tokenizer.encode("<sep>" + " " * 1000, add_special_tokens=False)) == 1
+    assert longest_token_bytes(tokenizer) is None

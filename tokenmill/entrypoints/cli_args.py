@@ -26,6 +26,7 @@ from tokenmill.engine.arg_utils import EngineArgs
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_MAX_REQUEST_BODY_SIZE = 16 << 20
 API_KEY_ENV_VARS = ("VLLM_API_KEY", "TOKENMILL_API_KEY")
 
 
@@ -123,6 +124,12 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="sampling defaults: auto (the model's generation config), vllm (none), or a directory",
     )
+    add(
+        "--max-request-body-size",
+        type=parse_human_int,
+        default=DEFAULT_MAX_REQUEST_BODY_SIZE,
+        help="largest request body accepted, in bytes (accepts 64MiB); larger get a 413 (default: 16MiB)",
+    )
     add("--allowed-origins", type=_origins, default=[], help="CORS origins, a JSON list or comma-separated")
     add(
         "--max-logprobs",
@@ -216,6 +223,7 @@ class ServeArgs:
     generation_config: str = "auto"
     allowed_origins: list[str] = field(default_factory=list)
     max_logprobs: int = 20
+    max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE
     reasoning_parser: str | None = None
     uvicorn_log_level: str = "warning"
     enable_log_requests: bool = False
@@ -244,6 +252,8 @@ def parse_serve_args(
         engine_args.create_engine_config()
     except ValueError as err:
         fail(str(err))
+    if ns.max_request_body_size < 1:
+        fail(f"--max-request-body-size must be at least 1 byte, got {ns.max_request_body_size}")
     if ns.generation_config not in ("auto", "vllm") and not Path(ns.generation_config).is_dir():
         fail(f"--generation-config {ns.generation_config!r} is not auto, vllm or a directory")
     api_key = ns.api_key or api_key_from_env(environ)
@@ -258,6 +268,7 @@ def parse_serve_args(
         generation_config=ns.generation_config,
         allowed_origins=ns.allowed_origins,
         max_logprobs=ns.max_logprobs,
+        max_request_body_size=ns.max_request_body_size,
         reasoning_parser=ns.reasoning_parser,
         uvicorn_log_level=ns.uvicorn_log_level,
         enable_log_requests=ns.enable_log_requests and not ns.disable_log_requests,

@@ -57,6 +57,22 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Pre
     return tokenizer
 
 
+def longest_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """An upper bound on the bytes of text one token stands for (a text of more than n times this many
+    UTF-8 bytes needs more than n tokens), or None where there is none.
+
+    Each token's string is at least as long in UTF-8 as the text it encodes: byte-level BPE writes one
+    character per byte, SentencePiece a 3-byte "▁" per space and "<0xNN>" per fallback byte, and added
+    tokens match their own text. An added token that strips the whitespace beside it (lstrip/rstrip) covers
+    any run of it: no bound.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    if any(getattr(token, "lstrip", False) or getattr(token, "rstrip", False) for token in added):
+        return None
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max(len(token.encode("utf-8")) for token in tokens if token)
+
+
 def load_generation_config(
     source: ModelSource, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> GenerationDefaults:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import openai
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -21,6 +23,7 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("top_logprobs without logprobs", CHAT, {"messages": HI, "top_logprobs": 2}, 400),
     ("over max_model_len", COMPLETIONS, {"prompt": "a", "max_tokens": 5000}, 400),
     ("prompt over max_model_len", COMPLETIONS, {"prompt": "word " * 2100, "max_tokens": 1}, 400),
+    ("token ids over max_model_len", COMPLETIONS, {"prompt": [42] * 3000, "max_tokens": 1}, 400),
     ("max_tokens 0", CHAT, {"messages": HI, "max_tokens": 0}, 400),
     ("missing messages", CHAT, {}, 400),
     ("empty messages", CHAT, {"messages": []}, 400),
@@ -107,4 +110,35 @@ def test_the_largest_seeds_serve(server) -> None:
             body = {"prompt": "Hello", "max_tokens": 2, "n": 2, "seed": seed, "temperature": 1.0}
             reply = http.post(COMPLETIONS, json=body)
             assert reply.status_code == 200, reply.text
+        assert http.get("/health").status_code == 200
+
+
+def test_a_body_over_the_size_limit_is_a_413_read_no_further(server) -> None:
+    # The server's limit is the default 16 MiB: declared by Content-Length, or counted as it arrives.
+    client = server.client()
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model="smol", prompt="word " * (4 << 20), max_tokens=1)
+    assert refused.value.status_code == 413 and "--max-request-body-size" in refused.value.message
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(17):
+            yield b"x" * (1 << 20)
+
+    with server.http() as http:
+        reply = http.post(COMPLETIONS, content=chunks(), headers={"content-type": "application/json"})
+        assert_error_body(reply, 413)
+        assert http.get("/health").status_code == 200
+    assert client.completions.create(model="smol", prompt="Hello", max_tokens=2).choices[0].text
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(server, path: str) -> None:
+    # 2 MB of text: more than max_model_len (2048) x the longest token's bytes, so no count is needed.
+    text = "word " * 400_000
+    body = {"prompt": text} if path == COMPLETIONS else {"messages": [{"role": "user", "content": text}]}
+    with server.http() as http:
+        reply = http.post(path, json={**body, "max_tokens": 1})
+        assert_error_body(reply, 400)
+        assert "bytes, more than this model's maximum context length of 2048 tokens" in reply.text
         assert http.get("/health").status_code == 200

@@ -59,6 +59,8 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
+    max_body = state.args.max_request_body_size
+
     @app.get("/health")
     async def health() -> Response:
         if state.is_healthy:
@@ -84,23 +86,23 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions")
     async def completions(raw_request: Request) -> Response:
-        request = await parse_json_body(raw_request, CompletionRequest)
+        request = await parse_json_body(raw_request, CompletionRequest, max_body)
         return await state.servers().completion.create_completion(request, raw_request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(raw_request: Request) -> Response:
-        request = await parse_json_body(raw_request, ChatCompletionRequest)
+        request = await parse_json_body(raw_request, ChatCompletionRequest, max_body)
         return await state.servers().chat.create_chat_completion(request, raw_request)
 
     @app.post("/tokenize")
     async def tokenize(raw_request: Request) -> JSONResponse:
-        request = await parse_json_body(raw_request, TokenizeRequest)
+        request = await parse_json_body(raw_request, TokenizeRequest, max_body)
         response = await state.servers().tokenization.tokenize(request)
         return JSONResponse(response.model_dump(exclude_none=True))
 
     @app.post("/detokenize")
     async def detokenize(raw_request: Request) -> JSONResponse:
-        request = await parse_json_body(raw_request, DetokenizeRequest)
+        request = await parse_json_body(raw_request, DetokenizeRequest, max_body)
         response = await state.servers().tokenization.detokenize(request)
         return JSONResponse(response.model_dump())
 

@@ -91,12 +91,12 @@ def validation_error(err: ValidationError | RequestValidationError) -> APIError:
     return APIError(f"{prefix}{first.get('msg', 'invalid value')}", 400, param=param)
 
 
-async def parse_json_body(request: Request, model: type[ModelT]) -> ModelT:
-    """Reads and validates a JSON body; every way it can be wrong is a 400."""
+async def parse_json_body(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:
+    """Reads and validates a JSON body of at most `max_bytes`; too large is a 413, any other fault a 400."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise APIError(f"unsupported content type {content_type or '(none)'!r}: send application/json", 400)
-    raw = await request.body()
+    raw = await read_body(request, max_bytes)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -107,6 +107,26 @@ async def parse_json_body(request: Request, model: type[ModelT]) -> ModelT:
         return model.model_validate(data)
     except ValidationError as err:
         raise validation_error(err) from None
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, refused (413) as soon as its declared or received size passes `max_bytes`:
+    a body too large is never held whole."""
+    too_large = APIError(
+        f"the request body is larger than this server accepts ({max_bytes} bytes): send less, or start "
+        "the server with a larger --max-request-body-size",
+        413,
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:

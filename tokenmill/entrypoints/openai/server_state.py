@@ -36,6 +36,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     default_sampling: dict[str, Any]
     root: str
+    max_token_bytes: int | None
 
 
 class ServerState:
@@ -102,6 +103,7 @@ class ServerState:
             trust_request_chat_template=self.args.trust_request_chat_template,
             reasoning_parser=self.args.reasoning_parser,
             log_requests=self.args.enable_log_requests,
+            max_token_bytes=loaded.max_token_bytes,
         )
         self._servers = Servers(
             OpenAIServingCompletion(ctx), OpenAIServingChat(ctx), OpenAIServingTokenization(ctx)
@@ -110,7 +112,7 @@ class ServerState:
 
     def _load_tokenizer(self) -> LoadedModel:
         from tokenmill.loader import ModelSource, resolve_model
-        from tokenmill.tokenizer import load_generation_config, load_tokenizer
+        from tokenmill.tokenizer import load_generation_config, load_tokenizer, longest_token_bytes
 
         engine_args = self.args.engine_args
         source = resolve_model(engine_args.model, engine_args.download_dir, engine_args.revision)
@@ -125,7 +127,9 @@ class ServerState:
             sampling = dict(chosen.sampling_defaults())
             if "max_new_tokens" in sampling:
                 sampling["max_tokens"] = sampling.pop("max_new_tokens")
-        return LoadedModel(tokenizer, defaults.eos_token_ids, sampling, source.name)
+        return LoadedModel(
+            tokenizer, defaults.eos_token_ids, sampling, source.name, longest_token_bytes(tokenizer)
+        )
 
     async def _announce(self) -> None:
         server = self.server

@@ -32,7 +32,6 @@ from tokenmill.entrypoints.openai.serving_engine import (
     ServingContext,
     clamp_logprob,
     decoded_token,
-    encode,
     first_and_rest,
     prompt_logprobs_json,
     sse,
@@ -82,9 +81,7 @@ class OpenAIServingChat:
             params = request.to_sampling_params(self.ctx.default_sampling)
             conversation = request.conversation()
             text = await engine.run_in_executor(render_chat_prompt, self.ctx, request, conversation)
-            token_ids = await engine.run_in_executor(
-                encode, self.ctx.tokenizer, text, request.add_special_tokens
-            )
+            token_ids = await self.ctx.encode(text, request.add_special_tokens)
         except ValueError as err:
             raise APIError.bad_request(err) from None
         request_id = random_id("chatcmpl")

@@ -24,7 +24,6 @@ from tokenmill.entrypoints.openai.serving_engine import (
     ServingContext,
     clamp_logprob,
     decoded_token,
-    encode,
     merge_async_iterators,
     prompt_logprobs_json,
     sse,
@@ -69,11 +68,10 @@ class OpenAIServingCompletion:
             if isinstance(prompt, str):
                 if not prompt:
                     raise ValueError("prompt must not be empty")
-                ids = await self.ctx.engine.run_in_executor(
-                    encode, tokenizer, prompt, request.add_special_tokens
-                )
+                ids = await self.ctx.encode(prompt, request.add_special_tokens)
                 results.append((prompt, ids))
             else:
+                self.ctx.check_prompt_length(len(prompt))
                 if any(not 0 <= t < len(tokenizer) for t in prompt):
                     raise ValueError(f"prompt token ids must be between 0 and {len(tokenizer) - 1}")
                 text = await self.ctx.engine.run_in_executor(tokenizer.decode, prompt)

@@ -36,6 +36,7 @@ class ServingContext:
     trust_request_chat_template: bool = False  # a request's own template runs on the server: opt-in
     reasoning_parser: str | None = None
     log_requests: bool = False
+    max_token_bytes: int | None = None  # `longest_token_bytes` of the tokenizer; None: no bound
 
     @property
     def model_name(self) -> str:
@@ -53,6 +54,26 @@ class ServingContext:
                 code="model_not_found",
             )
         return name
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """The token ids of a prompt's text, on the tokenizer thread; a text too long for any prompt is
+        refused before tokenizing it (a few MB of text hold the thread for seconds)."""
+        max_len, num_bytes = self.engine.max_model_len, len(text.encode("utf-8"))
+        if self.max_token_bytes is not None and num_bytes > max_len * self.max_token_bytes:
+            raise ValueError(
+                f"the prompt is {num_bytes} bytes, more than this model's maximum context length of "
+                f"{max_len} tokens can hold (a token covers at most {self.max_token_bytes} bytes): "
+                "shorten the prompt"
+            )
+        return await self.engine.run_in_executor(encode, self.tokenizer, text, add_special_tokens)
+
+    def check_prompt_length(self, num_tokens: int) -> None:
+        """Refuses a token-id prompt longer than the context before any work is done on it."""
+        if num_tokens > self.engine.max_model_len:
+            raise ValueError(
+                f"the prompt has {num_tokens} tokens, more than this model's maximum context length of "
+                f"{self.engine.max_model_len} tokens: shorten the prompt"
+            )
 
     def log_request(self, request_id: str, num_prompt_tokens: int, params: Any) -> None:
         if self.log_requests:
