@@ -11,6 +11,7 @@ import logging
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.model.registry import CausalLM
@@ -67,7 +68,11 @@ class DecodeGraphs:
     def capture(self) -> None:
         start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
         pool = None
-        for batch in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
+        # Largest first, so smaller graphs reuse its memory pool. disable=None: a bar on a terminal only.
+        buckets = tqdm(
+            reversed(self.buckets), total=len(self.buckets), desc="Capturing CUDA graphs", disable=None
+        )
+        for batch in buckets:
             metadata = self._metadata(batch)
             args = (self.input_ids[:batch], self.positions[:batch], metadata)
             self.model(*args)  # warm-up outside the graph (lazy initialization, autotuning)
