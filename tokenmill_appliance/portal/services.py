@@ -75,7 +75,8 @@ class ProgramControl:
     def _control(self, name: str, action: str) -> dict[str, Any]:
         info = self._call("getProcessInfo", name)
         if action in ("stop", "restart") and info["name"] in PROTECTED_PROGRAMS:
-            raise ProtectedProgramError(f"{name} runs the portal itself and cannot be {action}ed from here")
+            done = {"stop": "stopped", "restart": "restarted"}[action]
+            raise ProtectedProgramError(f"{name} runs the portal itself and cannot be {done} from here")
         is_active = info["statename"] in ("RUNNING", "STARTING", "BACKOFF")
         if action in ("stop", "restart") and is_active:
             self._call("stopProcess", name, True)

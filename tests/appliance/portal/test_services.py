@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tokenmill_appliance.portal.services import (
     UnknownProgramError,
 )
 
-from .conftest import TOKEN, StartPortal
+from .conftest import PASSWORD, TOKEN, StartPortal
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "X-Portal-Request": "1"}
@@ -69,13 +70,39 @@ async def test_services_api(
         assert response.status == 403
     async with client.post(f"{base}/sleeper/explode", headers=HEADERS) as response:
         assert response.status == 404
-    # A browser's credentials (the cookie, cached basic auth) ride along on cross-site form posts: those
-    # calls need the custom header. A Bearer token cannot be sent that way: API clients need no header.
-    cookie_only = {"Cookie": f"portal_auth_token={TOKEN}"}
-    async with client.post(f"{base}/sleeper/stop", headers=cookie_only) as response:
-        assert response.status == 403
-    bearer_only = {"Authorization": HEADERS["Authorization"]}
-    async with client.post(f"{base}/sleeper/stop", headers=bearer_only) as response:
+    # A browser's credentials (the cookie, cached basic auth) ride along on cross-site form posts: a call
+    # a browser marks as another site's is refused. Same-site calls, non-browser clients (no
+    # Sec-Fetch-Site, no Origin) and Bearer tokens (a form post cannot carry one) go through.
+    cookie = {"Cookie": f"portal_auth_token={TOKEN}"}
+    basic = {"Authorization": "Basic " + base64.b64encode(f"vastai:{PASSWORD}".encode()).decode()}
+    for refused in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://evil.example"}, {"Origin": "null"}):  # fmt: skip
+        async with client.post(f"{base}/sleeper/stop", headers={**cookie, **refused}) as response:
+            assert response.status == 403, refused
+            assert "another site" in (await response.json())["error"]
+        async with client.post(f"{base}/sleeper/stop", headers={**refused, **basic}) as response:
+            assert response.status == 403, refused
+    host = f"127.0.0.1:{p.portal_port}"
+    for allowed in ({}, {"Sec-Fetch-Site": "same-origin"}, {"Origin": f"http://{host}"}):
+        async with client.post(f"{base}/sleeper/start", headers={**cookie, **allowed}) as response:
+            assert response.status == 200, allowed
+        async with client.post(f"{base}/sleeper/start", headers={**allowed, **basic}) as response:
+            assert response.status == 200, allowed
+    bearer_cross_site = {"Authorization": HEADERS["Authorization"], "Sec-Fetch-Site": "cross-site"}
+    async with client.post(f"{base}/sleeper/stop", headers=bearer_cross_site) as response:
         assert response.status == 200
     async with client.post(f"{base}/sleeper/stop") as response:
         assert response.status == 401
+
+
+async def test_services_api_with_auth_off_needs_no_header(
+    start_portal: StartPortal, supervisord: Callable[[Path], None], client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal(ENABLE_AUTH="false")
+    supervisord(p.settings.supervisor_socket)
+    base = p.url(p.portal_port, "/api/services")
+    async with client.post(f"{base}/sleeper/restart") as response:
+        assert response.status == 200
+        assert (await response.json())["program"]["state"] == "RUNNING"
+    async with client.post(f"{base}/portal/stop") as response:
+        assert response.status == 403
+        assert "cannot be stopped from here" in (await response.json())["error"]
