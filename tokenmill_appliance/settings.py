@@ -87,6 +87,12 @@ class PortalApp:
         }
 
 
+def find_app(apps: list[PortalApp], name: str) -> PortalApp | None:
+    """The app called `name` (case-insensitive, as users retype names in PORTAL_CONFIG)."""
+    wanted = name.casefold()
+    return next((app for app in apps if app.name.casefold() == wanted), None)
+
+
 def _port(value: object, what: str, entry: str) -> int:
     try:
         port = int(str(value).strip())

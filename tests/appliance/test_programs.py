@@ -22,6 +22,7 @@ from tokenmill_appliance.programs.commands import (
     Launch,
     Skip,
     count_gpus,
+    engine_api_key,
     has_parallel_size,
     jupyter,
     ray,
@@ -181,6 +182,16 @@ def test_an_api_key_goes_through_the_environment(tmp_path: Path, given: str) -> 
     assert "sk-secret" not in " ".join(launch.command)  # `ps` shows command lines to every user
     assert launch.command[-5:] == ["serve", "--port", "18000", "--max-num-seqs", "4"]
     assert launch.env == {"VLLM_API_KEY": "sk-secret"}
+
+
+def test_engine_api_key_is_the_one_the_server_requires(tmp_path: Path) -> None:
+    """The portal asks the engine for its model name with this key."""
+    keyed = settings_for(tmp_path, VLLM_ARGS="--port 18000 --api-key=sk-args")
+    assert engine_api_key(keyed, {"VLLM_API_KEY": "sk-env"}) == "sk-args"
+    plain = settings_for(tmp_path, VLLM_ARGS="--port 18000")
+    assert engine_api_key(plain, {"VLLM_API_KEY": "sk-env"}) == "sk-env"
+    assert engine_api_key(plain, {"TOKENMILL_API_KEY": "sk-tm"}) == "sk-tm"
+    assert engine_api_key(plain, {}) is None
 
 
 def test_vllm_builder_runs_tokenmill_serve(tmp_path: Path) -> None:

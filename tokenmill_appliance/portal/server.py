@@ -26,7 +26,7 @@ from tokenmill_appliance.portal.services import ProgramControl
 from tokenmill_appliance.portal.state import PortalState
 from tokenmill_appliance.portal.tunnels import TunnelManager
 from tokenmill_appliance.portal.ui import build_ui_app
-from tokenmill_appliance.settings import API_APP_NAME, PORTAL_APP_NAME, PortalApp, Settings
+from tokenmill_appliance.settings import API_APP_NAME, PORTAL_APP_NAME, PortalApp, Settings, find_app
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ SHUTDOWN_TIMEOUT_S = 2.0
 
 def find_portal_app(apps: list[PortalApp]) -> PortalApp:
     """The dashboard's own entry: by name, else the app on 1111, else the default ports."""
-    for app in apps:
-        if app.name == PORTAL_APP_NAME:
-            return app
+    named = find_app(apps, PORTAL_APP_NAME)
+    if named is not None:
+        return named
     for app in apps:
         if app.external_port == 1111:
             return app
@@ -108,7 +108,7 @@ class Portal:
             await self.tunnels.start_named()
 
     def _engine_metrics_url(self) -> str | None:
-        api = next((app for app in self.apps if app.name == API_APP_NAME), None)
+        api = find_app(self.apps, API_APP_NAME)
         return f"http://{api.hostname}:{api.internal_port}/metrics" if api else None
 
     async def _runner(self, app: web.Application) -> web.AppRunner:

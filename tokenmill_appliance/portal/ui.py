@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,7 @@ from tokenmill_appliance.portal import api
 from tokenmill_appliance.portal.auth import Verdict
 from tokenmill_appliance.portal.edge import EDGE_HEADER
 from tokenmill_appliance.portal.state import IS_AUTHENTICATED, STATE, PortalState
+from tokenmill_appliance.programs.commands import engine_api_key
 from tokenmill_appliance.settings import API_APP_NAME, PortalApp
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -99,11 +101,13 @@ def app_link(request: web.Request, state: PortalState, app: PortalApp) -> str:
     """Where the viewer's browser reaches `app`: the viewer's host name, the app's external port."""
     host = _viewer_host(request)
     scheme = "https" if state.is_tls and app.is_proxied else "http"
-    url = URL.build(scheme=scheme, host=host, port=app.external_port, path=app.open_path or "/")
+    # open_path may lack the leading slash ("docs") and may carry its own query ("/lab?reset"), kept as is.
+    path, _, query = app.open_path.partition("?")
+    url = str(URL.build(scheme=scheme, host=host, port=app.external_port, path="/" + path.lstrip("/")))
     needs_token = app.is_proxied and not state.auth.is_port_open(app.external_port)
     if needs_token and request[IS_AUTHENTICATED] and state.settings.open_button_token:
-        url = url.with_query(token=state.settings.open_button_token)
-    return str(url)
+        query = "&".join(filter(None, [query, urlencode({"token": state.settings.open_button_token})]))
+    return f"{url}?{query}" if query else url
 
 
 async def _is_listening(host: str, port: int) -> bool:
@@ -121,10 +125,12 @@ async def _engine_info(state: PortalState, app: PortalApp) -> dict[str, Any]:
     base = f"http://{app.hostname}:{app.internal_port}"
     timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S * 2)
     info: dict[str, Any] = {"model": None, "health": "down"}
+    key = engine_api_key(state.settings)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         async with state.session.get(f"{base}/health", timeout=timeout) as response:
             info["health"] = "healthy" if response.status == 200 else f"unhealthy ({response.status})"
-        async with state.session.get(f"{base}/v1/models", timeout=timeout) as response:
+        async with state.session.get(f"{base}/v1/models", headers=headers, timeout=timeout) as response:
             if response.status == 200:
                 models = (await response.json()).get("data") or []
                 info["model"] = models[0].get("id") if models else None
@@ -143,7 +149,7 @@ async def _app_status(request: web.Request, state: PortalState, app: PortalApp) 
         "url": app_link(request, state, app),
         "status": "up" if await _is_listening(app.hostname, app.internal_port) else "down",
     }
-    if app.name == API_APP_NAME:
+    if app.name.casefold() == API_APP_NAME.casefold():
         item["engine"] = (
             await _engine_info(state, app) if item["status"] == "up" else {"model": None, "health": "down"}
         )

@@ -16,7 +16,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenmill_appliance.settings import API_APP_NAME, RAY_APP_NAME, PortalApp, Settings, default_vllm_args
+from tokenmill_appliance.settings import (
+    API_APP_NAME,
+    RAY_APP_NAME,
+    PortalApp,
+    Settings,
+    default_vllm_args,
+    find_app,
+)
 
 _PARALLEL_FLAGS = re.compile(
     r"^(--tensor-parallel-size|-tp|--pipeline-parallel-size|-pp|--data-parallel-size|-dp)(=.*)?$"
@@ -40,12 +47,6 @@ class Skip:
 
 
 Builder = Callable[[Settings, list[PortalApp]], Launch | Skip]
-
-
-def find_app(apps: list[PortalApp], name: str) -> PortalApp | None:
-    """The app called `name` (case-insensitive, as users retype names in PORTAL_CONFIG)."""
-    wanted = name.casefold()
-    return next((app for app in apps if app.name.casefold() == wanted), None)
 
 
 def not_configured(settings: Settings, app_name: str) -> Skip:
@@ -152,6 +153,14 @@ def without_option(args: list[str], flag: str) -> list[str]:
 def portal(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
     # The edge serves every app's port, so it runs even without an "Instance Portal" entry.
     return Launch([sys.executable, "-m", "tokenmill_appliance.cli", "portal", "--host", settings.portal_host])
+
+
+def engine_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """The key the `vllm` program's server requires: `--api-key` in VLLM_ARGS, else the environment
+    variables `tokenmill serve` reads (VLLM_API_KEY, TOKENMILL_API_KEY); None when it requires none."""
+    env = os.environ if env is None else env
+    key = option_value(split_args(settings.vllm_args, env), "--api-key")
+    return key or env.get("VLLM_API_KEY") or env.get("TOKENMILL_API_KEY") or None
 
 
 def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:

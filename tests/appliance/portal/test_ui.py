@@ -7,8 +7,9 @@ import asyncio
 import aiohttp
 import psutil
 import pytest
+from aiohttp import web
 
-from .conftest import TOKEN, RunningPortal, StartPortal
+from .conftest import TOKEN, RunningPortal, StartPortal, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -92,3 +93,45 @@ async def test_metrics_has_machine_and_engine_figures(
     assert 0 <= point["cpu_percent"] <= 100 and 0 < point["ram_percent"] <= 100
     assert point["requests_running"] == 3 and point["requests_waiting"] == 1
     assert point["kv_cache_usage"] == 0.25 and point["prefix_hit_rate"] == 0.25
+
+
+async def test_links_keep_the_apps_own_query_and_mend_a_missing_slash(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    portal, ui, lab, docs = free_ports(4)
+    config = "|".join(
+        [
+            f"localhost:{portal}:{ui}:/:Instance Portal",
+            f"localhost:{lab}:18888:/lab?reset:Jupyter",
+            f"localhost:{docs}:18001:docs:vLLM API",
+        ]
+    )
+    await start_portal(PORTAL_CONFIG=config)
+    apps = await apps_by_name(client, f"http://127.0.0.1:{portal}/api/apps", headers=BEARER)
+    assert apps["Jupyter"]["url"] == f"http://127.0.0.1:{lab}/lab?reset&token={TOKEN}"
+    assert apps["vLLM API"]["url"] == f"http://127.0.0.1:{docs}/docs?token={TOKEN}"
+
+
+async def test_api_app_shows_the_model_of_an_engine_that_requires_a_key(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    async def models(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer engine-key-9999":
+            return web.json_response({"error": {"message": "bad key"}}, status=401)
+        return web.json_response({"object": "list", "data": [{"id": "keyed-model"}]})
+
+    engine = web.Application()
+    engine.router.add_get("/health", lambda request: web.Response(text="ok"))
+    engine.router.add_get("/v1/models", models)
+    runner = web.AppRunner(engine)
+    await runner.setup()
+    portal, ui, api, engine_port = free_ports(4)
+    await web.TCPSite(runner, "127.0.0.1", engine_port).start()
+    try:
+        config = f"localhost:{portal}:{ui}:/:Instance Portal|127.0.0.1:{api}:{engine_port}:/docs:vllm api"
+        await start_portal(PORTAL_CONFIG=config, VLLM_ARGS="--port 1 --api-key engine-key-9999")
+        apps = await apps_by_name(client, f"http://127.0.0.1:{portal}/api/apps", headers=BEARER)
+        # Found by name case-insensitively, as the vllm program finds it; asked with the engine's key.
+        assert apps["vllm api"]["engine"] == {"model": "keyed-model", "health": "healthy"}
+    finally:
+        await runner.cleanup()
