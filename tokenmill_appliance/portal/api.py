@@ -17,7 +17,7 @@ from tokenmill_appliance.portal.services import (
     UnknownProgramError,
 )
 from tokenmill_appliance.portal.state import STATE
-from tokenmill_appliance.portal.tunnels import TunnelError
+from tokenmill_appliance.portal.tunnels import QuickTunnelsOffError, TunnelError, TunnelNotFoundError
 
 
 def error(status: int, message: str) -> web.Response:
@@ -126,8 +126,14 @@ async def start_tunnel(request: web.Request) -> web.Response:
     try:
         tunnel = await request.app[STATE].tunnels.start(target)
     except TunnelError as exc:
-        return error(400, str(exc))
+        return tunnel_error(exc)
     return web.json_response({"tunnel": tunnel})
+
+
+def tunnel_error(exc: TunnelError) -> web.Response:
+    if isinstance(exc, TunnelNotFoundError):
+        return error(404, str(exc))
+    return error(409 if isinstance(exc, QuickTunnelsOffError) else 400, str(exc))
 
 
 async def tunnel_action(request: web.Request) -> web.Response:
@@ -139,9 +145,11 @@ async def tunnel_action(request: web.Request) -> web.Response:
             return web.json_response({"stopped": tunnel_id})
         if action == "refresh":
             return web.json_response({"tunnel": await tunnels.refresh(tunnel_id)})
+        if action == "start" and tunnel_id == "named":  # started again after a stop
+            return web.json_response({"tunnel": await tunnels.start_named()})
     except TunnelError as exc:
-        return error(400, str(exc))
-    return error(404, f"unknown action {action!r}; expected stop or refresh")
+        return tunnel_error(exc)
+    return error(404, f"unknown action {action!r}; expected stop or refresh (or start, for 'named')")
 
 
 async def metrics(request: web.Request) -> web.Response:

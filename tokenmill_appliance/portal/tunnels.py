@@ -38,6 +38,14 @@ class TunnelError(RuntimeError):
     """A tunnel could not be started or found; the message says why."""
 
 
+class TunnelNotFoundError(TunnelError):
+    """No tunnel has that id."""
+
+
+class QuickTunnelsOffError(TunnelError):
+    """CF_TUNNEL_TOKEN is set: the named tunnel takes the place of quick tunnels."""
+
+
 @dataclass
 class Tunnel:
     id: str
@@ -107,6 +115,7 @@ class TunnelManager:
         return {
             "available": self.is_available,
             "message": "" if self.is_available else "cloudflared is not installed on this machine",
+            "named": bool(self.named_token),
             "named_warning": NAMED_TUNNEL_WARNING if "named" in self._tunnels else "",
             "tunnels": [t.describe() for t in self._tunnels.values()],
         }
@@ -141,6 +150,11 @@ class TunnelManager:
 
     async def start(self, target: str, tunnel_id: str | None = None) -> dict[str, Any]:
         """Start a quick tunnel to `target`; returns once its public URL is known."""
+        if self.named_token:
+            raise QuickTunnelsOffError(
+                "a named tunnel is configured (CF_TUNNEL_TOKEN): it replaces quick tunnels; unset "
+                "CF_TUNNEL_TOKEN to use quick tunnels"
+            )
         check_target(target, self.edge_ports)
         args = ["--no-autoupdate", "--url", target]
         if target.startswith("https:"):
@@ -153,9 +167,13 @@ class TunnelManager:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(tunnel.url_found.wait(), self.url_timeout_s)
         if tunnel.public_url is None:
+            has_exited = tunnel.state == "exited"
             await self._terminate(tunnel)
             del self._tunnels[tunnel.id]
             last = tunnel.output[-1] if tunnel.output else "no output"
+            if has_exited:
+                code = tunnel.process.returncode
+                raise TunnelError(f"cloudflared exited (code {code}) before giving a tunnel URL: {last}")
             raise TunnelError(
                 f"cloudflared gave no tunnel URL within {self.url_timeout_s:g} s (last line: {last})"
             )
@@ -163,9 +181,15 @@ class TunnelManager:
         return tunnel.describe()
 
     async def start_named(self) -> dict[str, Any]:
-        """Run the named tunnel of CF_TUNNEL_TOKEN (passed in the environment, not on the command line)."""
+        """Run the named tunnel of CF_TUNNEL_TOKEN (passed in the environment, not on the command line);
+        when it runs already, that one."""
         if not self.named_token:
             raise TunnelError("no CF_TUNNEL_TOKEN is set")
+        running = self._tunnels.get("named")
+        if running is not None and running.process.returncode is None:
+            return running.describe()
+        if running is not None:  # exited by itself: start it again
+            await self.stop("named")
         process = await self._spawn(
             ["--no-autoupdate", "tunnel", "run"], env={"TUNNEL_TOKEN": self.named_token}
         )
@@ -181,7 +205,7 @@ class TunnelManager:
         try:
             return self._tunnels[tunnel_id]
         except KeyError:
-            raise TunnelError(f"no tunnel {tunnel_id!r}") from None
+            raise TunnelNotFoundError(f"no tunnel {tunnel_id!r}") from None
 
     async def _terminate(self, tunnel: Tunnel) -> None:
         process = tunnel.process
@@ -204,11 +228,11 @@ class TunnelManager:
         del self._tunnels[tunnel_id]
 
     async def refresh(self, tunnel_id: str) -> dict[str, Any]:
-        """Restart a quick tunnel to the same target (it gets a new public URL)."""
+        """Restart a tunnel: a quick one to the same target (it gets a new public URL), or the named one."""
         tunnel = self._get(tunnel_id)
-        if tunnel.kind != "quick":
-            raise TunnelError("only quick tunnels can be refreshed")
         await self.stop(tunnel_id)
+        if tunnel.kind == "named":
+            return await self.start_named()
         return await self.start(tunnel.target, tunnel_id=tunnel_id)
 
     async def close(self) -> None:

@@ -162,8 +162,20 @@ async def list_apps(request: web.Request) -> web.Response:
     return web.json_response({"apps": list(items)})
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The JSON API answers unknown paths and methods in its own error shape, not aiohttp's text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if not request.path.startswith("/api/") or exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response({"error": exc.reason}, status=exc.status, headers=allow)
+
+
 def build_ui_app(state: PortalState) -> web.Application:
-    app = web.Application(middlewares=[auth_middleware])
+    app = web.Application(middlewares=[auth_middleware, json_errors])
     app[STATE] = state
     app.router.add_get("/", index)
     app.router.add_get("/health", health)

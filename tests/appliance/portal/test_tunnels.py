@@ -14,7 +14,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tokenmill_appliance.portal.tunnels import NAMED_TUNNEL_WARNING, TunnelError, TunnelManager
+from tokenmill_appliance.portal.tunnels import (
+    NAMED_TUNNEL_WARNING,
+    QuickTunnelsOffError,
+    TunnelError,
+    TunnelManager,
+    TunnelNotFoundError,
+)
 
 from .conftest import TOKEN, StartPortal
 
@@ -31,6 +37,12 @@ echo "2026-01-01T00:00:00Z INF Requesting new quick Tunnel on trycloudflare.com.
 sleep 0.2
 echo "2026-01-01T00:00:00Z INF |  https://stand-in-$$.trycloudflare.com  |" >&2
 exec sleep 600
+"""
+
+FAILING_STAND_IN = """#!/bin/sh
+# cloudflared stand-in for tests (NOT the real cloudflared) that fails at once, as with a bad flag.
+echo "2026-01-01T00:00:00Z ERR failed to connect: bad origin" >&2
+exit 3
 """
 
 SILENT_STAND_IN = """#!/bin/sh
@@ -77,7 +89,7 @@ async def test_start_list_refresh_stop(tmp_path: Path) -> None:
         await manager.stop(tunnel["id"])
         assert manager.status()["tunnels"] == []
         assert not is_alive(refreshed["pid"])
-        with pytest.raises(TunnelError):
+        with pytest.raises(TunnelNotFoundError):
             await manager.stop(tunnel["id"])
     finally:
         await manager.close()
@@ -90,6 +102,16 @@ async def test_no_url_in_time_is_an_error_and_the_process_is_gone(tmp_path: Path
         await manager.start("http://localhost:8000")
     assert manager.status()["tunnels"] == []
     await manager.close()
+
+
+async def test_a_cloudflared_that_exits_says_so_at_once(tmp_path: Path) -> None:
+    binary, _ = write_stand_in(tmp_path, FAILING_STAND_IN)
+    manager = TunnelManager(binary, EDGE_PORTS, url_timeout_s=20)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TunnelError, match=r"cloudflared exited \(code 3\) .*: .*bad origin"):
+        await manager.start("http://localhost:8000")
+    assert asyncio.get_running_loop().time() - started < 20  # not the URL timeout
+    assert manager.status()["tunnels"] == []
 
 
 async def test_only_edge_ports_on_this_machine(tmp_path: Path) -> None:
@@ -127,6 +149,16 @@ async def test_named_tunnel_token_in_env_and_warning(tmp_path: Path) -> None:
         assert "BYPASSES" in NAMED_TUNNEL_WARNING
         await manager.stop("named")
         assert manager.status()["named_warning"] == ""  # the warning is about a running tunnel
+        assert manager.status()["named"]
+        # Stopped from the dashboard, it can be started again; refresh restarts it.
+        first = await manager.start_named()
+        assert await manager.start_named() == first  # already running: the same process
+        refreshed = await manager.refresh("named")
+        assert refreshed["pid"] != first["pid"] and not is_alive(first["pid"])
+        assert manager.status()["named_warning"] == NAMED_TUNNEL_WARNING
+        # The named tunnel replaces quick tunnels (spec: "named Cloudflare tunnel instead of quick tunnels").
+        with pytest.raises(QuickTunnelsOffError, match="CF_TUNNEL_TOKEN"):
+            await manager.start("http://localhost:8000")
     finally:
         await manager.close()
 
@@ -155,6 +187,17 @@ async def test_tunnels_api(tmp_path: Path, start_portal: StartPortal, client: ai
         assert response.status == 200
     async with client.get(base, headers=HEADERS) as response:
         assert (await response.json())["tunnels"] == []
+    async with client.post(f"{base}/{tunnel['id']}/stop", headers=HEADERS) as response:
+        assert response.status == 404 and "no tunnel" in (await response.json())["error"]
+    named = await start_portal(cloudflared=binary, CF_TUNNEL_TOKEN="cf-secret")
+    named_base = named.url(named.portal_port, "/api/tunnels")
+    async with client.post(f"{named_base}/named/stop", headers=HEADERS) as response:
+        assert response.status == 200
+    async with client.post(f"{named_base}/named/start", headers=HEADERS) as response:
+        assert response.status == 200 and (await response.json())["tunnel"]["kind"] == "named"
+    target = {"target": f"http://localhost:{named.api_port}"}
+    async with client.post(named_base, json=target, headers=HEADERS) as response:
+        assert response.status == 409 and "CF_TUNNEL_TOKEN" in (await response.json())["error"]
     plain = await start_portal()
     async with client.get(plain.url(plain.portal_port, "/api/tunnels"), headers=HEADERS) as response:
         status = await response.json()

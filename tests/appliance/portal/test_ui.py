@@ -135,3 +135,12 @@ async def test_api_app_shows_the_model_of_an_engine_that_requires_a_key(
         assert apps["vllm api"]["engine"] == {"model": "keyed-model", "health": "healthy"}
     finally:
         await runner.cleanup()
+
+
+async def test_api_errors_are_json(start_portal: StartPortal, client: aiohttp.ClientSession) -> None:
+    p = await start_portal()
+    async with client.get(p.url(p.portal_port, "/api/nope"), headers=BEARER) as response:
+        assert response.status == 404 and (await response.json()) == {"error": "Not Found"}
+    async with client.delete(p.url(p.portal_port, "/api/apps"), headers=BEARER) as response:
+        assert response.status == 405 and "GET" in response.headers["Allow"]
+        assert (await response.json()) == {"error": "Method Not Allowed"}

@@ -181,7 +181,9 @@ async function tunnelCall(path, body) {
 }
 refreshers.tunnels = async () => {
   const status = await api("api/tunnels");
-  $("tunnels-toolbar").hidden = !status.available;
+  // CF_TUNNEL_TOKEN: the named tunnel takes the place of quick tunnels.
+  $("tunnels-toolbar").hidden = !status.available || status.named;
+  $("named-toolbar").hidden = !status.available || !status.named || status.tunnels.some((t) => t.id === "named");
   if (!status.available) $("tunnels-message").textContent = status.message;
   $("tunnels-warning").hidden = !status.named_warning;
   $("tunnels-warning").textContent = status.named_warning;
@@ -197,6 +199,7 @@ refreshers.tunnels = async () => {
       el("button", { class: "action", text: "stop", onclick: () => tunnelCall(`api/tunnels/${t.id}/stop`) })))));
 };
 $("tunnel-start").addEventListener("click", () => tunnelCall("api/tunnels", { target: $("tunnel-target").value }));
+$("named-start").addEventListener("click", () => tunnelCall("api/tunnels/named/start"));
 
 // ---- metrics
 const CHARTS = [
