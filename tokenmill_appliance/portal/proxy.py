@@ -12,6 +12,8 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from tokenmill_appliance.portal.auth import is_browser_navigation
+
 logger = logging.getLogger(__name__)
 
 HOP_BY_HOP = frozenset(
@@ -135,6 +137,11 @@ async def proxy_http(
         )
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return placeholder(f"{without_query(url)}: {exc}")
+    if upstream.status == 503 and is_browser_navigation(request):
+        # Up but not ready (the model server answers 503 while it loads): a person gets the page that
+        # retries by itself; API clients get the backend's own answer (its Retry-After, its error body).
+        upstream.release()
+        return placeholder(f"{without_query(url)}: 503 {upstream.reason}")
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(upstream.headers))
     for name, value in on_response or []:

@@ -101,8 +101,15 @@ async def prometheus(request: web.Request) -> web.Response:
     return web.Response(text=text)
 
 
+async def loading(request: web.Request) -> web.Response:
+    """What `tokenmill serve` answers while its model loads."""
+    body = {"error": {"message": "the model is still loading", "type": "service_unavailable", "code": 503}}
+    return web.json_response(body, status=503, headers={"Retry-After": "5"})
+
+
 def upstream_app() -> web.Application:
     app = web.Application()
+    app.router.add_get("/loading", loading)
     app.router.add_get("/sse", sse)
     app.router.add_get("/ws", ws_echo)
     app.router.add_get("/health", health)

@@ -165,6 +165,19 @@ async def test_placeholder_on_a_dead_upstream(
     assert "Starting up" in body and "location.reload" in body
 
 
+async def test_placeholder_for_a_person_while_the_backend_is_not_ready(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    page = {**BEARER, "Accept": "text/html,application/xhtml+xml"}
+    status, headers, body = await get(client, p.url(p.api_port, "/loading"), headers=page)
+    assert status == 502 and headers["X-Portal-Placeholder"] == "true" and "Starting up" in body
+    # An API client gets the backend's own answer, with its retry hint.
+    status, headers, body = await get(client, p.url(p.api_port, "/loading"), headers=BEARER)
+    assert status == 503 and headers["Retry-After"] == "5" and "still loading" in body
+    assert "X-Portal-Placeholder" not in headers
+
+
 async def test_forwarded_headers_and_private_headers(
     start_portal: StartPortal, client: aiohttp.ClientSession
 ) -> None:
