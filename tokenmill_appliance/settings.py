@@ -36,7 +36,7 @@ RAY_APP_NAME = "Ray Dashboard"
 MAX_SOCKET_PATH_BYTES = 100
 _TOKEN_STRIP = str.maketrans("", "", "\r\n;")
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 
 
 class SettingsError(ValueError):
@@ -221,10 +221,11 @@ def default_vllm_args(workspace: Path) -> str:
 
 
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None:
-        return default
+    """An empty value is the default, as for every other variable: `ENABLE_AUTH=` must not open the ports."""
+    raw = env.get(name, "")
     value = raw.strip().lower()
+    if not value:
+        return default
     if value in _TRUE:
         return True
     if value in _FALSE:
@@ -332,7 +333,7 @@ class Settings:
         vllm_args = env.get("VLLM_ARGS")
         if vllm_args is None:
             vllm_args = default_vllm_args(workspace)
-        parallel_name = "AUTO_PARALLEL" if "AUTO_PARALLEL" in env else "USE_ALL_GPUS"
+        parallel_name = "AUTO_PARALLEL" if env.get("AUTO_PARALLEL", "").strip() else "USE_ALL_GPUS"
         gpu_count_raw = env.get("GPU_COUNT", "").strip()
         label = clean_token(env.get("VAST_CONTAINERLABEL", "")) or "portal"
         token = clean_token(env.get("OPEN_BUTTON_TOKEN", ""))

@@ -99,6 +99,10 @@ def test_booleans_ports_and_aliases(tmp_path: Path) -> None:
     assert make(tmp_path, OPEN_BUTTON_TOKEN="t", AUTO_PARALLEL="true", USE_ALL_GPUS="false").auto_parallel
     with pytest.raises(SettingsError, match="ENABLE_AUTH"):
         make(tmp_path, OPEN_BUTTON_TOKEN="t", ENABLE_AUTH="maybe")
+    # An empty value is the default (true), as for every other variable: it never turns auth off.
+    empty = make(tmp_path, OPEN_BUTTON_TOKEN="t", ENABLE_AUTH="", ENABLE_HTTPS=" ", AUTO_PARALLEL="")
+    assert empty.enable_auth and empty.enable_https and empty.auto_parallel
+    assert not make(tmp_path, OPEN_BUTTON_TOKEN="t", AUTO_PARALLEL="", USE_ALL_GPUS="false").auto_parallel
     with pytest.raises(SettingsError, match="AUTH_EXCLUDE"):
         make(tmp_path, OPEN_BUTTON_TOKEN="t", AUTH_EXCLUDE="80,x")
     assert make(tmp_path, OPEN_BUTTON_TOKEN="t", VAST_CONTAINERLABEL="C.42").cookie_name == "C.42_auth_token"
