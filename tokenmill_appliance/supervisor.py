@@ -120,6 +120,10 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 
 [supervisorctl]
 serverurl=unix://{socket}
+
+; Programs of your own, as in the vLLM instance image (a file there may not reuse a name above).
+[include]
+files = conf.d/*.conf
 """
     return head + "".join(_program_section(p, log_dir) for p in programs)
 
@@ -129,6 +133,7 @@ def write_supervisord_conf(settings: Settings, programs: list[ProgramConfig]) ->
     supervisor_log_dir(settings).mkdir(parents=True, exist_ok=True)
     settings.supervisor_socket.parent.mkdir(parents=True, exist_ok=True)
     path = settings.supervisor_conf
+    (path.parent / "conf.d").mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, render_supervisord_conf(settings, programs))
     return path
 

@@ -194,6 +194,20 @@ def test_engine_api_key_is_the_one_the_server_requires(tmp_path: Path) -> None:
     assert engine_api_key(plain, {}) is None
 
 
+def test_jupyter_answers_the_hosts_the_edge_passes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "bin" / "jupyter"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    launch = jupyter(settings_for(tmp_path), parse_portal_config("localhost:8080:18080:/:Jupyter"))
+    assert isinstance(launch, Launch)
+    assert "--ip=127.0.0.1" in launch.command and "--port=18080" in launch.command
+    assert "--ServerApp.allow_remote_access=True" in launch.command  # else 403 for a non-local Host
+
+
 def test_vllm_builder_runs_tokenmill_serve(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, VLLM_ARGS="--port 18000")
     launch = vllm(settings, parse_portal_config("localhost:8000:18000:/docs:vllm api"))

@@ -103,6 +103,9 @@ def supervisord(
         ProgramConfig("quitter", [sys.executable, "-c", "print('nothing to do')"]),
     ]
     assert write_supervisord_conf(settings, programs) == settings.supervisor_conf
+    # A program of the user's own, as the vLLM instance image's users add them.
+    custom = settings.supervisor_conf.parent / "conf.d" / "custom.conf"
+    custom.write_text("[program:custom]\ncommand=sleep 300\nstopsignal=KILL\n")
     out = (tmp_path / "supervisord.out").open("wb")
     proc = subprocess.Popen(
         supervisord_argv(settings),
@@ -142,6 +145,7 @@ def test_real_supervisord_runs_the_generated_conf(supervisord: tuple[Settings, S
     wait_for(lambda: client.process_info("quitter")["statename"] == "EXITED", 60, "quitter to exit")
     assert client.process_info("quitter")["exitstatus"] == 0
     wait_for(lambda: client.process_info("ticker")["statename"] == "RUNNING", 60, "ticker to run")
+    wait_for(lambda: client.process_info("custom")["statename"] == "RUNNING", 60, "conf.d's program to run")
     # A crash is restarted (here at once: the wrapper adds the back-off, these programs have none).
     wait_for(lambda: "boom\nboom\n" in ctl("tail", "crasher").stdout, 60, "crasher to be restarted")
 

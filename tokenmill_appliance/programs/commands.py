@@ -211,6 +211,9 @@ def jupyter(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
         f"--ServerApp.root_dir={settings.workspace}",
         "--IdentityProvider.token=",
         "--ServerApp.trust_xheaders=True",
+        # Bound to loopback, Jupyter refuses any Host but a local one (403), and the edge passes the
+        # browser's Host on.
+        "--ServerApp.allow_remote_access=True",
     ]
     return Launch(command, cwd=settings.workspace)
 
