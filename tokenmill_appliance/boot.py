@@ -13,7 +13,7 @@ import re
 import shlex
 import shutil
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 from tokenmill_appliance.portal.tls import ensure_cert_pair
@@ -44,9 +44,11 @@ def log(text: str) -> None:
 
 
 def parse_env_file(text: str, env: MutableMapping[str, str]) -> list[str]:
-    """`KEY=VALUE` lines of a .env file into `env`, with shell quoting and `$VAR` expansion.
+    """`KEY=VALUE` lines of a .env file into `env`, with the shell's quoting and `$VAR` expansion.
 
-    It is parsed, not sourced: nothing in it is executed. Returns the names set, in order.
+    It is parsed, not sourced: nothing in it is executed (`$(...)` stays literal text). A line that is not
+    an assignment, or whose quotes do not close, is logged and skipped, as sourcing would carry on past it.
+    Returns the names set, in order.
     """
     names: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -54,18 +56,65 @@ def parse_env_file(text: str, env: MutableMapping[str, str]) -> list[str]:
             continue
         match = _ENV_LINE.match(line)
         if match is None:
-            raise BootError(f".env line {number} is not KEY=VALUE: {line.strip()[:80]!r}")
+            log(f".env line {number} is not KEY=VALUE, skipped: {line.strip()[:80]!r}")
+            continue
         name, raw = match.groups()
         try:
-            words = shlex.split(raw, comments=True)
+            env[name] = shell_value(raw, env)
         except ValueError as exc:
-            raise BootError(f".env line {number} ({name}): {exc}; check its quotes") from None
-        value = " ".join(words)
-        if not raw.lstrip().startswith("'"):
-            value = _ENV_VAR.sub(lambda m: env.get(m.group(1) or m.group(2), ""), value)
-        env[name] = value
+            log(f".env line {number} ({name}) skipped: {exc}; check its quotes")
+            continue
         names.append(name)
     return names
+
+
+def shell_value(raw: str, env: Mapping[str, str]) -> str:
+    """The value a shell assigns for `NAME=raw`: single quotes literal; in double quotes and bare text
+    `$VAR`/`${VAR}` expanded and backslash escapes undone; an unquoted ` #` starts a comment."""
+    out: list[str] = []
+    raw = raw.lstrip()
+    i, n = 0, len(raw)
+    while i < n:
+        char = raw[i]
+        if char == "'":
+            close = raw.find("'", i + 1)
+            if close < 0:
+                raise ValueError("no closing single quote")
+            out.append(raw[i + 1 : close])
+            i = close + 1
+        elif char == '"':
+            i += 1
+            while i < n and raw[i] != '"':
+                if raw[i] == "\\" and i + 1 < n and raw[i + 1] in '$`"\\':
+                    out.append(raw[i + 1])
+                    i += 2
+                else:
+                    i = _append_char_or_var(raw, i, env, out)
+            if i >= n:
+                raise ValueError("no closing double quote")
+            i += 1
+        elif char == "\\":
+            out.append(raw[i + 1 : i + 2])
+            i += 2
+        elif char.isspace():
+            rest = raw[i:].lstrip()
+            if not rest or rest.startswith("#"):
+                break
+            out.append(" ")  # more words: kept, joined by one space
+            i = n - len(rest)
+        else:
+            i = _append_char_or_var(raw, i, env, out)
+    return "".join(out)
+
+
+def _append_char_or_var(raw: str, i: int, env: Mapping[str, str], out: list[str]) -> int:
+    """Appends `$VAR`'s value (unset: empty) or the character at `i`; returns the next position."""
+    match = _ENV_VAR.match(raw, i) if raw[i] == "$" else None
+    if match is None:
+        out.append(raw[i])
+        return i + 1
+    out.append(env.get(match.group(1) or match.group(2), ""))
+    return match.end()
 
 
 def source_env_file(workspace: Path, env: MutableMapping[str, str]) -> list[str]:

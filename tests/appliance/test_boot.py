@@ -23,7 +23,7 @@ import psutil
 import pytest
 import yaml
 
-from tokenmill_appliance.boot import BootError, parse_env_file
+from tokenmill_appliance.boot import parse_env_file
 from tokenmill_appliance.supervisor import SupervisorClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,8 +184,40 @@ def test_env_file_is_parsed_not_sourced() -> None:
     text = "# comment\nexport A='x $HOME_DIR'\nexport A\nexport B C\nD=\"$HOME_DIR/d\" # note\nE=$(id)\n"
     assert parse_env_file(text, env) == ["A", "D", "E"]
     assert (env["A"], env["D"], env["E"]) == ("x $HOME_DIR", "/h/d", "$(id)")
-    with pytest.raises(BootError, match="line 1 is not KEY=VALUE"):
-        parse_env_file("just words\n", {})
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ('"cost \\$B"', "cost $B"),  # an escaped $ in double quotes
+        ("a'$B'", "a$B"),  # single quotes anywhere in the word
+        ("pa#ss", "pa#ss"),  # a # inside a word is no comment
+        ("x #c", "x"),
+        ('"a#b" # note', "a#b"),
+        ("a\\ b", "a b"),
+        ('"q\\"uote"', 'q"uote'),
+        ("${B}x$Bz", "beex"),  # $Bz is unset
+        ("'it''s'", "its"),
+    ],
+)
+def test_env_file_values_are_what_the_shell_assigns(raw: str, value: str) -> None:
+    env = {"B": "bee"}
+    assert parse_env_file(f"V={raw}\n", env) == ["V"]
+    assert env["V"] == value
+    shell = subprocess.run(["bash", "-c", f'B=bee; V={raw}\nprintf %s "$V"'], capture_output=True, text=True)
+    assert shell.stdout == value  # the expectation itself, checked against bash
+
+
+def test_env_file_lines_that_are_no_assignment_are_skipped_with_a_log_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env: dict[str, str] = {}
+    text = "echo hi\nA=1\nB='open\nsource other.env\nC=3\n"
+    assert parse_env_file(text, env) == ["A", "C"]
+    assert env == {"A": "1", "C": "3"}
+    err = capsys.readouterr()
+    logged = err.out + err.err
+    assert "line 1 is not KEY=VALUE, skipped" in logged and "line 3 (B) skipped" in logged
 
 
 def test_malformed_portal_config_is_a_clear_error(tmp_path: Path) -> None:
