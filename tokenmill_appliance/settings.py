@@ -220,6 +220,14 @@ def default_vllm_args(workspace: Path) -> str:
     )
 
 
+def shell_words(text: str) -> list[str]:
+    """`text` split into words by the shell's rules, nothing expanded or run. An unquoted `;`, `&&` or `|`
+    ends a word as in the shell (`"a b";` is `a b` then `;`) and is a word of its own."""
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     """An empty value is the default, as for every other variable: `ENABLE_AUTH=` must not open the ports."""
     raw = env.get(name, "")
@@ -375,7 +383,7 @@ class Settings:
     def vllm_argv(self) -> list[str]:
         """VLLM_ARGS split with shell-like rules (never evaluated)."""
         try:
-            return shlex.split(self.vllm_args)
+            return shell_words(self.vllm_args)
         except ValueError as exc:
             raise SettingsError(f"VLLM_ARGS cannot be split ({exc}): check its quotes") from None
 

@@ -74,7 +74,7 @@ def program_env(root: Path, **extra: str) -> dict[str, str]:
 def test_vllm_args_split_with_quotes_and_a_semicolon_is_a_literal_word(tmp_path: Path) -> None:
     pwned = tmp_path / "pwned"
     vllm_args = (
-        f"""--served-model-name "my model" --chat-template '{{{{ x }}}} y' ; touch {pwned} && echo $(id)"""
+        f"""--served-model-name "my model" --chat-template '{{{{ x }}}} y'; touch {pwned} && echo $(id)"""
     )
     settings = settings_for(tmp_path, VLLM_ARGS=vllm_args, VLLM_MODEL="/models/a b.gguf")
     argv = serve_argv(settings, env={})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import sys
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ from tokenmill_appliance.settings import (
     Settings,
     default_vllm_args,
     find_app,
+    shell_words,
 )
 
 _PARALLEL_FLAGS = re.compile(
@@ -68,10 +68,10 @@ def tokenmill_command() -> list[str]:
 def split_args(text: str, env: Mapping[str, str] | None = None) -> list[str]:
     """Split with shell rules and expand `$VAR`/`${VAR}` in each word; nothing is ever executed.
 
-    A `;`, `&&` or `$(...)` stays a literal word, handed to the server as an argument.
+    A `;`, `&&` or `$(...)` stays a literal word (`settings.shell_words`), handed to the server as an argument.
     """
     env = os.environ if env is None else env
-    return [_expand(word, env) for word in shlex.split(text)]
+    return [_expand(word, env) for word in shell_words(text)]
 
 
 def _expand(word: str, env: Mapping[str, str]) -> str:
