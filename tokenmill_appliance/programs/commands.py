@@ -68,7 +68,7 @@ def tokenmill_command() -> list[str]:
 def split_args(text: str, env: Mapping[str, str] | None = None) -> list[str]:
     """Split with shell rules and expand `$VAR`/`${VAR}` in each word; nothing is ever executed.
 
-    A `;`, `&&` or `$(...)` stays a literal word (`settings.shell_words`), handed to the server as an argument.
+    A `;`, `&&` or `$(...)` stays a literal word (`settings.shell_words`), handed to the server.
     """
     env = os.environ if env is None else env
     return [_expand(word, env) for word in shell_words(text)]
