@@ -42,9 +42,23 @@ async def drop_mid_stream(server, index: int) -> None:
                 return  # leaves with the stream half read: the connection closes
 
 
+async def drop_while_waiting(server, index: int) -> None:
+    """A non-streamed request whose client gives up before the answer comes."""
+    body = {"prompt": f"Letter number {index}: dear", "max_tokens": 500, "ignore_eos": True}
+    headers = {"Authorization": "Bearer test-key"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=1.0) as http:
+        with pytest.raises(httpx.TimeoutException):
+            await http.post("/v1/completions", json=body)
+
+
 def test_dropped_streams_free_their_blocks(server) -> None:
+    log_before = server.log.read_text(errors="replace")
+
     async def drop_all() -> None:
-        await asyncio.gather(*(drop_mid_stream(server, i) for i in range(NUM_DROPPED)))
+        await asyncio.gather(
+            *(drop_mid_stream(server, i) for i in range(NUM_DROPPED)),
+            *(drop_while_waiting(server, i) for i in range(4)),
+        )
 
     asyncio.run(drop_all())
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
@@ -61,3 +75,6 @@ def test_dropped_streams_free_their_blocks(server) -> None:
 
     reply = server.client().completions.create(model="smol", prompt="Hello", max_tokens=2, temperature=0)
     assert reply.choices[0].text
+    # A client that leaves is not a server error: nothing is logged as one.
+    new_log = server.log.read_text(errors="replace")[len(log_before) :]
+    assert "Traceback" not in new_log and "unexpected error" not in new_log

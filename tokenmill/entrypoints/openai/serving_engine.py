@@ -167,6 +167,7 @@ async def with_disconnect(raw_request: Request, handler: Awaitable[T]) -> T:
         watcher.cancel()
         if not work.done():
             work.cancel()
+            await asyncio.wait({work})  # until it has aborted its engine requests and is really cancelled
     if work.cancelled():
         raise APIError("the client disconnected", 499, code="client_disconnected")
     try:
