@@ -50,6 +50,13 @@ def test_vllm_instance_image_flags() -> None:
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 18000, None)
 
 
+def test_vllm_underscore_spellings_are_accepted() -> None:
+    argv = ["org/model", "--max_model_len", "4k", "--served_model_name", "a_b", "--gpu_memory_utilization=0.5"]
+    args = parse_serve_args([*argv, "--api_key", "k_1", "--enable_prefix_caching"], environ={})
+    assert args.engine_args.max_model_len == 4000 and args.engine_args.gpu_memory_utilization == 0.5
+    assert args.served_model_names == ["a_b"] and args.api_key == "k_1"  # values keep their underscores
+
+
 def test_vllm_flags_without_an_effect_are_accepted() -> None:
     plain = parse_serve_args(["org/model"], environ={})
     args = parse_serve_args(["org/model", "--trust-remote-code", "--disable-log-stats"], environ={})

@@ -14,6 +14,7 @@ import difflib
 import inspect
 import json
 import os
+import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,10 +173,20 @@ def _origins(value: str) -> list[str]:
     return [origin.strip() for origin in value.split(",") if origin.strip()]
 
 
+def dashed_flag(arg: str) -> str:
+    """`--max_model_len=4k` -> `--max-model-len=4k`, as vLLM's parser reads it; values are untouched."""
+    if not arg.startswith("--"):
+        return arg
+    flag, equals, value = arg.partition("=")
+    return flag.replace("_", "-") + equals + value
+
+
 class ServeArgumentParser(argparse.ArgumentParser):
-    """Rejects unknown flags naming the closest known one."""
+    """Takes vLLM's underscore spellings (`--max_model_len`) too; rejects unknown flags naming the closest
+    known one."""
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        args = [dashed_flag(arg) for arg in (sys.argv[1:] if args is None else args)]
         parsed, unknown = self.parse_known_args(args, namespace)
         for item in unknown:
             if item.startswith("-"):
