@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HI = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("negative temperature", CHAT, {"messages": HI, "temperature": -1}, 400),
@@ -30,6 +31,14 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("messages of the wrong type", CHAT, {"messages": "hi"}, 400),
     ("image content", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
     ("json response format", CHAT, {"messages": HI, "response_format": {"type": "json_object"}}, 400),
+    ("tools (no tool-call parser)", CHAT, {"messages": HI, "tools": [TOOL]}, 400),
+    ("tools, tool_choice required", CHAT, {"messages": HI, "tools": [TOOL], "tool_choice": "required"}, 400),
+    (
+        "tokenize continuing a message after a generation prompt",
+        "/tokenize",
+        {"messages": HI, "continue_final_message": True},
+        400,
+    ),
     ("suffix", COMPLETIONS, {"prompt": "a", "suffix": "b"}, 400),
     ("empty prompt", COMPLETIONS, {"prompt": ""}, 400),
     ("token id outside the vocab", COMPLETIONS, {"prompt": [10**9]}, 400),
@@ -93,6 +102,18 @@ def test_a_bad_sampling_value_names_its_param(server) -> None:
         reply = http.post(COMPLETIONS, json={"prompt": "a", "min_tokens": 3, "max_tokens": 2})
         assert_error_body(reply, 400)
         assert reply.json()["error"]["param"] == "min_tokens"
+        # Named as the request named them, not as the engine's parameters are.
+        body = {"messages": HI, "logprobs": True, "top_logprobs": 21}
+        reply = http.post(CHAT, json=body)
+        assert reply.json()["error"]["param"] == "top_logprobs"
+        assert reply.json()["error"]["message"].startswith("top_logprobs ")
+        reply = http.post(CHAT, json={"messages": HI, "max_completion_tokens": 0})
+        assert reply.json()["error"]["param"] == "max_completion_tokens"
+        reply = http.post(CHAT, json={"messages": HI, "tools": [TOOL]})
+        assert reply.json()["error"]["param"] == "tools"
+        # tool_choice "none": no tool is called, the request is served as plain chat.
+        body = {"messages": HI, "tools": [TOOL], "tool_choice": "none", "max_tokens": 2}
+        assert http.post(CHAT, json=body).status_code == 200
 
 
 def test_serves_after_errors(server) -> None:
@@ -132,11 +153,11 @@ def test_a_body_over_the_size_limit_is_a_413_read_no_further(server) -> None:
     assert client.completions.create(model="smol", prompt="Hello", max_tokens=2).choices[0].text
 
 
-@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT, "/tokenize"])
 def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(server, path: str) -> None:
     # 2 MB of text: more than max_model_len (2048) x the longest token's bytes, so no count is needed.
     text = "word " * 400_000
-    body = {"prompt": text} if path == COMPLETIONS else {"messages": [{"role": "user", "content": text}]}
+    body = {"messages": [{"role": "user", "content": text}]} if path == CHAT else {"prompt": text}
     with server.http() as http:
         reply = http.post(path, json={**body, "max_tokens": 1})
         assert_error_body(reply, 400)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.sampling_params import InvalidParameterError, RequestOutputKind, SamplingParams
 
 
 def random_id(prefix: str) -> str:
@@ -241,11 +241,15 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def conversation(self) -> list[dict[str, Any]]:
         """The messages as plain dicts for the chat template, content parts joined into text."""
         if not self.messages:
             raise ValueError("messages must not be empty")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         conversation = []
         for message in self.messages:
             entry = message.model_dump(exclude_none=True)
@@ -258,13 +262,29 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError(
                 f"response_format {self.response_format.type!r} is not supported yet; use 'text'"
             )
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if self.tools and self.tool_choice != "none":
+            # vLLM too refuses tool calls unless started with a tool-call parser; a silent plain-text
+            # answer would look like a model that chose not to call.
+            raise InvalidParameterError(
+                "tools", "are not supported by this server yet: send no tools, or tool_choice 'none'"
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._build_params(max_tokens, logprobs, defaults)
+        try:
+            return self._build_params(max_tokens, logprobs, defaults)
+        except InvalidParameterError as err:
+            raise self._in_request_terms(err) from None
+
+    def _in_request_terms(self, err: InvalidParameterError) -> InvalidParameterError:
+        """The error named after this request's own field (top_logprobs, max_completion_tokens)."""
+        names = {"logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        if err.param not in names:
+            return err
+        return InvalidParameterError(names[err.param], str(err).removeprefix(f"{err.param} "))
 
 
 class TopLogprob(OpenAIBaseModel):

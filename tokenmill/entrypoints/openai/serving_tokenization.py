@@ -13,7 +13,7 @@ from tokenmill.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from tokenmill.entrypoints.openai.serving_chat import render_chat_prompt
-from tokenmill.entrypoints.openai.serving_engine import ServingContext, encode
+from tokenmill.entrypoints.openai.serving_engine import ServingContext
 
 
 class OpenAIServingTokenization:
@@ -38,7 +38,7 @@ class OpenAIServingTokenization:
             else:
                 text = request.prompt or ""
                 add_special = request.add_special_tokens is not False
-            tokens = await engine.run_in_executor(encode, self.ctx.tokenizer, text, add_special)
+            tokens = await self.ctx.encode(text, add_special)  # refuses a text no context could hold
         except ValueError as err:
             raise APIError.bad_request(err) from None
         token_strs = self.ctx.tokenizer.convert_ids_to_tokens(tokens) if request.return_token_strs else None
