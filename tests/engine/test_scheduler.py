@@ -121,6 +121,8 @@ def test_shared_prefix_computes_only_new_tokens(check_pool_free: list[Scheduler]
     assert second.num_cached_tokens == 12
     stats = scheduler.get_stats()
     assert stats.prefix_cache_hits == 12 and stats.prefix_cache_queries == 14 + 15
+    # Every prompt token counts once, cached ones too (vLLM's vllm:prompt_tokens_total).
+    assert stats.num_prompt_tokens == 14 + 15
 
 
 def test_preemption_and_resume_give_the_same_output(check_pool_free: list[Scheduler]) -> None:
@@ -136,6 +138,8 @@ def test_preemption_and_resume_give_the_same_output(check_pool_free: list[Schedu
     assert results[tight][0] == results[roomy][0]
     assert any(s.preempted_request_ids for s in results[tight][1])
     assert tight.num_preemptions > 0 and roomy.num_preemptions == 0
+    # Recomputing a preempted prompt does not count it again.
+    assert tight.get_stats().num_prompt_tokens == roomy.get_stats().num_prompt_tokens == 3 * 7
 
 
 def test_abort_at_any_point_frees_everything(check_pool_free: list[Scheduler]) -> None:

@@ -172,12 +172,12 @@ class Scheduler:
             if request.is_finished:  # aborted while the step ran
                 continue
             request.num_computed_tokens += scheduled.num_new_tokens
-            self.num_prompt_tokens += max(
-                0, min(request.num_computed_tokens, request.num_prompt_tokens) - scheduled.num_computed_tokens
-            )
             prompt_logprobs = self._new_prompt_logprobs(scheduled, output.prompt_logprobs)
             token_id = output.sampled_token_ids.get(request.request_id)
             new_token_ids = []
+            if token_id is not None and not request.output_token_ids:
+                # As vLLM counts them: every prompt token once, at the first output, cached ones included.
+                self.num_prompt_tokens += request.num_prompt_tokens
             if token_id is not None:
                 request.append_output_token(token_id)
                 new_token_ids.append(token_id)

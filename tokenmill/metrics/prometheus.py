@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -88,6 +95,7 @@ class PrometheusMetrics:
 
     def __init__(self, model_name: str, get_stats: Callable[[], SchedulerStats]) -> None:
         self.model_name = model_name
+        disable_created_metrics()  # no `_created` series beside each histogram and counter, as vLLM
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self.ttft = Histogram(

@@ -15,5 +15,5 @@ class SchedulerStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # of those, tokens found (cumulative)
     num_preemptions: int = 0  # cumulative
-    num_prompt_tokens: int = 0  # prompt tokens computed (cumulative)
+    num_prompt_tokens: int = 0  # prompt tokens of requests that produced their first token, cached ones too
     num_generation_tokens: int = 0  # tokens sampled (cumulative)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,9 @@ def test_tokenize_detokenize_round_trip(server) -> None:
 def test_models_version_and_metrics(server) -> None:
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["smol", "smol-alias"]
+    assert server.client().models.retrieve("smol-alias").id == "smol-alias"
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-4")
     with server.http() as http:
         assert http.get("/version").json()["version"]
         # One request, so that the latency histograms have samples (and buckets) whatever ran before.
@@ -47,6 +51,7 @@ def test_models_version_and_metrics(server) -> None:
         "tokenmill:num_total_blocks",
     ):
         assert name in metrics.text, name
+    assert "_created" not in metrics.text  # as vLLM: no creation-time series
 
 
 def test_start_up_prints_the_kv_cache_size(server) -> None:

@@ -76,13 +76,22 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 
+    def model_cards() -> list[ModelCard]:
+        max_len = state.engine.max_model_len if state.engine is not None and state.engine.is_ready else None
+        names = state.model_names
+        return [ModelCard(id=name, root=state.model_root, max_model_len=max_len) for name in names]
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        max_len = state.engine.max_model_len if state.engine is not None and state.engine.is_ready else None
-        cards = [
-            ModelCard(id=name, root=state.model_root, max_model_len=max_len) for name in state.model_names
-        ]
-        return JSONResponse(ModelList(data=cards).model_dump())
+        return JSONResponse(ModelList(data=model_cards()).model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        card = next((card for card in model_cards() if card.id == model_id), None)
+        if card is None:
+            message = f"the model {model_id!r} does not exist; this server serves {state.model_names[0]!r}"
+            raise APIError(message, 404, param="model", code="model_not_found")
+        return JSONResponse(card.model_dump())
 
     @app.post("/v1/completions")
     async def completions(raw_request: Request) -> Response:
