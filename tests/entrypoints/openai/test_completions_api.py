@@ -97,3 +97,16 @@ def test_stream_equals_non_stream_and_echo_logprobs(server) -> None:
     prompt_logprobs = (echoed.choices[0].model_extra or {})["prompt_logprobs"]  # vLLM's extra field
     assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(logprobs.tokens) - 1
     assert all("logprob" in entry for step in prompt_logprobs[1:] for entry in step.values())
+
+
+def test_streamed_echo_with_logprobs_equals_the_whole_answer(server) -> None:
+    client = server.client(strict=False)
+    args = {"model": "smol", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 1}
+    full = client.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**args, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == full.text
+    assert full.logprobs is not None
+    streamed = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert [t for lp in streamed for t in lp.tokens or []] == full.logprobs.tokens
+    assert [o for lp in streamed for o in lp.text_offset or []] == full.logprobs.text_offset
+    assert [v for lp in streamed for v in lp.token_logprobs or []] == full.logprobs.token_logprobs

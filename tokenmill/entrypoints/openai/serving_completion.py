@@ -114,8 +114,7 @@ class OpenAIServingCompletion:
             token_ids = list(out.token_ids)
             steps: list[dict[int, Logprob] | None] = list(out.logprobs or [])
             if request.echo:
-                prompt_steps = list(final.prompt_logprobs or [None] * len(final.prompt_token_ids))
-                token_ids, steps = list(final.prompt_token_ids) + token_ids, prompt_steps + steps
+                token_ids, steps = with_prompt(final, token_ids, steps)
             logprobs = self._logprobs(token_ids, steps, request.logprobs)
         return CompletionResponseChoice(
             index=index,
@@ -174,13 +173,12 @@ class OpenAIServingCompletion:
                 for out in output.outputs:
                     index = prompt_index * params.n + out.index
                     text, logprobs = out.text, None
-                    if request.echo and index not in offsets:
+                    token_ids, steps = list(out.token_ids), list(out.logprobs or [])
+                    if request.echo and index not in offsets:  # the first chunk carries the prompt
                         text = (output.prompt or "") + text
+                        token_ids, steps = with_prompt(output, token_ids, steps)
                     if request.logprobs is not None:
-                        steps = list(out.logprobs or [])
-                        logprobs = self._logprobs(
-                            list(out.token_ids), steps, request.logprobs, offsets.get(index, 0)
-                        )
+                        logprobs = self._logprobs(token_ids, steps, request.logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + len(text)
                     usage.completion_tokens += len(out.token_ids)
                     choice = CompletionResponseChoice(
@@ -198,6 +196,14 @@ class OpenAIServingCompletion:
             await merged.aclose()
         if request.stream_options is not None and request.stream_options.include_usage:
             yield sse(_chunk(request_id, created, model, [], usage=_usage(usage)))
+
+
+def with_prompt(
+    output: RequestOutput, token_ids: list[int], steps: list[dict[int, Logprob] | None]
+) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+    """The prompt's tokens and logprob steps ahead of the generated ones (echo)."""
+    prompt_steps = output.prompt_logprobs or [None] * len(output.prompt_token_ids)
+    return list(output.prompt_token_ids) + token_ids, list(prompt_steps) + steps
 
 
 def _usage(usage: UsageInfo) -> UsageInfo:
