@@ -110,3 +110,18 @@ def test_streamed_echo_with_logprobs_equals_the_whole_answer(server) -> None:
     assert [t for lp in streamed for t in lp.tokens or []] == full.logprobs.tokens
     assert [o for lp in streamed for o in lp.text_offset or []] == full.logprobs.text_offset
     assert [v for lp in streamed for v in lp.token_logprobs or []] == full.logprobs.token_logprobs
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(server) -> None:
+    client = server.client(strict=False)
+    args = {"model": "smol", "prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}
+    scored = client.completions.create(**args)
+    choice = scored.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert choice.logprobs is not None and "".join(choice.logprobs.tokens or []) == PROMPT
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    streamed = [c.choices[0] for c in client.completions.create(**args, stream=True) if c.choices]
+    assert "".join(c.text for c in streamed) == PROMPT
+    assert [t for c in streamed for t in (c.logprobs.tokens if c.logprobs else [])] == choice.logprobs.tokens
+    with server.http() as http:  # without echo there is nothing to return: still refused
+        assert http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0}).status_code == 400

@@ -157,10 +157,17 @@ class CompletionRequest(SamplingFields):
             return [prompt]  # type: ignore[list-item]
         return prompt  # type: ignore[return-value]
 
+    @property
+    def scores_prompt_only(self) -> bool:
+        """echo with max_tokens 0: the prompt back with its logprobs, nothing generated (as vLLM)."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self, defaults: dict[str, Any]) -> SamplingParams:
         if self.suffix is not None:
             raise ValueError("suffix is not supported: insert the text in the prompt instead")
-        params = self._build_params(self.max_tokens, self.logprobs, defaults)
+        # Scoring runs one step (the engine generates at least one token); its token is dropped.
+        max_tokens = 1 if self.scores_prompt_only else self.max_tokens
+        params = self._build_params(max_tokens, self.logprobs, defaults)
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs
         return params

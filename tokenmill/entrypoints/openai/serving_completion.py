@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -94,6 +95,7 @@ class OpenAIServingCompletion:
             final = finals[prompt_index]
             usage.prompt_tokens += len(final.prompt_token_ids)
             for out in sorted(final.outputs, key=lambda o: o.index):
+                out = generated(request, out)
                 usage.completion_tokens += len(out.token_ids)
                 choices.append(self._choice(request, params, final, out, prompt_index * params.n + out.index))
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
@@ -170,7 +172,7 @@ class OpenAIServingCompletion:
                 if prompt_index not in echoed:
                     echoed.add(prompt_index)
                     usage.prompt_tokens += len(output.prompt_token_ids)
-                for out in output.outputs:
+                for out in (generated(request, o) for o in output.outputs):
                     index = prompt_index * params.n + out.index
                     text, logprobs = out.text, None
                     token_ids, steps = list(out.token_ids), list(out.logprobs or [])
@@ -196,6 +198,13 @@ class OpenAIServingCompletion:
             await merged.aclose()
         if request.stream_options is not None and request.stream_options.include_usage:
             yield sse(_chunk(request_id, created, model, [], usage=_usage(usage)))
+
+
+def generated(request: CompletionRequest, out: CompletionOutput) -> CompletionOutput:
+    """What the request gets of an output: for a prompt-scoring request, no generated token."""
+    if not request.scores_prompt_only:
+        return out
+    return dataclasses.replace(out, text="", token_ids=[], logprobs=None, finish_reason="length")
 
 
 def with_prompt(
