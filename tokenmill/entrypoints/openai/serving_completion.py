@@ -175,7 +175,8 @@ class OpenAIServingCompletion:
                 for out in (generated(request, o) for o in output.outputs):
                     index = prompt_index * params.n + out.index
                     text, logprobs = out.text, None
-                    token_ids, steps = list(out.token_ids), list(out.logprobs or [])
+                    token_ids = list(out.token_ids)
+                    steps: list[dict[int, Logprob] | None] = list(out.logprobs or [])
                     if request.echo and index not in offsets:  # the first chunk carries the prompt
                         text = (output.prompt or "") + text
                         token_ids, steps = with_prompt(output, token_ids, steps)
