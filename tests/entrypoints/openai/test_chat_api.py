@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -37,6 +38,15 @@ def test_chat_matches_stream_and_reports_usage(server) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage == reply.usage
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
     assert streamed == choice.message.content
+
+    # continuous_usage_stats (vLLM's): every chunk carries the usage so far, the prompt from the first.
+    body = {"messages": MESSAGES, "max_tokens": 3, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    with server.http() as http:
+        lines = http.post("/v1/chat/completions", json=body).text.splitlines()
+    usages = [json.loads(line[6:])["usage"] for line in lines if line.startswith("data: {")]
+    assert {u["prompt_tokens"] for u in usages} == {reply.usage.prompt_tokens}
+    assert [u["completion_tokens"] for u in usages] == sorted(u["completion_tokens"] for u in usages)
 
 
 def test_seed_makes_sampling_reproducible(server) -> None:

@@ -89,7 +89,9 @@ class OpenAIServingChat:
         prompt = TokensPrompt(prompt=text, prompt_token_ids=token_ids)
         generator = engine.generate(prompt, params, request_id)
         if request.stream:
-            events = self._stream(request, await first_and_rest(generator), request_id, model, params.n)
+            events = self._stream(
+                request, await first_and_rest(generator), request_id, model, params.n, len(token_ids)
+            )
             return StreamingResponse(sse_stream(events), media_type="text/event-stream")
         body = await with_disconnect(raw_request, self._collect(request, generator, request_id, model))
         return Response(body.model_dump_json(), media_type="application/json")
@@ -165,12 +167,13 @@ class OpenAIServingChat:
         request_id: str,
         model: str,
         n: int,
+        num_prompt_tokens: int,
     ) -> AsyncGenerator[str, None]:
         created = int(time.time())
         streams: dict[int, ReasoningStream] = (
             {i: self.reasoning.stream() for i in range(n)} if self.reasoning else {}
         )
-        usage = UsageInfo()
+        usage = UsageInfo(prompt_tokens=num_prompt_tokens)  # the role chunk's usage counts the prompt
         continuous = request.stream_options is not None and request.stream_options.continuous_usage_stats
 
         def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
@@ -183,7 +186,6 @@ class OpenAIServingChat:
         yield chunk([ChatCompletionStreamChoice(index=i, delta=role) for i in range(n)])
         try:
             async for output in generator:
-                usage.prompt_tokens = len(output.prompt_token_ids)
                 for out in output.outputs:
                     usage.completion_tokens += len(out.token_ids)
                     choice = self._delta_choice(request, out, streams.get(out.index))
