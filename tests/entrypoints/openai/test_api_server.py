@@ -179,3 +179,26 @@ def test_full_queue_is_503_with_retry_after(make_app: Callable[..., TestClient])
     thread.join(30)
     assert first["response"].status_code == 200
     assert client.get("/health").status_code == 200
+
+
+def test_a_stream_cut_by_the_engines_death_ends_with_the_same_error_body(app_client: TestClient) -> None:
+    ScriptedCore.ready.set()
+    wait_status(app_client, 200)
+    ScriptedCore.hold = True
+    core = ScriptedCore.instances[0]
+
+    def first_token_then_death() -> None:
+        while not core.held:
+            time.sleep(0.01)
+        core.on_message(CoreOutputs([EngineCoreOutput(core.held[0], [ScriptedCore.token_ids[0]])]))
+        time.sleep(0.3)
+        core.on_message(CoreFailed("the engine core process exited (exit code -9)"))
+
+    threading.Thread(target=first_token_then_death, daemon=True).start()
+    with app_client.stream("POST", "/v1/chat/completions", json={**HI, "stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: ") :])["error"]
+    unstreamed = app_client.post("/v1/chat/completions", json=HI).json()["error"]
+    assert error["code"] == unstreamed["code"] == "engine_unavailable" and "exit code -9" in error["message"]

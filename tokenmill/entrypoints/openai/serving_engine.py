@@ -205,8 +205,8 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncGenerator[str, None]:
     except APIError as err:
         yield sse(error_body(err.message, err.status_code, err.param, err.code))
     except (ValueError, EngineOverloadedError, EngineDeadError) as err:
-        api_error = engine_error(err)
-        yield sse(error_body(api_error.message, api_error.status_code))
+        api_error = engine_error(err)  # the same body as before the stream started, code included
+        yield sse(error_body(api_error.message, api_error.status_code, api_error.param, api_error.code))
     yield SSE_DONE
 
 
