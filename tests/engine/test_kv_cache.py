@@ -88,3 +88,20 @@ def test_caching_disabled() -> None:
     kv = KVCacheManager(num_blocks=16, block_size=BLOCK, enable_caching=False)
     allocate_prompt(kv, make_request("a", list(range(9))))
     assert allocate_prompt(kv, make_request("b", list(range(9)))) == 0
+
+
+def test_the_n_sequences_of_one_request_share_its_prompt_with_caching_disabled() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=BLOCK, enable_caching=False)
+    prompt = list(range(9))
+
+    def child(i: int, group: str) -> Request:
+        return Request(EngineCoreRequest(f"{i}_{group}", prompt, SamplingParams(), group_id=group))
+
+    first, second = child(0, "req"), child(1, "req")
+    assert allocate_prompt(kv, first) == 0
+    assert allocate_prompt(kv, second) == 8  # two full blocks computed once
+    assert second.block_ids[:2] == first.block_ids[:2]
+    # Nothing is shared outside the group: caching is off for everyone else.
+    assert allocate_prompt(kv, child(0, "other")) == 0
+    assert allocate_prompt(kv, make_request("plain", prompt)) == 0
+    assert kv.prefix_cache_queries == 0  # no prefix cache to report on

@@ -125,6 +125,21 @@ def test_shared_prefix_computes_only_new_tokens(check_pool_free: list[Scheduler]
     assert stats.num_prompt_tokens == 14 + 15
 
 
+@pytest.mark.parametrize("enable_prefix_caching", [True, False])
+def test_n_sequences_compute_their_prompt_once(
+    check_pool_free: list[Scheduler], enable_prefix_caching: bool
+) -> None:
+    scheduler = make_scheduler(enable_prefix_caching=enable_prefix_caching)
+    check_pool_free.append(scheduler)
+    prompt = list(range(100, 121))  # five full blocks and one token
+    params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
+    for i in range(4):
+        scheduler.add_request(Request(EngineCoreRequest(f"{i}_req", prompt, params, group_id="req")))
+    steps = run(scheduler)
+    prefill = sum(s.num_new_tokens for step in steps for s in step.scheduled if s.num_computed_tokens < 21)
+    assert prefill == 21 + 3 * 1  # the first child computes the prompt, the others its last token only
+
+
 def test_preemption_and_resume_give_the_same_output(check_pool_free: list[Scheduler]) -> None:
     prompts = {f"r{i}": list(range(10 * i, 10 * i + 7)) for i in range(3)}
     roomy = make_scheduler(num_blocks=64)

@@ -97,9 +97,13 @@ class KVCacheManager:
     def usage(self) -> float:
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
+    def shares_blocks(self, request: Request) -> bool:
+        """With prefix caching off, only the n sequences of one request share (their prompt's blocks)."""
+        return self.enable_caching or request.group_id is not None
+
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest run of the request's leading full blocks found in the prefix cache, and its tokens."""
-        if not self.enable_caching or request.wants_prompt_logprobs:
+        if not self.shares_blocks(request) or request.wants_prompt_logprobs:
             return [], 0
         self._extend_block_hashes(request, request.num_tokens)
         # The last token is always computed: its logits are needed to sample.
@@ -111,8 +115,9 @@ class KVCacheManager:
                 break
             hits.append(block)
         num_hit_tokens = len(hits) * self.block_size
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += num_hit_tokens
+        if self.enable_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_hit_tokens
         return hits, num_hit_tokens
 
     def allocate_slots(
@@ -129,7 +134,7 @@ class KVCacheManager:
         self.pool.touch(computed_blocks)
         new_blocks = self.pool.get_new_blocks(max(num_new_blocks, 0))
         request.block_ids.extend(b.block_id for b in computed_blocks + new_blocks)
-        if self.enable_caching:
+        if self.shares_blocks(request):
             self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
@@ -152,6 +157,8 @@ class KVCacheManager:
 
     def _extend_block_hashes(self, request: Request, num_tokens: int) -> None:
         tokens, size = request.all_token_ids, self.block_size
+        # Without prefix caching the chain starts from the group: no other request's blocks can match.
+        salt = None if self.enable_caching else f"group:{request.group_id}".encode()
         for i in range(len(request.block_hashes), num_tokens // size):
-            parent = request.block_hashes[i - 1] if i else None
+            parent = request.block_hashes[i - 1] if i else salt
             request.block_hashes.append(hash_block(parent, tokens[i * size : (i + 1) * size]))

@@ -37,6 +37,9 @@ class EngineCoreRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    group_id: str | None = None
+    """The request id shared by the n sequences of one request (n > 1): they share the prompt's blocks
+    even with prefix caching off."""
 
 
 # --- scheduler -> runner ---------------------------------------------------------------------------

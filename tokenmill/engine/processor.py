@@ -70,7 +70,12 @@ class InputProcessor:
         max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
         params = dataclasses.replace(params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
         children = [
-            EngineCoreRequest(child_request_id(i, request_id), token_ids, self._child_params(params, i))
+            EngineCoreRequest(
+                child_request_id(i, request_id),
+                token_ids,
+                self._child_params(params, i),
+                group_id=request_id if params.n > 1 else None,
+            )
             for i in range(params.n)
         ]
         return ProcessedRequest(text, token_ids, children)
@@ -79,7 +84,7 @@ class InputProcessor:
     def _child_params(params: SamplingParams, index: int) -> SamplingParams:
         # A seeded request with n > 1 must not repeat one completion n times (seeds are 64-bit: wrap).
         seed = None if params.seed is None else (params.seed + index) % 2**64
-        return dataclasses.replace(params, n=1, seed=seed)
+        return dataclasses.replace(params, n=1, best_of=None, seed=seed)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         params.validate(max_logprobs=self.max_logprobs)

@@ -35,6 +35,7 @@ class Request:
 
     def __init__(self, core_request: EngineCoreRequest) -> None:
         self.request_id = core_request.request_id
+        self.group_id = core_request.group_id
         self.prompt_token_ids = list(core_request.prompt_token_ids)
         # For the sampler's penalties: converting a long Python list every step would dominate it.
         self.prompt_token_ids_array = np.asarray(self.prompt_token_ids, dtype=np.int64)
