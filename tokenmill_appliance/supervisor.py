@@ -121,7 +121,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 [supervisorctl]
 serverurl=unix://{socket}
 
-; Programs of your own, as in the vLLM instance image (a file there may not reuse a name above).
+; Programs of your own, as in the vLLM instance image (one named like a program below replaces it).
 [include]
 files = conf.d/*.conf
 """
