@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
     LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     Qwen2Config,
@@ -34,7 +35,7 @@ from tokenmill.loader.hub import ModelNotFoundError
 from tokenmill.loader.source import ModelSource, default_model_source
 from tokenmill.tokenizer import load_tokenizer
 
-TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 TINY_MODEL_SEED = 0
 
 
@@ -80,22 +81,25 @@ def smollm2_hf_dir(
 @pytest.fixture(scope="session")
 def tiny_model_dir(
     tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: PreTrainedTokenizerBase
-) -> Callable[[str], Path]:
-    """A factory: `tiny_model_dir(arch)` for arch in llama, qwen2, qwen3 is the directory of a tiny
-    random-weight model (float32 safetensors + SmolLM2's tokenizer), built once per session.
+) -> Callable[..., Path]:
+    """A factory: `tiny_model_dir(arch, **config_overrides)` for arch in llama, mistral, qwen2, qwen3 is
+    the directory of a tiny random-weight model (float32 safetensors + SmolLM2's tokenizer), built once
+    per session; `config_overrides` are transformers config fields (attention_bias=True, ...).
 
     hidden 64, 2 layers, 4 heads, 2 kv heads (GQA), intermediate 128. llama: head_dim 16, untied lm_head;
-    qwen2: random non-zero q/k/v biases, tied embeddings; qwen3: explicit head_dim 32 (not hidden/heads),
-    q/k norms, untied. Norm weights are random too, so a model that skips one fails.
+    mistral: llama's shape, no sliding window unless asked; qwen2: random non-zero q/k/v biases, tied
+    embeddings; qwen3: explicit head_dim 32 (not hidden/heads), q/k norms, untied. Norm weights and any
+    biases are random, so a model that skips one fails.
     """
-    built: dict[str, Path] = {}
+    built: dict[tuple[str, tuple[tuple[str, Any], ...]], Path] = {}
 
-    def build(arch: str) -> Path:
-        if arch not in built:
+    def build(arch: str, **config_overrides: Any) -> Path:
+        key = (arch, tuple(sorted(config_overrides.items())))
+        if key not in built:
             directory = tmp_path_factory.mktemp(f"tiny-{arch}")
-            save_tiny_model(arch, directory, smollm2_tokenizer)
-            built[arch] = directory
-        return built[arch]
+            save_tiny_model(arch, directory, smollm2_tokenizer, config_overrides)
+            built[key] = directory
+        return built[key]
 
     return build
 
@@ -197,7 +201,9 @@ def rope(theta: float) -> dict[str, Any]:
     return {"rope_theta": theta}
 
 
-def tiny_config(arch: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+def tiny_config(
+    arch: str, tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any] | None = None
+) -> PretrainedConfig:
     common: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -211,9 +217,13 @@ def tiny_config(arch: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConf
         initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **(overrides or {}),
     )
     if arch == "llama":
         return LlamaConfig(**common, head_dim=16, **rope(10000.0), tie_word_embeddings=False)
+    if arch == "mistral":
+        common.setdefault("sliding_window", None)
+        return MistralConfig(**common, head_dim=16, **rope(10000.0), tie_word_embeddings=False)
     if arch == "qwen2":
         return Qwen2Config(**common, **rope(1000000.0), tie_word_embeddings=True)
     if arch == "qwen3":
@@ -221,9 +231,11 @@ def tiny_config(arch: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConf
     raise ValueError(f"unknown tiny architecture {arch!r}: choose one of {', '.join(TINY_ARCHITECTURES)}")
 
 
-def save_tiny_model(arch: str, directory: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+def save_tiny_model(
+    arch: str, directory: Path, tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any] | None = None
+) -> None:
     torch.manual_seed(TINY_MODEL_SEED)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, overrides), dtype=torch.float32)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -52,6 +52,21 @@ from tokenmill.sampling_params import SamplingParams
         ("temperature", "hot"),
         ("top_p", None),
         ("stop_token_ids", ["a"]),
+        ("stop", 5),
+        ("stop_token_ids", 5),
+        ("logit_bias", {1: "x"}),
+        ("logit_bias", [1, 2]),
+        ("logit_bias", {True: 1.0}),
+        # A bool is no count, and an infinity passes the open-ended ranges: both rejected.
+        ("n", True),
+        ("logprobs", True),
+        ("temperature", float("inf")),
+        ("repetition_penalty", float("inf")),
+        ("presence_penalty", float("-inf")),
+        ("output_kind", "delta"),
+        # best_of > n (vLLM V0's beam of candidates) is not supported, as in vLLM V1.
+        ("best_of", 2),
+        ("best_of", "1"),
         # Bounded: each is checked at every token.
         ("stop", [f"s{i}" for i in range(1025)]),
         ("stop", ["x" * 4097]),
@@ -61,6 +76,15 @@ from tokenmill.sampling_params import SamplingParams
 def test_invalid_value_raises_naming_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field} "):
         SamplingParams(**{field: value})
+
+
+def test_best_of_unset_or_equal_to_n_is_accepted() -> None:
+    assert SamplingParams(best_of=None).best_of is None
+    assert SamplingParams(n=3, best_of=3).n == 3
+
+
+def test_output_kind_enum_is_accepted() -> None:
+    assert SamplingParams(output_kind=RequestOutputKind.DELTA).output_kind is RequestOutputKind.DELTA
 
 
 def test_numpy_numbers_are_accepted() -> None:
@@ -89,6 +113,8 @@ def test_normalizations() -> None:
     assert params.stop == ["###"] and params.stop_strings == ["###"]
     assert params.top_k == 0
     assert params.stop_token_ids == []
+    from_tuples = SamplingParams(stop=("a", "b"), stop_token_ids=(3,))
+    assert from_tuples.stop == ["a", "b"] and from_tuples.stop_token_ids == [3]
 
 
 def test_greedy_below_sampling_eps() -> None:

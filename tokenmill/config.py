@@ -25,8 +25,8 @@ class ModelConfig:
     """Where hub downloads go (HF cache when None)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
-    seed: int = 0
-    """Seed of the engine's default generator (requests without their own seed)."""
+    seed: int | None = 0
+    """Seed of the engine's default generator (requests without their own seed); None: a random one."""
     served_model_name: str | None = None
     """Name reported by the API; defaults to the model argument."""
     hf_overrides: dict[str, Any] = field(default_factory=dict)

@@ -1,8 +1,11 @@
 """User-facing sampling parameters, with vLLM's names and defaults."""
 
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from numbers import Integral, Real
+from typing import Any
 
 
 class RequestOutputKind(Enum):
@@ -19,7 +22,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP_ENTRIES = 1024
 MAX_STOP_STRING_CHARS = 4096
 _INTEGER_FIELDS = ("n", "top_k", "min_tokens")
-_OPTIONAL_INTEGER_FIELDS = ("max_tokens", "logprobs", "prompt_logprobs", "seed")
+_OPTIONAL_INTEGER_FIELDS = ("best_of", "max_tokens", "logprobs", "prompt_logprobs", "seed")
 _NUMBER_FIELDS = (
     "temperature",
     "top_p",
@@ -37,6 +40,7 @@ class SamplingParams:
     """How to sample one request's completions. Invalid values raise ValueError naming the field."""
 
     n: int = 1
+    best_of: int | None = None  # accepted only unset or equal to n (vLLM V1 dropped best_of > n)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: no limit
@@ -63,8 +67,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -72,6 +76,11 @@ class SamplingParams:
     def validate(self, max_logprobs: int = MAX_TOP_LOGPROBS) -> None:
         self._validate_types()
         _check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
+        _check(
+            self.best_of is None or self.best_of == self.n,
+            "best_of",
+            f"is not supported: leave it unset or equal to n ({self.n}), got {self.best_of}",
+        )
         _check(self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "top_k", f"must be 0 or -1 (disabled) or at least 1, got {self.top_k}")
@@ -122,9 +131,12 @@ class SamplingParams:
         _check(all(t >= 0 for t in self.stop_token_ids or []), "stop_token_ids", "must be non-negative")
         for token_id, bias in (self.logit_bias or {}).items():
             _check(
-                isinstance(token_id, int) and token_id >= 0,
+                _is_integer(token_id) and token_id >= 0,
                 "logit_bias",
                 f"keys must be token ids (non-negative integers), got {token_id!r}",
+            )
+            _check(
+                _is_number(bias), "logit_bias", f"bias for token {token_id} must be a number, got {bias!r}"
             )
             _check(-100.0 <= bias <= 100.0, "logit_bias", f"bias for token {token_id} must be in [-100, 100]")
 
@@ -133,12 +145,24 @@ class SamplingParams:
         for name in _INTEGER_FIELDS + _OPTIONAL_INTEGER_FIELDS:
             value = getattr(self, name)
             if value is not None or name in _INTEGER_FIELDS:
-                _check(isinstance(value, Integral), name, f"must be an integer, got {value!r}")
+                _check(_is_integer(value), name, f"must be an integer, got {value!r}")
         for name in _NUMBER_FIELDS:
             value = getattr(self, name)
-            _check(isinstance(value, Real), name, f"must be a number, got {value!r}")
+            _check(_is_number(value), name, f"must be a number, got {value!r}")
+            # nan fails every range check, but inf passes the open-ended ones (temperature, repetition).
+            _check(not math.isinf(value), name, f"must be finite, got {value!r}")
         ids = self.stop_token_ids or []
-        _check(all(isinstance(t, Integral) for t in ids), "stop_token_ids", f"must be integers, got {ids!r}")
+        _check(all(_is_integer(t) for t in ids), "stop_token_ids", f"must be integers, got {ids!r}")
+        _check(
+            self.logit_bias is None or isinstance(self.logit_bias, Mapping),
+            "logit_bias",
+            f"must map token ids to biases, got {self.logit_bias!r}",
+        )
+        _check(
+            isinstance(self.output_kind, RequestOutputKind),
+            "output_kind",
+            f"must be a RequestOutputKind, got {self.output_kind!r}",
+        )
         _check(
             self.seed is None or -(2**63) <= self.seed < 2**64,
             "seed",
@@ -178,6 +202,26 @@ class InvalidParameterError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param} {message}")
         self.param = param
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)  # True is no count of anything
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _as_list(values: Any, field_name: str, expected: str) -> list[Any]:
+    """A list of `values` (any iterable but a string or mapping); None is empty."""
+    if values is None:
+        return []
+    _check(
+        isinstance(values, Iterable) and not isinstance(values, str | bytes | Mapping),
+        field_name,
+        f"must be {expected}, got {values!r}",
+    )
+    return list(values)
 
 
 def _check(ok: bool, field_name: str, message: str) -> None:

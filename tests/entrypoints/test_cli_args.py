@@ -51,7 +51,14 @@ def test_vllm_instance_image_flags() -> None:
 
 
 def test_vllm_underscore_spellings_are_accepted() -> None:
-    argv = ["org/model", "--max_model_len", "4k", "--served_model_name", "a_b", "--gpu_memory_utilization=0.5"]
+    argv = [
+        "org/model",
+        "--max_model_len",
+        "4k",
+        "--served_model_name",
+        "a_b",
+        "--gpu_memory_utilization=0.5",
+    ]
     args = parse_serve_args([*argv, "--api_key", "k_1", "--enable_prefix_caching"], environ={})
     assert args.engine_args.max_model_len == 4000 and args.engine_args.gpu_memory_utilization == 0.5
     assert args.served_model_names == ["a_b"] and args.api_key == "k_1"  # values keep their underscores

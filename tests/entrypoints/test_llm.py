@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -179,6 +180,30 @@ def test_bad_input_raises_value_error_and_engine_keeps_working(llm: LLM) -> None
     assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
 
 
+@pytest.mark.parametrize("prompts", [5, None])
+def test_prompts_of_a_wrong_type_raise_value_error(llm: LLM, prompts: object) -> None:
+    with pytest.raises(ValueError, match="^prompts must be"):
+        llm.generate(prompts, GREEDY)  # type: ignore[arg-type]
+
+
+def test_sampling_params_as_a_dict_raise_value_error(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="^sampling_params must be a SamplingParams"):
+        llm.generate("a", {"max_tokens": 3})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^sampling_params must be a SamplingParams"):
+        llm.generate(["a", "b"], [GREEDY, {"max_tokens": 3}])  # type: ignore[list-item]
+
+
+def test_chat_message_without_a_role_raises_value_error(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="'role'"):
+        llm.chat([{"content": "hi"}], GREEDY)
+
+
+def test_best_of_equal_to_n_generates_n_completions(llm: LLM) -> None:
+    params = SamplingParams(n=2, best_of=2, temperature=1.0, seed=5, max_tokens=3, ignore_eos=True)
+    (output,) = llm.generate("Name a fruit:", params, use_tqdm=False)
+    assert [c.index for c in output.outputs] == [0, 1]
+
+
 def test_preemption_under_a_tiny_kv_cache_keeps_outputs(tiny_model_dir: Callable[[str], Path]) -> None:
     model = str(tiny_model_dir("qwen3"))
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
@@ -206,7 +231,7 @@ def test_the_engine_seed_makes_unseeded_sampling_reproducible(tiny_model_dir: Ca
     params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)  # no per-request seed
     prompts = MIXED_PROMPTS[:3]
 
-    def sampled(seed: int) -> list[list[int]]:
+    def sampled(seed: int | None) -> list[list[int]]:
         llm = LLM(model, dtype="float32", max_model_len=256, kv_cache_memory=16 << 20, seed=seed)
         torch.seed()  # a fresh random state of torch's global generator, which must not matter
         return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -214,6 +239,20 @@ def test_the_engine_seed_makes_unseeded_sampling_reproducible(tiny_model_dir: Ca
     first = sampled(1)
     assert sampled(1) == first
     assert sampled(2) != first
+    assert sampled(None) != sampled(None)  # unseeded, as vLLM's seed=None: a random default generator
+
+
+def test_default_sampling_params_take_max_new_tokens_from_generation_config(
+    tiny_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = shutil.copytree(tiny_model_dir("llama"), tmp_path / "model")
+    generation_config = {"eos_token_id": 7, "max_new_tokens": 5, "temperature": 0.5}
+    (model_dir / "generation_config.json").write_text(json.dumps(generation_config))
+    llm = LLM(str(model_dir), max_model_len=256, kv_cache_memory=16 << 20)
+    defaults = llm.get_default_sampling_params()
+    assert defaults.max_tokens == 5 and defaults.temperature == 0.5
+    eos = llm.get_tokenizer().eos_token_id
+    assert llm.engine.generation_defaults.eos_token_ids == {eos, 7}  # the tokenizer's eos is kept
 
 
 def test_max_model_len_beyond_the_model_serves_its_limit(
@@ -223,6 +262,24 @@ def test_max_model_len_beyond_the_model_serves_its_limit(
     llm = LLM(str(tiny_model_dir("llama")), max_model_len=32768, kv_cache_memory=64 << 20)
     assert llm.engine.core.max_model_len == 2048
     assert "longer than the model's limit of 2048 tokens" in caplog.text
+
+
+def test_a_sliding_window_model_serves_at_most_its_window(
+    tiny_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # tokenmill attends to every cached token: beyond the window a sliding-window model would differ.
+    llm = LLM(str(tiny_model_dir("mistral", sliding_window=8)), kv_cache_memory=16 << 20)
+    assert llm.engine.core.max_model_len == 8
+    assert "sliding-window attention (window 8 tokens)" in caplog.text
+    with pytest.raises(ValueError, match="maximum context length is 8 tokens"):
+        llm.generate([[1] * 12], GREEDY)
+    (output,) = llm.generate([[1] * 4], GREEDY, use_tqdm=False)
+    assert len(output.outputs[0].token_ids) == 4  # up to the window's end
+
+
+def test_a_qwen2_window_off_by_use_sliding_window_does_not_cap(tiny_model_dir: Callable[..., Path]) -> None:
+    model = tiny_model_dir("qwen2", sliding_window=8, use_sliding_window=False)
+    assert LLM(str(model), max_model_len=256, kv_cache_memory=16 << 20).engine.core.max_model_len == 256
 
 
 def test_too_small_kv_cache_fails_at_start_naming_both_numbers(tiny_model_dir: Callable[[str], Path]) -> None:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFWriter
-from transformers import AutoConfig, LlamaConfig
+from transformers import AutoConfig, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from tokenmill.loader import ModelSource, load_hf_config, resolve_model
+from tokenmill.loader import ModelSource, load_hf_config, resolve_model, sliding_window
 from tokenmill.loader.gguf_config import llama3_rope_scaling
 
 
@@ -178,3 +178,26 @@ def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
     source = ModelSource(name="gpt2", path=tmp_path, gguf_file=tmp_path / "gpt2.gguf")
     with pytest.raises(ValueError, match="GGUF architecture 'gpt2' .* is not supported"):
         load_hf_config(source)
+
+
+@pytest.mark.parametrize(
+    ("config", "window"),
+    [
+        (LlamaConfig(), None),
+        (MistralConfig(sliding_window=8), 8),
+        (MistralConfig(sliding_window=None), None),
+        # Qwen2/Qwen3 configs carry a window that applies only with use_sliding_window, in the layers from
+        # max_window_layers on.
+        (Qwen2Config(sliding_window=8, use_sliding_window=False), None),
+        (
+            Qwen2Config(sliding_window=8, use_sliding_window=True, num_hidden_layers=2, max_window_layers=2),
+            None,
+        ),
+        (Qwen2Config(sliding_window=8, use_sliding_window=True, num_hidden_layers=2, max_window_layers=1), 8),
+        (Qwen3Config(sliding_window=8, use_sliding_window=True, num_hidden_layers=2, max_window_layers=0), 8),
+        # A config class that keeps the window it does not use (transformers 4.x's Qwen2Config).
+        (PretrainedConfig(sliding_window=8, use_sliding_window=False), None),
+    ],
+)
+def test_sliding_window_as_transformers_applies_it(config: PretrainedConfig, window: int | None) -> None:
+    assert sliding_window(config) == window

@@ -77,3 +77,16 @@ def test_tiny_safetensors_model_matches_transformers(
     model_dir = tiny_model_dir(arch)
     llm = LLM(str(model_dir), dtype="float32", max_model_len=512, kv_cache_memory=16 << 20)
     assert_matches_hf(run_engine(llm), model_dir)
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [("llama", {"attention_bias": True, "mlp_bias": True}), ("qwen3", {"attention_bias": True})],
+)
+def test_tiny_model_with_biases_matches_transformers(
+    arch: str, overrides: dict[str, bool], tiny_model_dir: Callable[..., Path]
+) -> None:
+    # transformers puts attention_bias on q, k, v and o, mlp_bias on gate, up and down.
+    model_dir = tiny_model_dir(arch, **overrides)
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=512, kv_cache_memory=16 << 20)
+    assert_matches_hf(run_engine(llm), model_dir)

@@ -79,7 +79,7 @@ def model_dir(tmp_path: Path, config: dict, generation_config: dict | None = Non
     return ModelSource(name="m", path=tmp_path)
 
 
-def test_generation_config_wins(tmp_path: Path) -> None:
+def test_generation_config_wins(tmp_path: Path, smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
     generation_config = {
         "eos_token_id": [2, 7],
         "temperature": 0.6,
@@ -87,15 +87,34 @@ def test_generation_config_wins(tmp_path: Path) -> None:
         "top_k": 20,
         "do_sample": True,
     }
-    defaults = load_generation_config(model_dir(tmp_path, {"eos_token_id": 5}, generation_config))
+    source = model_dir(tmp_path, {"eos_token_id": 5}, generation_config)
+    defaults = load_generation_config(source, tokenizer=copy.deepcopy(smollm2_tokenizer))
     assert defaults.eos_token_ids == frozenset({2, 7})
     assert defaults.sampling_defaults() == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
     assert defaults.repetition_penalty is None and defaults.max_new_tokens is None
 
 
-def test_eos_from_config_json_without_generation_config(tmp_path: Path) -> None:
-    defaults = load_generation_config(model_dir(tmp_path, {"eos_token_id": 5}))
-    assert defaults == GenerationDefaults(eos_token_ids=frozenset({5}))
+def test_the_tokenizer_eos_stays_beside_the_generation_config_ones(
+    tmp_path: Path, smollm2_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    # As vLLM: generation_config's eos ids stop generation too, but never replace the tokenizer's.
+    source = model_dir(tmp_path, {"eos_token_id": 5}, {"eos_token_id": [7, 8]})
+    defaults = load_generation_config(source, tokenizer=copy.deepcopy(smollm2_tokenizer))
+    assert defaults.eos_token_ids == frozenset({2, 7, 8})
+
+
+def test_eos_from_config_json_without_generation_config(
+    tmp_path: Path, smollm2_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    defaults = load_generation_config(
+        model_dir(tmp_path, {"eos_token_id": 5}), copy.deepcopy(smollm2_tokenizer)
+    )
+    assert defaults == GenerationDefaults(eos_token_ids=frozenset({2, 5}))
+
+
+def test_sampling_param_defaults_name_max_new_tokens_max_tokens() -> None:
+    defaults = GenerationDefaults(temperature=0.7, max_new_tokens=64)
+    assert defaults.sampling_param_defaults() == {"temperature": 0.7, "max_tokens": 64}
 
 
 def test_eos_from_the_tokenizer_last(tmp_path: Path, smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
@@ -103,6 +122,11 @@ def test_eos_from_the_tokenizer_last(tmp_path: Path, smollm2_tokenizer: PreTrain
     defaults = load_generation_config(source, tokenizer=copy.deepcopy(smollm2_tokenizer))
     assert defaults.eos_token_ids == frozenset({2})
     assert defaults.temperature == 0.3
+
+
+def test_a_gguf_without_tokenizer_metadata_is_refused_clearly(tiny_gguf: Callable[..., Path]) -> None:
+    with pytest.raises(ValueError, match="holds no tokenizer .*Hugging Face model directory"):
+        load_tokenizer(resolve_model(str(tiny_gguf("llama"))))
 
 
 def test_tokenizer_from_a_complete_tiny_gguf(tiny_gguf: Callable[..., Path]) -> None:

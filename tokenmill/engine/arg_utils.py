@@ -59,8 +59,8 @@ class EngineArgs:
     """Directory for models downloaded from the hub."""
     revision: str | None = None
     """Hub revision to download."""
-    seed: int = 0
-    """Seed for requests that do not bring their own."""
+    seed: int | None = 0
+    """Seed for requests that do not bring their own (None: a random one)."""
     block_size: int = 16
     """Tokens per KV cache block."""
     kv_cache_memory: int | None = None

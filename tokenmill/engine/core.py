@@ -17,7 +17,7 @@ from tokenmill.engine.outputs import EngineCoreOutput, EngineCoreRequest, Schedu
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.kernels.cpu import kernel_library
-from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
+from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model, sliding_window
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.fused_decode import attach_fused_decode
 from tokenmill.model.quantization import check_quantization, quantize
@@ -30,14 +30,32 @@ logger = logging.getLogger(__name__)
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} was asked for but CUDA is not available (no GPU, or torch built without "
+            "CUDA): pass device 'cpu' or 'auto'"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPUs")
+    return device
 
 
 def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
     """`requested`, at most the model's limit. A longer one is served at the limit with a warning (as
     llama.cpp's server does; vLLM refuses to start), so that the vLLM image's `--max-model-len 32768`
-    also serves a model of shorter context."""
+    also serves a model of shorter context. A sliding-window model is served at most its window, where
+    full attention (all that tokenmill implements) computes the same."""
     model_limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    window = sliding_window(hf_config)
+    if window is not None and window < min(requested or model_limit, model_limit):
+        logger.warning(
+            "the model uses sliding-window attention (window %d tokens), which tokenmill does not "
+            "implement: serving %d-token contexts",
+            window,
+            window,
+        )
+        return window
     if requested is None:
         return model_limit
     if requested > model_limit:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -34,7 +34,7 @@ class LLM:
         *,
         dtype: str = "auto",
         max_model_len: int | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
         chat_template: str | None = None,
         **engine_args: Any,
     ) -> None:
@@ -48,11 +48,9 @@ class LLM:
         return self.engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
-        """SamplingParams with the model's generation_config defaults (temperature, top_p, ...)."""
-        defaults = self.engine.generation_defaults
-        fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-        overrides = {f: getattr(defaults, f) for f in fields if getattr(defaults, f, None) is not None}
-        return SamplingParams(**overrides)
+        """SamplingParams with the model's generation_config defaults (temperature, top_p, ...,
+        max_new_tokens as max_tokens)."""
+        return SamplingParams(**self.engine.generation_defaults.sampling_param_defaults())
 
     def generate(
         self,
@@ -89,6 +87,7 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts: list[PromptType] = []
         for conversation in conversations:
+            _check_conversation(conversation)
             text = apply_chat_template(
                 self.engine.tokenizer,
                 list(conversation),  # type: ignore[arg-type]
@@ -109,6 +108,13 @@ class LLM:
             return [self.get_default_sampling_params()] * num_prompts
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
+        if not isinstance(sampling_params, Sequence) or not all(
+            isinstance(params, SamplingParams) for params in sampling_params
+        ):
+            raise ValueError(
+                "sampling_params must be a SamplingParams or a list of them (one per prompt), got "
+                f"{type(sampling_params).__name__}: pass SamplingParams(max_tokens=..., ...)"
+            )
         if len(sampling_params) != num_prompts:
             raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
         return list(sampling_params)
@@ -134,9 +140,23 @@ class LLM:
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
     if isinstance(prompts, str | dict):
         return [prompts]
+    if not isinstance(prompts, Iterable):
+        raise ValueError(
+            "prompts must be a prompt (a string, a list of token ids or a dict with 'prompt' or "
+            f"'prompt_token_ids') or a list of prompts, got {type(prompts).__name__}"
+        )
     if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return list(prompts)  # type: ignore[arg-type]
+
+
+def _check_conversation(conversation: Iterable[Any]) -> None:
+    for message in conversation:
+        if not isinstance(message, dict) or "role" not in message:
+            raise ValueError(
+                f"each chat message must be a dict with a 'role' (system, user, assistant or tool), "
+                f"got {message!r}"
+            )
 
 
 def _check_engine_args(engine_args: dict[str, Any]) -> None:

@@ -25,3 +25,18 @@ def load_hf_config(source: ModelSource, overrides: dict[str, Any] | None = None)
     if overrides:
         config.update(overrides)
     return config
+
+
+def sliding_window(config: PretrainedConfig) -> int | None:
+    """The attention window, in tokens, that transformers applies to some layer of `config`, or None.
+
+    Mistral slides in every layer while `sliding_window` is set. Qwen2 and Qwen3 configs carry a window
+    they use only with `use_sliding_window`, and then only in the layers `layer_types` names.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,19 +35,31 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+@dataclass(frozen=True)
+class LayerOptions:
+    """Where a family's decoder layers differ from plain Llama's: biases and q/k norms."""
+
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
+    def __init__(self, config: Any, options: LayerOptions) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=qkv_bias
+            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=options.qkv_bias
         )
-        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(
+            self.num_heads * self.head_dim, config.hidden_size, bias=options.o_proj_bias
+        )
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
 
     def forward(self, rope: RotaryTables, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
@@ -64,11 +77,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, bias: bool = False) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,10 +89,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
+    def __init__(self, config: Any, options: LayerOptions) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias=qkv_bias, qk_norm=qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, options)
+        self.mlp = LlamaMLP(config, bias=options.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -103,7 +116,7 @@ class LlamaModel(nn.Module):
     # int8 models on CPU: decode-only steps in one C call per layer (set by model/fused_decode.py)
     fused_decode: FusedDecode | None = None
 
-    def __init__(self, config: Any, qkv_bias: bool = False, qk_norm: bool = False) -> None:
+    def __init__(self, config: Any, options: LayerOptions) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         # One cos/sin table for all layers (8 MB per copy at 8k positions and head_dim 128), looked up once
@@ -111,8 +124,7 @@ class LlamaModel(nn.Module):
         rope = rope_parameters(config)
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, rope)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias=qkv_bias, qk_norm=qk_norm)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, options) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -132,15 +144,19 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    qkv_bias = False
-    qk_norm = False
-
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
+        self.model = LlamaModel(config, self.layer_options(config))
         tied = self.model.embed_tokens if getattr(config, "tie_word_embeddings", False) else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)
+
+    @staticmethod
+    def layer_options(config: Any) -> LayerOptions:
+        # As transformers' LlamaAttention and LlamaMLP (Mistral's configs have neither field).
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        return LayerOptions(qkv_bias=attention_bias, o_proj_bias=attention_bias, mlp_bias=mlp_bias)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata

@@ -1,7 +1,11 @@
 """Qwen2 / Qwen2.5: the Llama architecture with biases on the q, k and v projections."""
 
-from tokenmill.model.llama import LlamaForCausalLM
+from typing import Any
+
+from tokenmill.model.llama import LayerOptions, LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    qkv_bias = True
+    @staticmethod
+    def layer_options(config: Any) -> LayerOptions:
+        return LayerOptions(qkv_bias=True)  # transformers' Qwen2Attention: always, and never on o_proj

@@ -21,7 +21,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 class GenerationDefaults:
     """What a model's generation_config says; None where it says nothing."""
 
-    eos_token_ids: frozenset[int] = frozenset()
+    eos_token_ids: frozenset[int] = frozenset()  # with the tokenizer's eos, which always ends generation
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -33,6 +33,13 @@ class GenerationDefaults:
         """The sampling settings the model's authors chose, by generation_config name."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "eos_token_ids"}
         return {name: value for name, value in values.items() if value is not None}
+
+    def sampling_param_defaults(self) -> dict[str, Any]:
+        """The same settings by SamplingParams name (max_new_tokens is max_tokens), as vLLM applies them."""
+        defaults: dict[str, Any] = self.sampling_defaults()
+        if "max_new_tokens" in defaults:
+            defaults["max_tokens"] = defaults.pop("max_new_tokens")
+        return defaults
 
 
 @lru_cache(maxsize=2)
@@ -47,6 +54,7 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Pre
     """The fast tokenizer of `source` (from its directory or its GGUF metadata); `chat_template` (a file
     path or inline Jinja) replaces the model's own."""
     if source.gguf_file is not None:
+        _check_gguf_has_tokenizer(source.gguf_file)
         # Building the tokenizer from GGUF metadata takes ~0.4 s; copies of a cached one take ~0.1 s.
         cached = _cached_gguf_tokenizer(source.gguf_file, source.gguf_file.stat().st_mtime_ns)
         tokenizer: PreTrainedTokenizerBase = copy.deepcopy(cached)
@@ -55,6 +63,17 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Pre
     if chat_template is not None:
         tokenizer.chat_template = read_chat_template(chat_template)
     return tokenizer
+
+
+def _check_gguf_has_tokenizer(gguf_file: Path) -> None:
+    from tokenmill.loader.gguf_loader import gguf_metadata  # needs `gguf`: GGUF models only
+
+    if gguf_metadata(gguf_file, "tokenizer.ggml.tokens") is None:
+        raise ValueError(
+            f"{gguf_file} holds no tokenizer (no tokenizer.ggml.tokens metadata): pass a GGUF converted "
+            "with its tokenizer (llama.cpp's convert_hf_to_gguf.py writes it) or a Hugging Face model "
+            "directory"
+        )
 
 
 def longest_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -76,21 +95,12 @@ def longest_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int | None:
 def load_generation_config(
     source: ModelSource, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> GenerationDefaults:
-    """The generation defaults of `source`. eos ids come from generation_config.json, else config.json,
-    else the GGUF metadata, else the tokenizer (`tokenizer`, or the model's, loaded when needed)."""
+    """The generation defaults of `source`. eos ids are the tokenizer's (`tokenizer`, or the model's) and,
+    as in vLLM, those of generation_config.json, else config.json, else the GGUF metadata."""
     generation_config = _read_json(source.path / GENERATION_CONFIG_FILE) if not source.is_gguf else {}
-    eos_token_ids = _token_ids(generation_config.get("eos_token_id"))
-    if not eos_token_ids and not source.is_gguf:
-        eos_token_ids = _token_ids(_read_json(source.path / "config.json").get("eos_token_id"))
-    if not eos_token_ids and source.gguf_file is not None:
-        from tokenmill.loader.gguf_loader import gguf_eos_token_ids  # needs `gguf`: GGUF models only
-
-        eos_token_ids = gguf_eos_token_ids(source.gguf_file)
-    if not eos_token_ids:
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
-        eos_token_ids = _token_ids(tokenizer.eos_token_id)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
     return GenerationDefaults(
-        eos_token_ids=eos_token_ids,
+        eos_token_ids=_token_ids(tokenizer.eos_token_id) | _config_eos_token_ids(source, generation_config),
         temperature=generation_config.get("temperature"),
         top_p=generation_config.get("top_p"),
         top_k=generation_config.get("top_k"),
@@ -98,6 +108,17 @@ def load_generation_config(
         repetition_penalty=generation_config.get("repetition_penalty"),
         max_new_tokens=generation_config.get("max_new_tokens"),
     )
+
+
+def _config_eos_token_ids(source: ModelSource, generation_config: dict[str, Any]) -> frozenset[int]:
+    eos_token_ids = _token_ids(generation_config.get("eos_token_id"))
+    if not eos_token_ids and not source.is_gguf:
+        eos_token_ids = _token_ids(_read_json(source.path / "config.json").get("eos_token_id"))
+    if not eos_token_ids and source.gguf_file is not None:
+        from tokenmill.loader.gguf_loader import gguf_eos_token_ids  # needs `gguf`: GGUF models only
+
+        eos_token_ids = gguf_eos_token_ids(source.gguf_file)
+    return eos_token_ids
 
 
 def _read_json(path: Path) -> dict[str, Any]:

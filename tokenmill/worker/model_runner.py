@@ -52,7 +52,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.decode_graphs: DecodeGraphs | None = None
         self.max_model_len = max_model_len
-        self.default_generator = torch.Generator(device=device).manual_seed(config.model.seed)
+        self.default_generator = seeded_generator(device, config.model.seed)
 
     def load_weights(self, weights: Any, unloaded: frozenset[str] = frozenset()) -> None:
         """Loads the checkpoint's `weights`; every parameter must get one, except those named in `unloaded`
@@ -66,7 +66,7 @@ class ModelRunner:
     def init_dummy_weights(self) -> None:
         """Small random weights in place of a checkpoint (norm weights 1), for benchmarks of a model shape."""
         materialize(cast(nn.Module, self.model), self.device, self.dtype)
-        generator = torch.Generator(device=self.device).manual_seed(self.config.model.seed)
+        generator = seeded_generator(self.device, self.config.model.seed)
         for name, param in self.model.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
@@ -261,6 +261,16 @@ def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of device `tensor` in pinned host memory, queued on the current stream (not waited for)."""
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
+
+
+def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator on `device` seeded with `seed`; None: a random seed (an unseeded engine, as vLLM's)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def dummy_prefill(

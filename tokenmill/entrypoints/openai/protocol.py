@@ -90,8 +90,6 @@ class SamplingFields(OpenAIBaseModel):
     def _build_params(
         self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any]
     ) -> SamplingParams:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported: leave it unset or equal to n")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
 
@@ -101,6 +99,7 @@ class SamplingFields(OpenAIBaseModel):
 
         return SamplingParams(
             n=self.n,
+            best_of=self.best_of,
             temperature=pick("temperature", 1.0),
             top_p=pick("top_p", 1.0),
             top_k=pick("top_k", 0),
@@ -251,12 +250,15 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
+    def check_template_flags(self) -> None:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+
     def conversation(self) -> list[dict[str, Any]]:
         """The messages as plain dicts for the chat template, content parts joined into text."""
         if not self.messages:
             raise ValueError("messages must not be empty")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        self.check_template_flags()
         conversation = []
         for message in self.messages:
             entry = message.model_dump(exclude_none=True)
@@ -269,6 +271,7 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError(
                 f"response_format {self.response_format.type!r} is not supported yet; use 'text'"
             )
+        self.check_template_flags()
         if self.tools and self.tool_choice != "none":
             # vLLM too refuses tool calls unless started with a tool-call parser; a silent plain-text
             # answer would look like a model that chose not to call.

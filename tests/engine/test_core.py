@@ -1,0 +1,48 @@
+"""EngineCore's start-up decisions: the device and the served context length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, MistralConfig
+
+from tokenmill.engine.core import resolve_device, resolve_max_model_len
+
+
+def test_cuda_without_cuda_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available.*'cpu' or 'auto'"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_missing_gpu_index_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="'cuda:1' does not exist: this machine has 1 GPUs"):
+        resolve_device("cuda:1")
+
+
+def test_max_model_len_is_capped_at_the_model_limit(caplog: pytest.LogCaptureFixture) -> None:
+    config = LlamaConfig(max_position_embeddings=512)
+    assert resolve_max_model_len(None, config) == 512
+    assert resolve_max_model_len(256, config) == 256
+    assert resolve_max_model_len(1024, config) == 512
+    assert "longer than the model's limit of 512 tokens" in caplog.text
+
+
+@pytest.mark.parametrize("requested", [None, 64, 4096])
+def test_a_sliding_window_caps_max_model_len_with_one_warning(
+    requested: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = MistralConfig(max_position_embeddings=2048, sliding_window=32)
+    assert resolve_max_model_len(requested, config) == 32
+    assert [r.getMessage() for r in caplog.records] == [
+        "the model uses sliding-window attention (window 32 tokens), which tokenmill does not implement: "
+        "serving 32-token contexts"
+    ]
+
+
+def test_a_shorter_request_than_the_window_is_kept(caplog: pytest.LogCaptureFixture) -> None:
+    assert resolve_max_model_len(16, MistralConfig(sliding_window=32)) == 16
+    assert not caplog.records
