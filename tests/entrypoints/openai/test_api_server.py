@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -202,3 +203,20 @@ def test_a_stream_cut_by_the_engines_death_ends_with_the_same_error_body(app_cli
     error = json.loads(lines[-2][len("data: ") :])["error"]
     unstreamed = app_client.post("/v1/chat/completions", json=HI).json()["error"]
     assert error["code"] == unstreamed["code"] == "engine_unavailable" and "exit code -9" in error["message"]
+
+
+def test_a_default_max_tokens_shrinks_to_the_room_the_prompt_leaves(
+    make_app: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 500}))
+    client = make_app("--generation-config", str(tmp_path))
+    ScriptedCore.ready.set()
+    wait_status(client, 200)
+    long_chat = {"messages": [{"role": "user", "content": "word " * 200}]}  # ~200 of the 512 tokens
+    assert client.post("/v1/chat/completions", json=long_chat).status_code == 200  # 500 did not fit
+    explicit = client.post("/v1/chat/completions", json={**long_chat, "max_tokens": 500})
+    assert (
+        explicit.status_code == 400 and "maximum context length is 512" in explicit.json()["error"]["message"]
+    )
+    completion = {"prompt": "word " * 200, "max_tokens": None}
+    assert client.post("/v1/completions", json=completion).status_code == 200

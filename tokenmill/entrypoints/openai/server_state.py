@@ -124,9 +124,7 @@ class ServerState:
             chosen = defaults  # auto: the model's own; else a directory holding a generation_config.json
             if mode != "auto":
                 chosen = load_generation_config(ModelSource(name=mode, path=Path(mode)), tokenizer)
-            sampling = dict(chosen.sampling_defaults())
-            if "max_new_tokens" in sampling:
-                sampling["max_tokens"] = sampling.pop("max_new_tokens")
+            sampling = chosen.sampling_param_defaults()
         return LoadedModel(
             tokenizer, defaults.eos_token_ids, sampling, source.name, longest_token_bytes(tokenizer)
         )

@@ -52,7 +52,8 @@ class OpenAIServingCompletion:
         for i, (text, token_ids) in enumerate(prompts):
             self.ctx.log_request(f"{request_id}-{i}", len(token_ids), params)
             prompt = TokensPrompt(prompt=text, prompt_token_ids=token_ids)
-            generator = self.ctx.engine.generate(prompt, params, f"{request_id}-{i}")
+            fitted = self.ctx.fit_default_max_tokens(params, request.max_tokens is not None, len(token_ids))
+            generator = self.ctx.engine.generate(prompt, fitted, f"{request_id}-{i}")
             generators.append(generator)
         if request.stream:
             merged = merge_async_iterators(*await start_all(generators))

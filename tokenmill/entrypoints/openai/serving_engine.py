@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
 from tokenmill.engine.outputs import Logprob, PromptLogprobs
 from tokenmill.entrypoints.openai.errors import APIError, error_body
+from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 request_logger = logging.getLogger("tokenmill.requests")
@@ -74,6 +76,16 @@ class ServingContext:
                 f"the prompt has {num_tokens} tokens, more than this model's maximum context length of "
                 f"{self.engine.max_model_len} tokens: shorten the prompt"
             )
+
+    def fit_default_max_tokens(
+        self, params: SamplingParams, is_explicit: bool, num_prompt_tokens: int
+    ) -> SamplingParams:
+        """A max_tokens the request did not set (the model's generation_config max_new_tokens) shrinks to
+        the room its prompt leaves, as vLLM's does; one the request set is checked as given."""
+        room = self.engine.max_model_len - num_prompt_tokens
+        if is_explicit or params.max_tokens is None or not 1 <= room < params.max_tokens:
+            return params
+        return dataclasses.replace(params, max_tokens=room)
 
     def log_request(self, request_id: str, num_prompt_tokens: int, params: Any) -> None:
         if self.log_requests:
