@@ -26,6 +26,7 @@ from tokenmill_appliance.programs.commands import (
     has_parallel_size,
     jupyter,
     ray,
+    ray_args,
     serve_argv,
     split_args,
     vllm,
@@ -206,6 +207,23 @@ def test_jupyter_answers_the_hosts_the_edge_passes_on(
     assert isinstance(launch, Launch)
     assert "--ip=127.0.0.1" in launch.command and "--port=18080" in launch.command
     assert "--ServerApp.allow_remote_access=True" in launch.command  # else 403 for a non-local Host
+
+
+def test_ray_dashboard_listens_where_portal_yaml_expects_it(tmp_path: Path) -> None:
+    app = parse_portal_config("localhost:8265:28300:/:Ray Dashboard")[0]
+    default = ray_args(settings_for(tmp_path), app)
+    assert default == [
+        "--head",
+        "--port",
+        "6379",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        "28300",
+    ]
+    assert ray_args(settings_for(tmp_path, RAY_ARGS="--head"), app) == ["--head", "--dashboard-port", "28300"]
+    own = settings_for(tmp_path, RAY_ARGS="--head --dashboard-port 29000")
+    assert ray_args(own, app) == ["--head", "--dashboard-port", "29000"]  # the user's own choice stands
 
 
 def test_vllm_builder_runs_tokenmill_serve(tmp_path: Path) -> None:

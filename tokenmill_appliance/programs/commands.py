@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenmill_appliance.settings import (
     API_APP_NAME,
+    DEFAULT_RAY_ARGS,
     RAY_APP_NAME,
     PortalApp,
     Settings,
@@ -177,12 +178,22 @@ def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
 
 
 def ray(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
-    if find_app(apps, RAY_APP_NAME) is None:
+    app = find_app(apps, RAY_APP_NAME)
+    if app is None:
         return not_configured(settings, RAY_APP_NAME)
     binary = shutil.which("ray")
     if binary is None:
         return Skip(f"{RAY_APP_NAME!r} is configured but `ray` is not installed; not starting it")
-    return Launch([binary, "start", *split_args(settings.ray_args)], on_exit=[binary, "stop"], hold=True)
+    return Launch([binary, "start", *ray_args(settings, app)], on_exit=[binary, "stop"], hold=True)
+
+
+def ray_args(settings: Settings, app: PortalApp) -> list[str]:
+    """RAY_ARGS, the dashboard where portal.yaml's Ray app expects it (as `serve_argv` places the API):
+    its internal port is added when RAY_ARGS names none, and replaces the default RAY_ARGS' 28265."""
+    args = split_args(settings.ray_args)
+    if settings.ray_args == DEFAULT_RAY_ARGS or not has_option(args, "--dashboard-port"):
+        args = [*without_option(args, "--dashboard-port"), "--dashboard-port", str(app.internal_port)]
+    return args
 
 
 def _binary_app(settings: Settings, apps: list[PortalApp], app_name: str, binary: str) -> PortalApp | Skip:
