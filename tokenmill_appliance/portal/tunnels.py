@@ -28,9 +28,9 @@ URL_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 NAMED_TUNNEL_WARNING = (
-    "A named Cloudflare tunnel (CF_TUNNEL_TOKEN) is running. It sends traffic to the origins set in the "
+    "A named Cloudflare tunnel (CF_TUNNEL_TOKEN) is configured. It sends traffic to the origins set in the "
     "Cloudflare dashboard and BYPASSES this portal's authentication unless those origins are the "
-    "portal's external ports (https://localhost:1111, ...), never the internal ones."
+    "portal's external (edge) ports, the ones the Apps tab links to, never the internal ones."
 )
 
 
@@ -116,7 +116,8 @@ class TunnelManager:
             "available": self.is_available,
             "message": "" if self.is_available else "cloudflared is not installed on this machine",
             "named": bool(self.named_token),
-            "named_warning": NAMED_TUNNEL_WARNING if "named" in self._tunnels else "",
+            # Shown while the token is set, before a start too: the warning is about what starting does.
+            "named_warning": NAMED_TUNNEL_WARNING if self.named_token else "",
             "tunnels": [t.describe() for t in self._tunnels.values()],
         }
 
@@ -166,10 +167,13 @@ class TunnelManager:
         self._tunnels[tunnel.id] = tunnel
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(tunnel.url_found.wait(), self.url_timeout_s)
+        if self._tunnels.get(tunnel.id) is not tunnel or tunnel.state == "stopped":
+            await self._terminate(tunnel)  # stopped (or refreshed) from the dashboard while it started
+            raise TunnelError("the tunnel was stopped before cloudflared gave its URL")
         if tunnel.public_url is None:
             has_exited = tunnel.state == "exited"
             await self._terminate(tunnel)
-            del self._tunnels[tunnel.id]
+            self._forget(tunnel)
             last = tunnel.output[-1] if tunnel.output else "no output"
             if has_exited:
                 code = tunnel.process.returncode
@@ -225,7 +229,12 @@ class TunnelManager:
     async def stop(self, tunnel_id: str) -> None:
         tunnel = self._get(tunnel_id)
         await self._terminate(tunnel)
-        del self._tunnels[tunnel_id]
+        self._forget(tunnel)
+
+    def _forget(self, tunnel: Tunnel) -> None:
+        """Drops `tunnel` from the list unless a refresh has put a new one under its id meanwhile."""
+        if self._tunnels.get(tunnel.id) is tunnel:
+            del self._tunnels[tunnel.id]
 
     async def refresh(self, tunnel_id: str) -> dict[str, Any]:
         """Restart a tunnel: a quick one to the same target (it gets a new public URL), or the named one."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TOKEN, StartPortal
+from .conftest import TOKEN, RunningPortal, StartPortal
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.asyncio]
 CHROMIUM = "/usr/bin/chromium"
@@ -57,6 +57,7 @@ async def test_dashboard_in_chromium(
             await page.click("#tabs button[data-tab=metrics]")
             await page.wait_for_selector("[data-metric=cpu_percent]")
             await page.screenshot(path=str(ARTIFACTS / "portal-metrics.png"))
+            await follow_a_log_across_a_portal_restart(page, p, log)
         finally:
             await browser.close()
     shutil.rmtree(profile, ignore_errors=True)
@@ -81,7 +82,13 @@ async def watch_a_log_line_appear(page: object, log: Path) -> None:
     await view.get_by_text("startup line 19").wait_for()
     with log.open("a") as f:
         f.write("appended live <b>not bold</b>\n\x1b[31mred text\x1b[0m\ndownload 10%\rdownload 100%\n")
+        # 256-colour parameters are not colours of their own; 22 ends bold; tput sgr0's "\x1b(B" is hidden.
+        f.write("\x1b[38;5;32mpalette\x1b[0m \x1b[1mbold\x1b[22mplain\x1b(B\x1b[m finale\n")
     await view.get_by_text("download 100%").wait_for()
+    await view.get_by_text("finale").wait_for()
+    assert await view.locator("span.fg-32").count() == 0
+    assert await view.locator("span.ansi-bold", has_text="plain").count() == 0
+    assert "(B" not in await view.inner_text()
     text = await view.inner_text()
     assert "appended live <b>not bold</b>" in text
     assert "download 10%" not in text
@@ -105,3 +112,20 @@ async def restart_a_program(page: object) -> None:
     )
     await row.locator(".state", has_text="RUNNING").wait_for()
     await page.screenshot(path=str(ARTIFACTS / "portal-services.png"))  # type: ignore[attr-defined]
+
+
+async def follow_a_log_across_a_portal_restart(page: object, p: RunningPortal, log: Path) -> None:
+    """While the portal is away the page says so; the log stream comes back by itself after."""
+    await page.click("#tabs button[data-tab=logs]")  # type: ignore[attr-defined]
+    await page.locator("#log-status", has_text="following vllm.log").wait_for()  # type: ignore[attr-defined]
+    await p.portal.stop()
+    await page.locator("#log-status", has_text="reconnecting").wait_for()  # type: ignore[attr-defined]
+    await page.click("#tabs button[data-tab=apps]")  # type: ignore[attr-defined]
+    await page.locator("#connection", has_text="cannot reach the portal").wait_for()  # type: ignore[attr-defined]
+    await p.portal.start()
+    await page.locator("#connection", has_text="cannot reach").wait_for(state="hidden")  # type: ignore[attr-defined]
+    await page.click("#tabs button[data-tab=logs]")  # type: ignore[attr-defined]
+    await page.locator("#log-status", has_text="following vllm.log").wait_for()  # type: ignore[attr-defined]
+    with log.open("a") as f:
+        f.write("after the restart\n")
+    await page.locator("#log-view").get_by_text("after the restart").wait_for()  # type: ignore[attr-defined]

@@ -114,6 +114,19 @@ async def test_a_cloudflared_that_exits_says_so_at_once(tmp_path: Path) -> None:
     assert manager.status()["tunnels"] == []
 
 
+async def test_a_tunnel_stopped_while_it_starts_fails_its_start_cleanly(tmp_path: Path) -> None:
+    binary, _ = write_stand_in(tmp_path, SILENT_STAND_IN)
+    manager = TunnelManager(binary, EDGE_PORTS, url_timeout_s=20)
+    start = asyncio.create_task(manager.start("http://localhost:8000"))
+    while not manager.status()["tunnels"]:
+        await asyncio.sleep(0.01)
+    await manager.stop(manager.status()["tunnels"][0]["id"])
+    with pytest.raises(TunnelError, match="stopped before cloudflared gave its URL"):
+        await asyncio.wait_for(start, 10)
+    assert manager.status()["tunnels"] == []
+    await manager.close()
+
+
 async def test_only_edge_ports_on_this_machine(tmp_path: Path) -> None:
     binary, _ = write_stand_in(tmp_path, STAND_IN)
     manager = TunnelManager(binary, EDGE_PORTS)
@@ -148,7 +161,8 @@ async def test_named_tunnel_token_in_env_and_warning(tmp_path: Path) -> None:
         assert manager.status()["named_warning"] == NAMED_TUNNEL_WARNING
         assert "BYPASSES" in NAMED_TUNNEL_WARNING
         await manager.stop("named")
-        assert manager.status()["named_warning"] == ""  # the warning is about a running tunnel
+        # Still configured: the warning stays, since starting it again is one click away.
+        assert manager.status()["named_warning"] == NAMED_TUNNEL_WARNING
         assert manager.status()["named"]
         # Stopped from the dashboard, it can be started again; refresh restarts it.
         first = await manager.start_named()

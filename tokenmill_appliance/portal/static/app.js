@@ -24,22 +24,44 @@ async function api(path, options = {}) {
 }
 
 function formatUptime(seconds) {
-  if (!seconds) return "";
+  if (seconds === null || seconds === undefined) return "";
   const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
   return h ? `${h}h ${m}m` : m ? `${m}m ${s}s` : `${s}s`;
+}
+
+// A button does nothing while its own call is in flight (a double click must not start two tunnels).
+async function whileBusy(button, work) {
+  if (button?.disabled) return;
+  if (button) button.disabled = true;
+  try { await work(); } finally { if (button) button.disabled = false; }
 }
 
 // ---- tabs
 let activeTab = "apps";
 const refreshers = {};
+const TABS = [...document.querySelectorAll("#tabs button")].map((b) => b.dataset.tab);
+
+// A refresh that fails says so in the header (the tab keeps its last data) instead of failing silently.
+async function refresh(name) {
+  try {
+    await refreshers[name]?.();
+    $("connection").textContent = "";
+  } catch (error) {
+    $("connection").textContent = `cannot reach the portal (${error.message}); showing the last data`;
+  }
+}
+
 function showTab(name) {
+  if (!TABS.includes(name)) name = "apps";
   activeTab = name;
+  history.replaceState(null, "", `#${name}`);
   for (const button of document.querySelectorAll("#tabs button")) {
     button.classList.toggle("active", button.dataset.tab === name);
   }
   for (const section of document.querySelectorAll(".tab")) section.classList.toggle("active", section.id === `tab-${name}`);
-  refreshers[name]?.();
+  refresh(name);
 }
+window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
 for (const button of document.querySelectorAll("#tabs button")) button.addEventListener("click", () => showTab(button.dataset.tab));
 
 // ---- apps
@@ -57,29 +79,37 @@ refreshers.apps = async () => {
 };
 
 // ---- services
-async function serviceAction(name, action) {
-  $("services-message").textContent = `${action} ${name}…`;
-  try {
-    await api(`api/services/${encodeURIComponent(name)}/${action}`, { method: "POST" });
-    $("services-message").textContent = `${action} ${name}: done`;
-  } catch (error) {
-    $("services-message").textContent = `${action} ${name}: ${error.message}`;
-  }
-  refreshers.services();
+async function serviceAction(button, name, action) {
+  await whileBusy(button, async () => {
+    $("services-message").textContent = `${action} ${name}…`;
+    try {
+      await api(`api/services/${encodeURIComponent(name)}/${action}`, { method: "POST" });
+      $("services-message").textContent = `${action} ${name}: done`;
+    } catch (error) {
+      $("services-message").textContent = `${action} ${name}: ${error.message}`;
+    }
+  });
+  refresh("services");
 }
+let servicesError = "";
 refreshers.services = async () => {
   let programs;
   try {
     ({ programs } = await api("api/services"));
   } catch (error) {
-    $("services-message").textContent = error.message;
+    // No rows that look live while supervisord cannot be asked.
+    servicesError = error.message;
+    $("services-message").textContent = servicesError;
+    $("services-body").replaceChildren();
     return;
   }
+  if (servicesError && $("services-message").textContent === servicesError) $("services-message").textContent = "";
+  servicesError = "";
   $("services-body").replaceChildren(...programs.map((p) => {
     const buttons = ["start", "stop", "restart"].map((action) => el("button", {
       class: "action", "data-action": action, text: action,
       ...(p.is_protected && action !== "start" ? { disabled: "", title: "runs the portal itself" } : {}),
-      onclick: () => serviceAction(p.name, action),
+      onclick: (event) => serviceAction(event.currentTarget, p.name, action),
     }));
     return el("tr", { "data-program": p.name },
       el("td", { text: p.name }), el("td", {}, el("span", { class: `badge state ${p.state}`, text: p.state })),
@@ -90,7 +120,8 @@ refreshers.services = async () => {
 
 // ---- logs
 const ANSI_SGR = /\x1b\[([0-9;]*)m/g;
-const ANSI_OTHER = /\x1b\[[0-9;?]*[A-Za-ln-z]|\x1b\][^\x07]*\x07/g;
+// Other CSI sequences, OSC strings, and character-set choices such as tput sgr0's "\x1b(B".
+const ANSI_OTHER = /\x1b\[[0-9;?]*[A-Za-ln-z]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]/g;
 const MAX_LOG_LINES = 5000;
 const logView = { socket: null, live: null, text: "", pendingCR: false };
 
@@ -100,9 +131,13 @@ function renderAnsi(node, raw) {
   let classes = [], last = 0;
   for (const match of text.matchAll(ANSI_SGR)) {
     if (match.index > last) spans.push(el("span", { class: classes.join(" "), text: text.slice(last, match.index) }));
-    for (const code of (match[1] || "0").split(";").map(Number)) {
+    const codes = (match[1] || "0").split(";").map(Number);
+    for (let i = 0; i < codes.length; i++) {
+      const code = codes[i];
+      if (code === 38 || code === 48) { i += codes[i + 1] === 5 ? 2 : codes[i + 1] === 2 ? 4 : 0; continue; }
       if (code === 0) classes = [];
       else if (code === 1) classes.push("ansi-bold");
+      else if (code === 22) classes = classes.filter((c) => c !== "ansi-bold");
       else if ((code >= 30 && code <= 37) || (code >= 90 && code <= 97)) {
         classes = classes.filter((c) => !c.startsWith("fg-")).concat(`fg-${code}`);
       } else if (code === 39) classes = classes.filter((c) => !c.startsWith("fg-"));
@@ -139,22 +174,31 @@ function feedLog(chunk) {
   if ($("log-follow").checked) $("log-view").scrollTop = $("log-view").scrollHeight;
 }
 
-function openLog(name) {
+// A dropped stream (portal restart, proxy timeout) reconnects by itself, backing off up to 10 s; the
+// server starts each connection with the tail again.
+function openLog(name, attempt = 0) {
   logView.socket?.close();
-  $("log-view").replaceChildren();
-  newLogLine();
+  logView.socket = null;
+  if (attempt === 0) { $("log-view").replaceChildren(); newLogLine(); }
   if (!name) return;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const url = new URL(`api/logs/stream?file=${encodeURIComponent(name)}`, location.href);
   url.protocol = scheme;
   const socket = new WebSocket(url);
   logView.socket = socket;
-  socket.onopen = () => { $("log-status").textContent = `following ${name}`; };
-  socket.onclose = () => { if (logView.socket === socket) $("log-status").textContent = "disconnected"; };
+  let failure = null, opened = false;
+  socket.onopen = () => { opened = true; $("log-status").textContent = `following ${name}`; };
+  socket.onclose = () => {
+    if (logView.socket !== socket) return;  // replaced by another choice
+    if (failure) { $("log-status").textContent = failure; return; }  // the server said why: keep it
+    const next = opened ? 1 : attempt + 1, delay = Math.min(10, 2 ** (next - 1));
+    $("log-status").textContent = `disconnected; reconnecting in ${delay} s`;
+    setTimeout(() => { if (logView.socket === socket) openLog(name, next); }, delay * 1000);
+  };
   socket.onmessage = (event) => {
     const message = JSON.parse(event.data);
     if (message.type === "init") { $("log-view").replaceChildren(); newLogLine(); }
-    if (message.type === "error") $("log-status").textContent = message.text;
+    if (message.type === "error") failure = message.text;
     else feedLog(message.text);
   };
 }
@@ -169,15 +213,17 @@ refreshers.logs = async () => {
 $("log-file").addEventListener("change", (event) => openLog(event.target.value));
 
 // ---- tunnels
-async function tunnelCall(path, body) {
-  $("tunnels-message").textContent = "working…";
-  try {
-    await api(path, { method: "POST", ...(body ? { body: JSON.stringify(body) } : {}) });
-    $("tunnels-message").textContent = "";
-  } catch (error) {
-    $("tunnels-message").textContent = error.message;
-  }
-  refreshers.tunnels();
+async function tunnelCall(button, path, body) {
+  await whileBusy(button, async () => {
+    $("tunnels-message").textContent = "working…";
+    try {
+      await api(path, { method: "POST", ...(body ? { body: JSON.stringify(body) } : {}) });
+      $("tunnels-message").textContent = "";
+    } catch (error) {
+      $("tunnels-message").textContent = error.message;
+    }
+  });
+  refresh("tunnels");
 }
 refreshers.tunnels = async () => {
   const status = await api("api/tunnels");
@@ -185,6 +231,7 @@ refreshers.tunnels = async () => {
   $("tunnels-toolbar").hidden = !status.available || status.named;
   $("named-toolbar").hidden = !status.available || !status.named || status.tunnels.some((t) => t.id === "named");
   if (!status.available) $("tunnels-message").textContent = status.message;
+  $("quick-off").hidden = !status.available || !status.named;
   $("tunnels-warning").hidden = !status.named_warning;
   $("tunnels-warning").textContent = status.named_warning;
   const select = $("tunnel-target"), current = select.value;
@@ -195,11 +242,11 @@ refreshers.tunnels = async () => {
     el("td", {}, t.public_url ? el("a", { href: t.public_url, target: "_blank", rel: "noopener", text: t.public_url }) : ""),
     el("td", {}, el("span", { class: `badge ${t.state}`, text: t.state })),
     el("td", {},
-      el("button", { class: "action", text: "refresh", onclick: () => tunnelCall(`api/tunnels/${t.id}/refresh`) }),
-      el("button", { class: "action", text: "stop", onclick: () => tunnelCall(`api/tunnels/${t.id}/stop`) })))));
+      el("button", { class: "action", text: "refresh", onclick: (e) => tunnelCall(e.currentTarget, `api/tunnels/${t.id}/refresh`) }),
+      el("button", { class: "action", text: "stop", onclick: (e) => tunnelCall(e.currentTarget, `api/tunnels/${t.id}/stop`) })))));
 };
-$("tunnel-start").addEventListener("click", () => tunnelCall("api/tunnels", { target: $("tunnel-target").value }));
-$("named-start").addEventListener("click", () => tunnelCall("api/tunnels/named/start"));
+$("tunnel-start").addEventListener("click", (e) => tunnelCall(e.currentTarget, "api/tunnels", { target: $("tunnel-target").value }));
+$("named-start").addEventListener("click", (e) => tunnelCall(e.currentTarget, "api/tunnels/named/start"));
 
 // ---- metrics
 const CHARTS = [
@@ -243,7 +290,7 @@ async function loadSession() {
   $("session").textContent = session.auth_enabled ? (session.authenticated ? "signed in" : "open port") : "auth off";
 }
 async function tick() {
-  try { await refreshers[activeTab]?.(); } catch (error) { console.warn(error); }
+  await refresh(activeTab);
 }
 loadSession().catch(console.warn);
 showTab(location.hash.slice(1) || "apps");
