@@ -128,3 +128,16 @@ def test_async_client_streams_concurrently(server) -> None:
 
     texts = asyncio.run(run())
     assert len(texts) == 3 and all(texts)
+
+
+def test_streamed_logprobs_come_for_every_token_even_when_text_is_held_back(server) -> None:
+    client = server.client()
+    messages = [{"role": "user", "content": "Reply with three emoji only: 🍕🎉🚀"}]
+    args = {"model": "smol", "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True}
+    args["stop"] = ["zzzzzzzzzz"]  # never matches, but holds text back while it might
+    full = client.chat.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in client.chat.completions.create(**args, stream=True) if c.choices]
+    assert full.logprobs is not None and full.logprobs.content
+    streamed = [entry.token for c in chunks if c.logprobs for entry in c.logprobs.content or []]
+    assert streamed == [entry.token for entry in full.logprobs.content]
+    assert "".join(c.delta.content or "" for c in chunks) == full.message.content

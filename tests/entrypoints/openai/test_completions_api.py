@@ -125,3 +125,14 @@ def test_echo_with_max_tokens_0_scores_the_prompt(server) -> None:
     assert [t for c in streamed for t in (c.logprobs.tokens if c.logprobs else [])] == choice.logprobs.tokens
     with server.http() as http:  # without echo there is nothing to return: still refused
         assert http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0}).status_code == 400
+
+
+def test_streamed_logprobs_with_held_back_text_match_the_whole_answer(server) -> None:
+    # A stop string that never matches still holds text back while it might: offsets must not lag.
+    client = server.client(strict=False)
+    args = {"model": "smol", "prompt": "1, 2, 3, 4,", "max_tokens": 8, "temperature": 0, "logprobs": 0}
+    args["stop"] = ["zzzzzz"]
+    full = client.completions.create(**args).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**args, stream=True) if c.choices]
+    assert full is not None
+    assert [o for lp in chunks if lp for o in lp.text_offset or []] == full.text_offset

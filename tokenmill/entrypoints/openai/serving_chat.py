@@ -206,10 +206,13 @@ class OpenAIServingChat:
     ) -> ChatCompletionStreamChoice | None:
         finished = out.finish_reason is not None
         reasoning, content = stream.feed(out.text, final=finished) if stream else (None, out.text or None)
-        if not finished and reasoning is None and content is None:
+        has_logprobs = request.logprobs and bool(out.logprobs)
+        if not finished and reasoning is None and content is None and not has_logprobs:
             return None
         delta = DeltaMessage(content=content, reasoning_content=reasoning)
-        if finished and content is None and reasoning is None:
+        if content is None and reasoning is None:
+            # Text held back (a possible stop string, a character's missing bytes): the chunk still
+            # carries its tokens' logprobs, as vLLM's does.
             delta = DeltaMessage(content="")
         return ChatCompletionStreamChoice(
             index=out.index,

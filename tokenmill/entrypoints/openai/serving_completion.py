@@ -167,6 +167,8 @@ class OpenAIServingCompletion:
         created = int(time.time())
         usage = UsageInfo()
         echoed: set[int] = set()
+        # Per choice: where its next logprob token starts in its text. Counted over the tokens, not the
+        # text sent so far, which lags while text is held back (a possible stop string).
         offsets: dict[int, int] = {}
         try:
             async for prompt_index, output in merged:
@@ -181,9 +183,11 @@ class OpenAIServingCompletion:
                     if request.echo and index not in offsets:  # the first chunk carries the prompt
                         text = (output.prompt or "") + text
                         token_ids, steps = with_prompt(output, token_ids, steps)
+                    offset = offsets.get(index, 0)
                     if request.logprobs is not None:
-                        logprobs = self._logprobs(token_ids, steps, request.logprobs, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + len(text)
+                        logprobs = self._logprobs(token_ids, steps, request.logprobs, offset)
+                        offset += sum(map(len, logprobs.tokens))
+                    offsets[index] = offset
                     usage.completion_tokens += len(out.token_ids)
                     choice = CompletionResponseChoice(
                         index=index,
