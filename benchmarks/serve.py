@@ -264,15 +264,25 @@ def int_list(value: str) -> list[int]:
     return [int(part) for part in value.split(",") if part.strip()]
 
 
+DEFAULT_NUM_REQUESTS = {1: 8, 16: 32, 64: 64}  # issue 6's workload
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's API base URL")
     parser.add_argument("--model", default=None, help="model name (default: the server's first)")
-    parser.add_argument("--api-key", default="EMPTY")
+    parser.add_argument(
+        "--api-key", default=None, help="the server's key (default: VLLM_API_KEY or TOKENMILL_API_KEY)"
+    )
     parser.add_argument("--concurrency", type=int_list, default=[1, 16, 64], help="e.g. 1,16,64")
-    parser.add_argument("--num-requests", type=int_list, default=[8, 32, 64], help="requests per level")
+    parser.add_argument(
+        "--num-requests",
+        type=int_list,
+        default=None,
+        help="requests per level (default: 8/32/64 for levels 1/16/64, else 4x the level, at least 8)",
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -284,8 +294,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ready-timeout", type=float, default=600, help="seconds to wait for the server's /health 200"
     )
     args = parser.parse_args(argv)
+    if args.num_requests is None:
+        args.num_requests = [DEFAULT_NUM_REQUESTS.get(c, max(8, 4 * c)) for c in args.concurrency]
     if len(args.num_requests) != len(args.concurrency):
         parser.error("--num-requests needs one count per --concurrency level")
+    args.api_key = (
+        args.api_key or os.environ.get("VLLM_API_KEY") or os.environ.get("TOKENMILL_API_KEY") or "EMPTY"
+    )
     return args
 
 
@@ -325,6 +340,15 @@ def main(argv: list[str] | None = None) -> int:
             results = asyncio.run(main_async(args))
     except openai.APIConnectionError:
         print(f"cannot reach a server at {args.url}", file=sys.stderr)
+        return 1
+    except openai.AuthenticationError:
+        print(
+            f"the server at {args.url} rejected the API key: pass the right one with --api-key",
+            file=sys.stderr,
+        )
+        return 1
+    except openai.APIStatusError as err:
+        print(f"the server at {args.url} answered {err.status_code}: {err.message}", file=sys.stderr)
         return 1
     except RuntimeError as err:
         print(f"serve.py: {err}", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 
@@ -75,3 +77,39 @@ def test_unreachable_server() -> None:
     result = tokenmill("complete", "--url", f"http://127.0.0.1:{port}/v1", "-q", "Once", timeout=60)
     assert result.returncode == 1 and "cannot reach a server" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_refused_line_is_reported_and_the_session_goes_on(server) -> None:
+    args = ("--url", server.api_url, "--api-key", API_KEY, "--max-tokens", "0")
+    result = tokenmill("chat", *args, stdin="hi\nand again\n")
+    assert result.returncode == 0 and result.stdout.count("> ") == 3, result.stderr
+    assert result.stderr.count("the server answered 400") == 2 and "Traceback" not in result.stderr
+    quick = tokenmill("complete", *args, "-q", "Once")  # 0 is 0 here too, not the default 64
+    assert quick.returncode == 1 and "the server answered 400" in quick.stderr
+
+
+def test_an_error_mid_stream_is_one_line_and_leaves_no_unanswered_message() -> None:
+    import argparse
+
+    import httpx
+    import openai
+
+    from tokenmill.entrypoints.chat_client import ChatSession, describe, interact
+
+    def failing_stream() -> Iterator[object]:
+        raise openai.APIError("the engine core process exited", httpx.Request("POST", "http://x"), body=None)
+        yield
+
+    class Client:
+        class chat:  # noqa: N801 - the SDK's attribute path
+            class completions:  # noqa: N801
+                create = staticmethod(lambda **kwargs: failing_stream())
+
+    args = argparse.Namespace(max_tokens=4, system_prompt=None)
+    session = ChatSession(Client(), "m", args)
+    errors: list[str] = []
+    with mock.patch("builtins.input", side_effect=["hi", EOFError]):
+        assert interact(session.send, on_error=lambda err: errors.append(describe(err))) == 0
+    assert errors == ["the server reported an error: the engine core process exited"]
+    assert session.messages == []

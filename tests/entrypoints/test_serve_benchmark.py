@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -121,3 +122,27 @@ def test_serve_benchmark_waits_for_a_server_still_loading(tmp_path: Path) -> Non
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_serve_benchmark_takes_the_key_from_the_environment_and_names_a_wrong_one(server) -> None:
+    def run(*args: str, key: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(BENCHMARK), "--url", server.api_url, "--concurrency", "1", *args]
+        command += ["--max-tokens", "2", "--prompt-words", "5"]
+        env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "TOKENMILL_API_KEY")}
+        return subprocess.run(
+            command,
+            env={**env, "VLLM_API_KEY": key},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    wrong = run(key="wrong")
+    assert wrong.returncode == 1 and "rejected the API key" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    # --concurrency alone: its level's default request count (8 for level 1), the key from VLLM_API_KEY.
+    right = run(key="test-key")
+    assert right.returncode == 0, right.stderr
+    assert "out tok/s" in right.stdout

@@ -54,7 +54,7 @@ def main(kind: str, argv: list[str]) -> int:
         if args.quick is not None:
             session.send(args.quick)
             return 0
-        return interact(session.send)
+        return interact(session.send, on_error=lambda err: print(f"\n{describe(err)}", file=sys.stderr))
     except openai.APIConnectionError:
         print(
             f"\ncannot reach a server at {url}: is `tokenmill serve` running there? (see --url)",
@@ -64,12 +64,25 @@ def main(kind: str, argv: list[str]) -> int:
         print(
             f"\nthe server at {url} rejected the API key: pass the right one with --api-key", file=sys.stderr
         )
-    except openai.APIStatusError as err:
-        print(f"\nthe server answered {err.status_code}: {_error_message(err)}", file=sys.stderr)
+    except openai.APIError as err:
+        print(f"\n{describe(err)}", file=sys.stderr)
     return 1
 
 
-def interact(send: Callable[[str], None]) -> int:
+def describe(err: Any) -> str:
+    """One line for an error the server reported: an HTTP status, or an error event mid-stream."""
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        return f"the server answered {err.status_code}: {_error_message(err)}"
+    return f"the server reported an error: {err.message}"
+
+
+def interact(send: Callable[[str], None], on_error: Callable[[Exception], None] | None = None) -> int:
+    """Reads lines and sends each; an error the server reports for one line is shown and the session goes
+    on (a connection failure ends it)."""
+    import openai
+
     while True:
         try:
             line = input("> ")
@@ -83,6 +96,12 @@ def interact(send: Callable[[str], None]) -> int:
         except KeyboardInterrupt:
             print()
             return 0
+        except openai.APIConnectionError:
+            raise
+        except openai.APIError as err:
+            if on_error is None:
+                raise
+            on_error(err)
 
 
 class ChatSession:
@@ -97,15 +116,19 @@ class ChatSession:
     def send(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
         extra = {"max_tokens": self.max_tokens} if self.max_tokens is not None else {}
-        stream = self.client.chat.completions.create(
-            model=self.model, messages=self.messages, stream=True, **extra
-        )
         parts = []
-        for chunk in stream:
-            delta = chunk.choices[0].delta.content if chunk.choices else None
-            if delta:
-                parts.append(delta)
-                print(delta, end="", flush=True)
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.model, messages=self.messages, stream=True, **extra
+            )
+            for chunk in stream:
+                delta = chunk.choices[0].delta.content if chunk.choices else None
+                if delta:
+                    parts.append(delta)
+                    print(delta, end="", flush=True)
+        except BaseException:
+            self.messages.pop()  # a message that got no answer is not part of the conversation
+            raise
         print()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
 
@@ -118,7 +141,10 @@ class CompleteSession:
 
     def send(self, text: str) -> None:
         stream = self.client.completions.create(
-            model=self.model, prompt=text, stream=True, max_tokens=self.max_tokens or 64
+            model=self.model,
+            prompt=text,
+            stream=True,
+            max_tokens=64 if self.max_tokens is None else self.max_tokens,
         )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].text:
