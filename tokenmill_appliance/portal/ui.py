@@ -22,7 +22,7 @@ from tokenmill_appliance.portal.auth import Verdict
 from tokenmill_appliance.portal.edge import EDGE_HEADER
 from tokenmill_appliance.portal.state import IS_AUTHENTICATED, STATE, PortalState
 from tokenmill_appliance.programs.commands import engine_api_key
-from tokenmill_appliance.settings import API_APP_NAME, PortalApp
+from tokenmill_appliance.settings import API_APP_NAME, PortalApp, find_app
 
 STATIC_DIR = Path(__file__).parent / "static"
 CSRF_HEADER = "X-Portal-Request"
@@ -149,7 +149,7 @@ async def _app_status(request: web.Request, state: PortalState, app: PortalApp) 
         "url": app_link(request, state, app),
         "status": "up" if await _is_listening(app.hostname, app.internal_port) else "down",
     }
-    if app.name.casefold() == API_APP_NAME.casefold():
+    if app is find_app(state.apps, API_APP_NAME):
         item["engine"] = (
             await _engine_info(state, app) if item["status"] == "up" else {"model": None, "health": "down"}
         )

@@ -111,15 +111,23 @@ def serve_argv(
     """
     env = os.environ if env is None else env
     args = split_args(settings.vllm_args, {**env, "WORKSPACE": str(settings.workspace)})
-    is_default = settings.vllm_args == default_vllm_args(settings.workspace)
-    if api is not None and (is_default or not has_option(args, "--port")):
-        args = [*without_option(args, "--port"), "--port", str(api.internal_port)]
+    if api is not None:
+        is_default = settings.vllm_args == default_vllm_args(settings.workspace)
+        args = listening_at(args, "--port", api.internal_port, is_default)
     argv = ["serve", *([settings.vllm_model] if settings.vllm_model else []), *args]
     if settings.auto_parallel and not has_parallel_size(args):
         gpus = settings.gpu_count if settings.gpu_count is not None else count_gpus(env)
         if gpus > 0:
             argv += ["--tensor-parallel-size", str(gpus)]
     return argv
+
+
+def listening_at(args: list[str], flag: str, port: int, is_default: bool) -> list[str]:
+    """`args` with `flag port` where they name no `flag`, or are the default arguments (whose port stands
+    for the app's); a port the user chose stands."""
+    if is_default or not has_option(args, flag):
+        return [*without_option(args, flag), flag, str(port)]
+    return args
 
 
 def has_option(args: list[str], flag: str) -> bool:
@@ -190,10 +198,8 @@ def ray(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
 def ray_args(settings: Settings, app: PortalApp) -> list[str]:
     """RAY_ARGS, the dashboard where portal.yaml's Ray app expects it (as `serve_argv` places the API):
     its internal port is added when RAY_ARGS names none, and replaces the default RAY_ARGS' 28265."""
-    args = split_args(settings.ray_args)
-    if settings.ray_args == DEFAULT_RAY_ARGS or not has_option(args, "--dashboard-port"):
-        args = [*without_option(args, "--dashboard-port"), "--dashboard-port", str(app.internal_port)]
-    return args
+    is_default = settings.ray_args == DEFAULT_RAY_ARGS
+    return listening_at(split_args(settings.ray_args), "--dashboard-port", app.internal_port, is_default)
 
 
 def _binary_app(settings: Settings, apps: list[PortalApp], app_name: str, binary: str) -> PortalApp | Skip:

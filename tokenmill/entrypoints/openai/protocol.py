@@ -250,6 +250,11 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The request's own limit (max_completion_tokens, else the older max_tokens); None: unset."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
     def check_template_flags(self) -> None:
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
@@ -280,10 +285,9 @@ class ChatCompletionRequest(SamplingFields):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
-            return self._build_params(max_tokens, logprobs, defaults)
+            return self._build_params(self.requested_max_tokens, logprobs, defaults)
         except InvalidParameterError as err:
             raise self._in_request_terms(err) from None
 

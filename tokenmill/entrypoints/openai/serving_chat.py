@@ -82,7 +82,7 @@ class OpenAIServingChat:
             conversation = request.conversation()
             text = await engine.run_in_executor(render_chat_prompt, self.ctx, request, conversation)
             token_ids = await self.ctx.encode(text, request.add_special_tokens)
-            is_explicit = request.max_tokens is not None or request.max_completion_tokens is not None
+            is_explicit = request.requested_max_tokens is not None
             params = self.ctx.fit_default_max_tokens(params, is_explicit, len(token_ids))
         except ValueError as err:
             raise APIError.bad_request(err) from None

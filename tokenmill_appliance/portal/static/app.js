@@ -79,17 +79,24 @@ refreshers.apps = async () => {
 };
 
 // ---- services
-async function serviceAction(button, name, action) {
+// A tab's POST from one of its buttons: progress and outcome in the tab's message (after `label`, when
+// given), then the tab refreshed.
+async function post(button, tab, path, { body, label } = {}) {
+  const message = $(`${tab}-message`), prefix = label ? `${label}: ` : "";
   await whileBusy(button, async () => {
-    $("services-message").textContent = `${action} ${name}…`;
+    message.textContent = label ? `${label}…` : "working…";
     try {
-      await api(`api/services/${encodeURIComponent(name)}/${action}`, { method: "POST" });
-      $("services-message").textContent = `${action} ${name}: done`;
+      await api(path, { method: "POST", ...(body ? { body: JSON.stringify(body) } : {}) });
+      message.textContent = label ? `${label}: done` : "";
     } catch (error) {
-      $("services-message").textContent = `${action} ${name}: ${error.message}`;
+      message.textContent = prefix + error.message;
     }
   });
-  refresh("services");
+  refresh(tab);
+}
+
+function serviceAction(button, name, action) {
+  return post(button, "services", `api/services/${encodeURIComponent(name)}/${action}`, { label: `${action} ${name}` });
 }
 let servicesError = "";
 refreshers.services = async () => {
@@ -213,17 +220,8 @@ refreshers.logs = async () => {
 $("log-file").addEventListener("change", (event) => openLog(event.target.value));
 
 // ---- tunnels
-async function tunnelCall(button, path, body) {
-  await whileBusy(button, async () => {
-    $("tunnels-message").textContent = "working…";
-    try {
-      await api(path, { method: "POST", ...(body ? { body: JSON.stringify(body) } : {}) });
-      $("tunnels-message").textContent = "";
-    } catch (error) {
-      $("tunnels-message").textContent = error.message;
-    }
-  });
-  refresh("tunnels");
+function tunnelCall(button, path, body) {
+  return post(button, "tunnels", path, { body });
 }
 refreshers.tunnels = async () => {
   const status = await api("api/tunnels");
@@ -289,9 +287,6 @@ async function loadSession() {
   const session = await api("api/session");
   $("session").textContent = session.auth_enabled ? (session.authenticated ? "signed in" : "open port") : "auth off";
 }
-async function tick() {
-  await refresh(activeTab);
-}
 loadSession().catch(console.warn);
 showTab(location.hash.slice(1) || "apps");
-setInterval(tick, 3000);
+setInterval(() => refresh(activeTab), 3000);
