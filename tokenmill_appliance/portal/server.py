@@ -11,6 +11,7 @@ import ssl
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from tokenmill_appliance.portal import logs, proxy, tls
 from tokenmill_appliance.portal.auth import Authenticator
@@ -33,6 +34,29 @@ logger = logging.getLogger(__name__)
 DEFAULT_UI_PORT = 11111
 LOCALHOST = "127.0.0.1"
 SHUTDOWN_TIMEOUT_S = 2.0
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending request line or header verbatim, which
+    can hold a token (`?token=` in a URL with a raw space, a Bearer header with a control character).
+    Such a record keeps the fact and the client, loses the text, and is no longer an error: the client's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = f"{record.msg} (malformed request refused: %s %s)"
+            record.args = (
+                *(record.args if isinstance(record.args, tuple) else ()),
+                error.code,
+                type(error).__name__,
+            )
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+REQUEST_LOGGER = logging.getLogger("tokenmill_appliance.portal.requests")
+REQUEST_LOGGER.addFilter(MalformedRequestFilter())
 
 
 def find_portal_app(apps: list[PortalApp]) -> PortalApp:
@@ -114,7 +138,11 @@ class Portal:
     async def _runner(self, app: web.Application) -> web.AppRunner:
         # Streams (SSE, WebSockets, log follows) never finish by themselves: do not wait long for them.
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+            app,
+            access_log=None,
+            logger=REQUEST_LOGGER,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         await runner.setup()
         self._runners.append(runner)
