@@ -44,7 +44,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             return state.auth.redirect(result, request.secure)
         viewer = "authenticated" if result.is_authenticated else "open"
     request[IS_AUTHENTICATED] = viewer == "authenticated"
-    if viewer == "authenticated" and not is_same_site_call(request, state):
+    # With auth off too: a page on any site could otherwise drive the dashboard (open a tunnel to it).
+    if not is_same_site_call(request, state):
         return web.json_response(
             {"error": "a state-changing call from another site was refused (send it from the dashboard, "
                       "with a Bearer token, or with the X-Portal-Request: 1 header)"},

@@ -112,3 +112,9 @@ async def test_services_api_with_auth_off_needs_no_header(
     async with client.post(f"{base}/portal/stop") as response:
         assert response.status == 403
         assert "cannot be stopped from here" in (await response.json())["error"]
+    # No credentials to ride along, but a page on another site could still drive an open dashboard.
+    async with client.post(f"{base}/sleeper/stop", headers={"Sec-Fetch-Site": "cross-site"}) as response:
+        assert response.status == 403
+        assert "another site" in (await response.json())["error"]
+    async with client.post(f"{base}/sleeper/stop", headers={"Origin": "https://evil.example"}) as response:
+        assert response.status == 403
