@@ -151,6 +151,10 @@ class Authenticator:
         scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
         return scheme.lower() == "bearer" and self.is_token(value.strip())
 
+    def has_own_credential(self, request: web.Request) -> bool:
+        """The request's Authorization header is the portal's: a Bearer token or the basic-auth login."""
+        return self.has_bearer(request) or self._has_basic(request)
+
     def _has_basic(self, request: web.Request) -> bool:
         scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
         if scheme.lower() != "basic":

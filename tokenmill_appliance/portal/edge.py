@@ -65,12 +65,15 @@ class EdgeHandler:
         auth: Authenticator,
         session: aiohttp.ClientSession,
         edge_secret: EdgeSecret | None = None,
+        backend_key: str | None = None,
     ) -> None:
-        """`edge_secret` is given only for the dashboard's own port."""
+        """`edge_secret` is given only for the dashboard's own port; `backend_key` is the API key the app
+        itself requires (the engine's), when the portal's token may also be it."""
         self.app = app
         self.auth = auth
         self.session = session
         self.edge_secret = edge_secret
+        self.backend_key = backend_key
         self.base_url = f"http://{app.hostname}:{app.internal_port}"
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
@@ -91,7 +94,10 @@ class EdgeHandler:
         extra = {}
         if self.edge_secret is not None:
             extra[EDGE_HEADER] = self.edge_secret.header(result.is_authenticated)
-        headers = proxy.upstream_headers(request, drop=(EDGE_HEADER, "Cookie"), extra=extra)
+        drop = [EDGE_HEADER, "Cookie"]
+        if self._withholds_credential(request, result):
+            drop.append("Authorization")
+        headers = proxy.upstream_headers(request, drop=drop, extra=extra)
         cookie = without_cookie("; ".join(request.headers.getall("Cookie", [])), self.auth.cookie_name)
         if cookie:
             headers["Cookie"] = cookie
@@ -99,6 +105,17 @@ class EdgeHandler:
             return await proxy.proxy_websocket(request, self.session, self.base_url + path_qs, headers)
         set_cookie = [("Set-Cookie", self.auth.cookie_header(request.secure))] if result.set_cookie else []
         return await proxy.proxy_http(request, self.session, self.base_url + path_qs, headers, set_cookie)
+
+    def _withholds_credential(self, request: web.Request, result: AuthResult) -> bool:
+        """Whether the portal's own credential (a Bearer token, the basic-auth login) stops here: the app
+        behind gets it only if the app needs it too (an engine whose API key is the token), and the
+        dashboard, which is this process, always."""
+        if self.edge_secret is not None or not result.is_authenticated:
+            return False
+        if not self.auth.has_own_credential(request):
+            return False
+        bearer = request.headers.get("Authorization", "").strip().partition(" ")[2].strip()
+        return self.backend_key is None or not hmac.compare_digest(bearer.encode(), self.backend_key.encode())
 
 
 def build_edge_app(handler: EdgeHandler) -> web.Application:

@@ -27,6 +27,7 @@ from tokenmill_appliance.portal.services import ProgramControl
 from tokenmill_appliance.portal.state import PortalState
 from tokenmill_appliance.portal.tunnels import TunnelManager
 from tokenmill_appliance.portal.ui import build_ui_app
+from tokenmill_appliance.programs.commands import engine_api_key
 from tokenmill_appliance.settings import API_APP_NAME, PORTAL_APP_NAME, PortalApp, Settings, find_app
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,8 @@ class Portal:
             if not app.is_proxied:
                 continue
             secret = edge_secret if app is self.portal_app else None
-            edge_app = build_edge_app(EdgeHandler(app, auth, self._session, secret))
+            backend_key = engine_api_key(self.settings) if app is find_app(self.apps, API_APP_NAME) else None
+            edge_app = build_edge_app(EdgeHandler(app, auth, self._session, secret, backend_key))
             try:
                 await self._start_edge(edge_app, app.external_port, plain)
             except OSError as exc:

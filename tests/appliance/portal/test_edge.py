@@ -323,3 +323,28 @@ async def test_malformed_requests_never_log_their_tokens(
     assert "malformed request refused" in caplog.text
     assert TOKEN not in caplog.text and PASSWORD not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_the_portal_credential_stops_at_the_edge(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    # Jupyter, Ray and user apps have no use for the portal's token or login; only an engine whose own
+    # API key is that token gets it, and an Authorization that is not the portal's passes as sent.
+    basic = "Basic " + base64.b64encode(f"vastai:{PASSWORD}".encode()).decode()
+    cookie = {"Cookie": f"portal_auth_token={TOKEN}"}
+    p = await start_portal()
+    for headers in (BEARER, {"Authorization": basic}):
+        status, _, body = await get(client, p.url(p.api_port, "/h"), headers=headers)
+        assert status == 200 and "Authorization" not in json.loads(body)["headers"]
+    status, _, body = await get(
+        client, p.url(p.api_port, "/h"), headers={**cookie, "Authorization": "Bearer k"}
+    )
+    assert status == 200 and json.loads(body)["headers"]["Authorization"] == "Bearer k"
+    status, _, body = await get(client, p.url(p.open_port, "/h"), headers=BEARER)
+    assert json.loads(body)["headers"]["Authorization"] == BEARER["Authorization"]  # no auth on that port
+
+    keyed = await start_portal(VLLM_ARGS=f"--port 18000 --api-key {TOKEN}")
+    status, _, body = await get(client, keyed.url(keyed.api_port, "/h"), headers=BEARER)
+    assert status == 200 and json.loads(body)["headers"]["Authorization"] == BEARER["Authorization"]
+    status, _, _ = await get(client, keyed.url(keyed.api_port, "/h"))
+    assert status == 401
