@@ -55,20 +55,22 @@ async def list_logs(request: web.Request) -> web.Response:
 async def stream_log(request: web.Request) -> web.StreamResponse:
     """WebSocket: the last 750 lines of `?file=NAME.log`, then every append."""
     log_dir = request.app[STATE].settings.log_dir
-    try:
-        path = logs.resolve_log_file(log_dir, request.query.get("file", ""))
-    except logs.LogPathError as exc:
-        return error(400, str(exc))
-    if not path.is_file():
-        return error(404, f"no log {path.name!r}")
     if not is_same_origin(request):
         return error(403, "the log stream only answers pages of this portal")
-    ws = web.WebSocketResponse(heartbeat=30)
-    await ws.prepare(request)
     try:
-        await logs.follow(ws, path)
-    finally:
-        await ws.close()
+        path = logs.resolve_log_file(log_dir, request.query.get("file", ""))
+        log = logs.open_log(path)
+    except logs.LogPathError as exc:
+        return error(400, str(exc))
+    except FileNotFoundError:
+        return error(404, f"no log {request.query['file']!r}")
+    with log:
+        ws = web.WebSocketResponse(heartbeat=30)
+        await ws.prepare(request)
+        try:
+            await logs.follow(ws, path.name, log)
+        finally:
+            await ws.close()
     return ws
 
 

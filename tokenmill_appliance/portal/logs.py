@@ -1,7 +1,9 @@
 """The log dir: listing, safe file lookup, tails, live follow over WebSocket, trimming, zip download.
 
 Only `*.log` files directly inside the log dir are ever read; a name with a path separator, a leading dot
-or a target outside the dir (a symlink) is refused.
+or a target outside the dir (a symlink) is refused. Every file is opened by `open_log`, which does not
+follow a symlink: the dir is writable by every user (1777), so a file checked by name could be swapped
+for a symlink to a file only root may read before the portal (root) opens it.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import errno
 import io
 import logging
 import os
+import stat
+import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import web
 
@@ -49,6 +54,21 @@ def resolve_log_file(log_dir: Path, name: str) -> Path:
     return path
 
 
+def open_log(path: Path, writable: bool = False) -> BinaryIO:
+    """`path` (from `resolve_log_file`) opened only if it is still a regular file, not a symlink."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LogPathError(f"{path.name!r} became a symlink") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LogPathError(f"{path.name!r} is not a regular file")
+    return os.fdopen(fd, "r+b" if writable else "rb")
+
+
 def list_logs(log_dir: Path) -> list[dict[str, Any]]:
     """The `*.log` files of the log dir, by name, with size and modification time."""
     files = []
@@ -65,11 +85,15 @@ def list_logs(log_dir: Path) -> list[dict[str, Any]]:
 
 def tail_bytes(path: Path, num_lines: int = TAIL_LINES, limit: int = TRIM_TO_BYTES) -> tuple[bytes, int]:
     """The last `num_lines` lines (at most `limit` bytes) and the file offset they end at."""
-    with path.open("rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        start = max(0, end - limit)
-        f.seek(start)
-        data = f.read(end - start)
+    with open_log(path) as f:
+        return _tail(f, num_lines, limit)
+
+
+def _tail(f: BinaryIO, num_lines: int = TAIL_LINES, limit: int = TRIM_TO_BYTES) -> tuple[bytes, int]:
+    end = f.seek(0, os.SEEK_END)
+    start = max(0, end - limit)
+    f.seek(start)
+    data = f.read(end - start)
     if start > 0:
         data = data[data.find(b"\n") + 1 :]
     lines = data.split(b"\n")
@@ -81,7 +105,7 @@ def tail_bytes(path: Path, num_lines: int = TAIL_LINES, limit: int = TRIM_TO_BYT
 def trim_file(path: Path, above: int = TRIM_ABOVE_BYTES, keep: int = TRIM_TO_BYTES) -> bool:
     """Cut a file over `above` bytes down to its last `keep` bytes, in place, so writers that append
     (O_APPEND) keep writing to it. Returns whether it was trimmed."""
-    with path.open("r+b") as f:
+    with open_log(path, writable=True) as f:
         size = f.seek(0, os.SEEK_END)
         if size <= above:
             return False
@@ -99,7 +123,7 @@ def trim_logs(log_dir: Path) -> list[str]:
     trimmed = []
     for item in list_logs(log_dir):
         if item["size"] > TRIM_ABOVE_BYTES:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, LogPathError):
                 if trim_file(log_dir / item["name"]):
                     trimmed.append(item["name"])
     return trimmed
@@ -120,44 +144,51 @@ def zip_logs(log_dir: Path) -> bytes:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(log_dir.iterdir()):
             resolved = path.resolve()
-            if resolved.parent == root and resolved.is_file():
-                archive.write(resolved, arcname=path.name)
+            if resolved.parent != root or not resolved.is_file():
+                continue
+            try:
+                with open_log(resolved) as f:
+                    modified = time.localtime(os.fstat(f.fileno()).st_mtime)[:6]
+                    entry = zipfile.ZipInfo(path.name, modified)
+                    archive.writestr(entry, f.read(), zipfile.ZIP_DEFLATED)
+            except (OSError, LogPathError):  # removed or swapped since the listing
+                continue
     return buffer.getvalue()
 
 
-def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
-    with path.open("rb") as f:
-        f.seek(offset)
-        data = f.read(READ_CHUNK_BYTES)
+def _read_from(f: BinaryIO, offset: int) -> tuple[bytes, int]:
+    f.seek(offset)
+    data = f.read(READ_CHUNK_BYTES)
     return data, offset + len(data)
 
 
-async def follow(ws: web.WebSocketResponse, path: Path) -> None:
-    """Send the tail of `path`, then everything appended, until the client goes away.
+async def follow(ws: web.WebSocketResponse, name: str, f: BinaryIO) -> None:
+    """Send the tail of log `name` (open as `f`, from `open_log`), then everything appended, until the
+    client goes away.
 
     Messages are JSON: `{"type": "init", "text": ...}` first (and again after the file was trimmed or
-    truncated), then `{"type": "append", "text": ...}`.
+    truncated), then `{"type": "append", "text": ...}`. The file is followed by its descriptor, so a
+    name swapped for another file afterwards changes nothing.
     """
-    data, offset = await asyncio.to_thread(tail_bytes, path)
+    data, offset = await asyncio.to_thread(_tail, f)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    await ws.send_json({"type": "init", "name": path.name, "text": decoder.decode(data)})
+    await ws.send_json({"type": "init", "name": name, "text": decoder.decode(data)})
     closed = asyncio.create_task(ws.receive())
     try:
         while not ws.closed:
             done, _ = await asyncio.wait({closed}, timeout=FOLLOW_INTERVAL_S)
             if done:
                 return
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                await ws.send_json({"type": "error", "text": f"{path.name} was removed"})
+            info = os.fstat(f.fileno())
+            if info.st_nlink == 0:
+                await ws.send_json({"type": "error", "text": f"{name} was removed"})
                 return
-            if size < offset:
-                data, offset = await asyncio.to_thread(tail_bytes, path)
+            if info.st_size < offset:
+                data, offset = await asyncio.to_thread(_tail, f)
                 decoder.reset()
-                await ws.send_json({"type": "init", "name": path.name, "text": decoder.decode(data)})
-            elif size > offset:
-                data, offset = await asyncio.to_thread(_read_from, path, offset)
+                await ws.send_json({"type": "init", "name": name, "text": decoder.decode(data)})
+            elif info.st_size > offset:
+                data, offset = await asyncio.to_thread(_read_from, f, offset)
                 await ws.send_json({"type": "append", "text": decoder.decode(data)})
     finally:
         closed.cancel()

@@ -63,6 +63,22 @@ def test_symlink_out_of_the_log_dir_is_refused(tmp_path: Path) -> None:
     assert [f["name"] for f in list_logs(log_dir)] == ["vllm.log"]
 
 
+def test_a_log_swapped_for_a_symlink_after_its_check_is_not_read_or_trimmed(tmp_path: Path) -> None:
+    # The log dir is 1777: a user who owns a checked log can replace it with a link to a root-only file.
+    log_dir, secret = tmp_path / "logs", tmp_path / "secret.txt"
+    log_dir.mkdir()
+    secret.write_bytes(b"SECRET\n" * 1_000_000)  # over the trim threshold
+    (log_dir / "race.log").write_text("mine\n")
+    checked = resolve_log_file(log_dir, "race.log")
+    (log_dir / "race.tmp").symlink_to(secret)
+    (log_dir / "race.tmp").rename(checked)
+    with pytest.raises(LogPathError):
+        tail_bytes(checked)
+    with pytest.raises(LogPathError):
+        trim_file(checked)
+    assert secret.stat().st_size == 7_000_000
+
+
 def test_tail_is_the_last_750_lines(tmp_path: Path) -> None:
     path = tmp_path / "a.log"
     path.write_text("".join(f"line {i}\n" for i in range(1000)))
@@ -150,3 +166,22 @@ async def test_log_stream_sends_tail_then_appends(
         async with client.ws_connect(url, headers={**BEARER, "Origin": "http://evil.example"}):
             pass
     assert refused.value.status == 403
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_log_stream_follows_the_file_it_opened_not_the_name(
+    start_portal: StartPortal, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    p = await start_portal()
+    path = p.settings.log_dir / "race.log"
+    path.write_text("mine\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET\n")
+    url = p.url(p.portal_port, "/api/logs/stream?file=race.log").replace("http", "ws", 1)
+    async with client.ws_connect(url, headers=BEARER) as ws:
+        assert json.loads((await ws.receive(timeout=5)).data)["text"] == "mine\n"
+        (p.settings.log_dir / "race.tmp").symlink_to(secret)
+        (p.settings.log_dir / "race.tmp").rename(path)
+        message = json.loads((await ws.receive(timeout=5)).data)
+        assert message == {"type": "error", "text": "race.log was removed"}
