@@ -146,6 +146,7 @@ def test_user_args_get_the_api_port_only_when_they_name_none(tmp_path: Path) -> 
         ({"GPU_COUNT": "4", "USE_ALL_GPUS": "false"}, "--port 1", []),
         ({"GPU_COUNT": "4"}, "--port 1 -tp 2", []),
         ({"GPU_COUNT": "4"}, "--pipeline-parallel-size=2", []),
+        ({"GPU_COUNT": "4"}, "--tensor_parallel_size 2", []),
         ({"GPU_COUNT": "1"}, "--port 1", ["--tensor-parallel-size", "1"]),
         ({"GPU_COUNT": "0"}, "--port 1", []),
         ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, "--port 1", ["--tensor-parallel-size", "3"]),
@@ -175,7 +176,9 @@ def test_builders_skip_unconfigured_apps(tmp_path: Path) -> None:
         assert isinstance(result, Skip) and repr(name) in result.reason and "not in" in result.reason
 
 
-@pytest.mark.parametrize("given", ["--api-key sk-secret", "--api-key=sk-secret"])
+@pytest.mark.parametrize(
+    "given", ["--api-key sk-secret", "--api-key=sk-secret", "--api_key sk-secret", "--api_key=sk-secret"]
+)
 def test_an_api_key_goes_through_the_environment(tmp_path: Path, given: str) -> None:
     settings = settings_for(tmp_path, VLLM_ARGS=f"--port 18000 {given} --max-num-seqs 4")
     launch = vllm(settings, parse_portal_config("localhost:8000:18000:/docs:vLLM API"))
@@ -432,3 +435,19 @@ def test_a_crashing_launch_counts_crashes_and_the_next_start_waits(tmp_path: Pat
     assert backoff.failures == 0
     log = (tmp_path / "demo.log").read_text()
     assert "exited with status 3" in log and "(crash 2)" in log and "waiting 2s first" in log
+
+
+def test_auto_parallel_over_one_gpu_says_how_to_serve_on_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine refuses a tensor-parallel size it cannot honour; the log says which setting added it.
+    apps = parse_portal_config("localhost:8000:18000:/docs:vLLM API")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    launch = vllm(settings_for(tmp_path, VLLM_ARGS="--port 18000", GPU_COUNT="2"), apps)
+    assert isinstance(launch, Launch) and launch.command[-2:] == ["--tensor-parallel-size", "2"]
+    assert len(launch.notes) == 1 and "AUTO_PARALLEL=false or GPU_COUNT=1" in launch.notes[0]
+    for quiet in ({"GPU_COUNT": "1"}, {"GPU_COUNT": "2", "AUTO_PARALLEL": "false"}):
+        launch = vllm(settings_for(tmp_path, VLLM_ARGS="--port 18000", **quiet), apps)
+        assert isinstance(launch, Launch) and launch.notes == ()
+    launch = vllm(settings_for(tmp_path, VLLM_ARGS="--port 18000 -tp 2", GPU_COUNT="2"), apps)
+    assert isinstance(launch, Launch) and launch.notes == ()

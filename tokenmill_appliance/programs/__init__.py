@@ -52,6 +52,8 @@ def wait_out_backoff(backoff: Backoff, tee: Tee, stop: StopFlag) -> bool:
 def run_launch(launch: Launch, backoff: Backoff, tee: Tee, stop: StopFlag) -> int:
     """Run a launch once; the wrapper's exit status (non-zero after a crash, which `backoff` counts)."""
     env = {**os.environ, **launch.env}
+    for note in launch.notes:
+        tee.line(note)
     tee.line(f"starting: {display_command(launch.command)}")
     started = time.monotonic()
     returncode = run_child(launch.command, tee, stop, env=env, cwd=launch.cwd)

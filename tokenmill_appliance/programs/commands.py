@@ -40,6 +40,8 @@ class Launch:
     hold: bool = False
     cwd: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    """Lines for the program's log before it starts."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def _expand(word: str, env: Mapping[str, str]) -> str:
 
 
 def has_parallel_size(args: list[str]) -> bool:
-    return any(_PARALLEL_FLAGS.match(arg) for arg in args)
+    return any(_PARALLEL_FLAGS.match(dashed(arg)) for arg in args)
 
 
 def count_gpus(env: Mapping[str, str] | None = None) -> int:
@@ -115,11 +117,16 @@ def serve_argv(
         is_default = settings.vllm_args == default_vllm_args(settings.workspace)
         args = listening_at(args, "--port", api.internal_port, is_default)
     argv = ["serve", *([settings.vllm_model] if settings.vllm_model else []), *args]
-    if settings.auto_parallel and not has_parallel_size(args):
-        gpus = settings.gpu_count if settings.gpu_count is not None else count_gpus(env)
-        if gpus > 0:
-            argv += ["--tensor-parallel-size", str(gpus)]
-    return argv
+    size = auto_parallel_size(settings, args, env)
+    return argv if size is None else [*argv, "--tensor-parallel-size", str(size)]
+
+
+def auto_parallel_size(settings: Settings, args: list[str], env: Mapping[str, str]) -> int | None:
+    """The `--tensor-parallel-size` AUTO_PARALLEL adds (the GPU count), unless `args` set a parallel size."""
+    if not settings.auto_parallel or has_parallel_size(args):
+        return None
+    gpus = settings.gpu_count if settings.gpu_count is not None else count_gpus(env)
+    return gpus if gpus > 0 else None
 
 
 def listening_at(args: list[str], flag: str, port: int, is_default: bool) -> list[str]:
@@ -130,17 +137,26 @@ def listening_at(args: list[str], flag: str, port: int, is_default: bool) -> lis
     return args
 
 
+def dashed(arg: str) -> str:
+    """`arg` with the underscores of its flag name made dashes (`--api_key=x` -> `--api-key=x`): the
+    server, like vLLM's, takes both spellings, so both must be found."""
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value
+
+
 def has_option(args: list[str], flag: str) -> bool:
-    return any(arg == flag or arg.startswith(f"{flag}=") for arg in args)
+    return any(dashed(arg) == flag or dashed(arg).startswith(f"{flag}=") for arg in args)
 
 
 def option_value(args: list[str], flag: str) -> str | None:
     """The value of the last `flag VALUE` or `flag=VALUE` in `args`."""
     value = None
     for arg, following in zip(args, [*args[1:], None], strict=True):
-        if arg == flag and following is not None:
+        if dashed(arg) == flag and following is not None:
             value = following
-        elif arg.startswith(f"{flag}="):
+        elif dashed(arg).startswith(f"{flag}="):
             value = arg.partition("=")[2]
     return value
 
@@ -152,9 +168,9 @@ def without_option(args: list[str], flag: str) -> list[str]:
     for arg in args:
         if skip_value:
             skip_value = False
-        elif arg == flag:
+        elif dashed(arg) == flag:
             skip_value = True
-        elif not arg.startswith(f"{flag}="):
+        elif not dashed(arg).startswith(f"{flag}="):
             kept.append(arg)
     return kept
 
@@ -177,12 +193,20 @@ def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
     if api is None:
         return not_configured(settings, API_APP_NAME)
     argv = serve_argv(settings, api)
+    notes: tuple[str, ...] = ()
+    size = auto_parallel_size(settings, split_args(settings.vllm_args), os.environ)
+    if size is not None and size > 1:
+        notes = (
+            f"AUTO_PARALLEL added --tensor-parallel-size {size} (the GPU count), but tokenmill serves a "
+            "model on one GPU: set AUTO_PARALLEL=false or GPU_COUNT=1 to serve on the first one",
+        )
     api_key = option_value(argv, "--api-key")
     if api_key is None:
-        return Launch([*tokenmill_command(), *argv], cwd=settings.workspace)
+        return Launch([*tokenmill_command(), *argv], cwd=settings.workspace, notes=notes)
     # Through the environment, which `ps` does not show to other users, not on the command line.
     argv = without_option(argv, "--api-key")
-    return Launch([*tokenmill_command(), *argv], cwd=settings.workspace, env={"VLLM_API_KEY": api_key})
+    env = {"VLLM_API_KEY": api_key}
+    return Launch([*tokenmill_command(), *argv], cwd=settings.workspace, env=env, notes=notes)
 
 
 def ray(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
