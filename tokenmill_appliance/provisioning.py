@@ -59,7 +59,10 @@ def download_request(source: str) -> urllib.request.Request:
         return urllib.request.Request(source)
     request = urllib.request.Request(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl())
     credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
-    request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+    # Unredirected: a redirect to another host must not carry the credentials along.
+    request.add_unredirected_header(
+        "Authorization", "Basic " + base64.b64encode(credentials.encode()).decode()
+    )
     return request
 
 

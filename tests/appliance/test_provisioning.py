@@ -119,6 +119,40 @@ def test_url_credentials_are_sent_as_basic_auth_and_never_shown(
         assert "SECRETPW" not in str(caught.value)
 
 
+def test_url_credentials_do_not_follow_a_redirect(tmp_path: Path) -> None:
+    # 127.0.0.2 (the address asked) redirects to 127.0.0.1 (another host): only the first gets the login.
+    seen: dict[str, str | None] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            host = self.connection.getsockname()[0]
+            seen[host] = self.headers.get("Authorization")
+            if host == "127.0.0.2":
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{servers[1].server_address[1]}/p.sh")
+                self.end_headers()
+            else:
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"echo redirected\n")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    servers = [http.server.HTTPServer((host, 0), Handler) for host in ("127.0.0.2", "127.0.0.1")]
+    threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in servers]
+    for thread in threads:
+        thread.start()
+    try:
+        source = f"http://user:SECRETPW@127.0.0.2:{servers[0].server_address[1]}/p.sh"
+        assert "echo redirected" in fetch_script(settings_for(tmp_path / "root", source)).read_text()
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert seen == {"127.0.0.2": "Basic dXNlcjpTRUNSRVRQVw==", "127.0.0.1": None}
+
+
 def run_program(root: Path, script: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
     env |= {"TOKENMILL_ROOT": str(root), "PROVISIONING_SCRIPT": script, "OPEN_BUTTON_TOKEN": "t" * 16}
