@@ -42,8 +42,9 @@ WS_HANDSHAKE = frozenset(
     )
 )
 FORWARDED = frozenset(
-    h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
+    h.lower() for h in ("Forwarded", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
 )
+"""Set by the edge alone (the X- ones) or not at all (RFC 7239's): a client's own would be believed."""
 
 PLACEHOLDER_HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">

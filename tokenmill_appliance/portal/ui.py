@@ -175,8 +175,26 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response({"error": exc.reason}, status=exc.status, headers=allow)
 
 
+# The dashboard's buttons act on the machine: no other page may frame it (clickjacking; pages on the
+# host's other ports are same-site, so the cookie would ride along). Its API's answers hold tokens and
+# state: never cached.
+FRAMING_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in FRAMING_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.path.startswith("/api/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+
+
 def build_ui_app(state: PortalState) -> web.Application:
     app = web.Application(middlewares=[auth_middleware, json_errors])
+    app.on_response_prepare.append(add_security_headers)
     app[STATE] = state
     app.router.add_get("/", index)
     app.router.add_get("/health", health)

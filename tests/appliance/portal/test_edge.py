@@ -185,6 +185,7 @@ async def test_forwarded_headers_and_private_headers(
     headers = {
         "Cookie": f"a=1; portal_auth_token={TOKEN}; b=2",
         "X-Forwarded-For": "6.6.6.6",
+        "Forwarded": "for=6.6.6.6;host=evil.example",
         "X-Tokenmill-Edge": "forged authenticated",
         "Keep-Alive": "timeout=5",
     }
@@ -195,7 +196,7 @@ async def test_forwarded_headers_and_private_headers(
     assert seen["X-Forwarded-Proto"] == "http"
     assert seen["X-Forwarded-Host"] == f"127.0.0.1:{p.api_port}"
     assert seen["Cookie"] == "a=1; b=2"
-    assert "X-Tokenmill-Edge" not in seen and "Keep-Alive" not in seen
+    assert "X-Tokenmill-Edge" not in seen and "Keep-Alive" not in seen and "Forwarded" not in seen
 
 
 async def test_request_body_reaches_the_app(start_portal: StartPortal, client: aiohttp.ClientSession) -> None:

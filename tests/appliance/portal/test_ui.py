@@ -37,6 +37,20 @@ async def test_health_is_open_and_the_page_is_not(
             assert response.status == 401
 
 
+async def test_the_dashboard_cannot_be_framed_and_its_api_is_not_cached(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    for path in ("/", "/static/app.js", "/api/apps"):
+        async with client.get(p.url(p.portal_port, path), headers=BEARER) as response:
+            assert response.status == 200
+            assert response.headers["X-Frame-Options"] == "DENY"
+            assert response.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+    async with client.get(p.url(p.portal_port, "/api/apps"), headers=BEARER) as response:
+        assert response.headers["Cache-Control"] == "no-store"  # its links carry the token
+
+
 async def test_internal_port_is_loopback_only_and_ignores_a_forged_edge_header(
     start_portal: StartPortal, client: aiohttp.ClientSession
 ) -> None:
