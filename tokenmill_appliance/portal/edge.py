@@ -120,7 +120,8 @@ class EdgeHandler:
 
 def build_edge_app(handler: EdgeHandler) -> web.Application:
     app = web.Application(client_max_size=0)
-    app.router.add_route("*", "/{tail:.*}", handler)
+    # [\s\S]: every path, a newline (%0A) in it too, which `.` would not match (a text 404).
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handler)
     return app
 
 
@@ -142,7 +143,7 @@ async def _redirect_to_https(request: web.Request) -> web.StreamResponse:
 def build_redirect_app() -> web.Application:
     """What plain HTTP gets on a TLS port: a redirect to the same URL over https."""
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", _redirect_to_https)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _redirect_to_https)
     return app
 
 

@@ -65,7 +65,7 @@ class ProgramControl:
             if fault.faultCode == Faults.BAD_NAME:
                 raise UnknownProgramError(f"no program {args[0]!r} in supervisord") from None
             raise SupervisorError(f"supervisord refused {method}: {fault.faultString}") from None
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
             raise SupervisorError(f"cannot reach supervisord at {self.socket_path}: {exc}") from None
 
     async def programs(self) -> list[dict[str, Any]]:
@@ -73,6 +73,8 @@ class ProgramControl:
         return [describe(info) for info in infos]
 
     def _control(self, name: str, action: str) -> dict[str, Any]:
+        if not name.isprintable() or any(c.isspace() for c in name):  # no program has such a name
+            raise UnknownProgramError(f"no program {name!r} in supervisord")
         info = self._call("getProcessInfo", name)
         if action in ("stop", "restart") and info["name"] in PROTECTED_PROGRAMS:
             done = {"stop": "stopped", "restart": "restarted"}[action]

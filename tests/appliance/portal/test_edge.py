@@ -349,3 +349,12 @@ async def test_the_portal_credential_stops_at_the_edge(
     assert status == 200 and json.loads(body)["headers"]["Authorization"] == BEARER["Authorization"]
     status, _, _ = await get(client, keyed.url(keyed.api_port, "/h"))
     assert status == 401
+
+
+async def test_a_path_with_an_encoded_newline_is_proxied(
+    start_portal: StartPortal, client: aiohttp.ClientSession
+) -> None:
+    p = await start_portal()
+    url = URL(p.url(p.api_port, "/a%0Ab"), encoded=True)
+    async with client.get(url, headers=BEARER) as response:
+        assert response.status == 200 and (await response.json())["raw_path"] == "/a%0Ab"

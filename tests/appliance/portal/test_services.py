@@ -70,6 +70,9 @@ async def test_services_api(
         assert response.status == 403
     async with client.post(f"{base}/sleeper/explode", headers=HEADERS) as response:
         assert response.status == 404
+    for odd in ("portal%00", "sleeper%0A", "no%20such"):
+        async with client.post(f"{base}/{odd}/stop", headers=HEADERS) as response:
+            assert response.status == 404 and "no program" in (await response.json())["error"]
     # A browser's credentials (the cookie, cached basic auth) ride along on cross-site form posts: a call
     # a browser marks as another site's is refused. Same-site calls, non-browser clients (no
     # Sec-Fetch-Site, no Origin) and Bearer tokens (a form post cannot carry one) go through.
