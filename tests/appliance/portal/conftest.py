@@ -115,7 +115,7 @@ def upstream_app() -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", prometheus)
-    app.router.add_route("*", "/{tail:.*}", echo)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", echo)
     return app
 
 
