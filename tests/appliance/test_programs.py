@@ -223,10 +223,16 @@ def test_ray_dashboard_listens_where_portal_yaml_expects_it(tmp_path: Path) -> N
         "127.0.0.1",
         "--dashboard-port",
         "28300",
+        "--node-ip-address",
+        "127.0.0.1",
     ]
-    assert ray_args(settings_for(tmp_path, RAY_ARGS="--head"), app) == ["--head", "--dashboard-port", "28300"]
-    own = settings_for(tmp_path, RAY_ARGS="--head --dashboard-port 29000")
-    assert ray_args(own, app) == ["--head", "--dashboard-port", "29000"]  # the user's own choice stands
+    loopback = ["--node-ip-address", "127.0.0.1"]
+    head_only = ray_args(settings_for(tmp_path, RAY_ARGS="--head"), app)
+    assert head_only == ["--head", "--dashboard-port", "28300", *loopback]
+    own = settings_for(tmp_path, RAY_ARGS="--head --dashboard-port 29000 --node-ip-address=10.0.0.5")
+    assert ray_args(own, app) == ["--head", "--dashboard-port", "29000", "--node-ip-address=10.0.0.5"]
+    worker = settings_for(tmp_path, RAY_ARGS="--address 10.0.0.5:6379")
+    assert ray_args(worker, app) == ["--address", "10.0.0.5:6379", "--dashboard-port", "28300"]
 
 
 def test_vllm_builder_runs_tokenmill_serve(tmp_path: Path) -> None:

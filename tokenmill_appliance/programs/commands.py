@@ -221,9 +221,16 @@ def ray(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
 
 def ray_args(settings: Settings, app: PortalApp) -> list[str]:
     """RAY_ARGS, the dashboard where portal.yaml's Ray app expects it (as `serve_argv` places the API):
-    its internal port is added when RAY_ARGS names none, and replaces the default RAY_ARGS' 28265."""
+    its internal port is added when RAY_ARGS names none, and replaces the default RAY_ARGS' 28265.
+
+    A head node that names no `--node-ip-address` gets 127.0.0.1: Ray binds its GCS, raylet and client
+    servers to the node's address, and runs whatever code reaches them. A cluster names its own.
+    """
     is_default = settings.ray_args == DEFAULT_RAY_ARGS
-    return listening_at(split_args(settings.ray_args), "--dashboard-port", app.internal_port, is_default)
+    args = listening_at(split_args(settings.ray_args), "--dashboard-port", app.internal_port, is_default)
+    if "--head" in args and not has_option(args, "--node-ip-address"):
+        args += ["--node-ip-address", "127.0.0.1"]
+    return args
 
 
 def _binary_app(settings: Settings, apps: list[PortalApp], app_name: str, binary: str) -> PortalApp | Skip:
