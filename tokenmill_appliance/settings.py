@@ -466,5 +466,6 @@ def load_apps(settings: Settings) -> list[PortalApp]:
 
 
 def mask_token(token: str) -> str:
-    """A token safe to log: all but its last 4 characters hidden."""
-    return "********" + token[-4:] if len(token) > 4 else "********"
+    """A token safe to log: all but its last 4 characters hidden, and those too in a token shorter than
+    16 (a short password would be given away by a quarter of itself)."""
+    return "********" + token[-4:] if len(token) >= 16 else "********"

@@ -87,7 +87,8 @@ def test_token_not_in_repr(tmp_path: Path) -> None:
 
 def test_mask_token_shows_only_last_four() -> None:
     assert mask_token("abcdefghijklmnop") == "********mnop"
-    assert mask_token("tok12345") == "********2345"
+    assert mask_token("abcdefghijklmno") == "********"  # a short password keeps all of itself hidden
+    assert mask_token("tok12345") == "********"
     assert mask_token("abcd") == "********"
 
 
