@@ -16,7 +16,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -90,6 +90,15 @@ def check_target(target: str, edge_ports: Collection[int]) -> str:
     return target
 
 
+PORTAL_SECRETS = ("OPEN_BUTTON_TOKEN", "WEB_PASSWORD", "CF_TUNNEL_TOKEN", "VLLM_API_KEY", "TOKENMILL_API_KEY")
+
+
+def without_portal_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without the portal's and the engine's secrets: cloudflared, a program that talks to the
+    internet, needs none of them (the named tunnel gets its own token as TUNNEL_TOKEN)."""
+    return {name: value for name, value in env.items() if name not in PORTAL_SECRETS}
+
+
 class TunnelManager:
     """Starts, lists, refreshes and stops cloudflared processes."""
 
@@ -131,7 +140,7 @@ class TunnelManager:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**without_portal_secrets(os.environ), **(env or {})},
         )
 
     async def _read_output(self, tunnel: Tunnel) -> None:

@@ -95,6 +95,23 @@ async def test_start_list_refresh_stop(tmp_path: Path) -> None:
         await manager.close()
 
 
+async def test_cloudflared_gets_none_of_the_portal_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_file = tmp_path / "env.txt"
+    binary, _ = write_stand_in(tmp_path, STAND_IN.replace('echo "$@" >', f'env > "{env_file}"; echo "$@" >'))
+    for name in ("OPEN_BUTTON_TOKEN", "WEB_PASSWORD", "CF_TUNNEL_TOKEN", "VLLM_API_KEY"):
+        monkeypatch.setenv(name, f"secret-of-{name}")
+    monkeypatch.setenv("HARMLESS", "kept")
+    manager = TunnelManager(binary, EDGE_PORTS)
+    try:
+        await manager.start("https://localhost:1111")
+        seen = env_file.read_text()
+        assert "secret-of-" not in seen and "HARMLESS=kept" in seen
+    finally:
+        await manager.close()
+
+
 async def test_no_url_in_time_is_an_error_and_the_process_is_gone(tmp_path: Path) -> None:
     binary, _ = write_stand_in(tmp_path, SILENT_STAND_IN)
     manager = TunnelManager(binary, EDGE_PORTS, url_timeout_s=0.5)
