@@ -21,7 +21,7 @@ from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolv
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.fused_decode import attach_fused_decode
 from tokenmill.model.quantization import check_quantization, quantize
-from tokenmill.worker.memory import GiB, kv_cache_budget
+from tokenmill.worker.memory import GiB, check_explicit_kv_cache_fits, kv_cache_budget
 from tokenmill.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -115,8 +115,12 @@ class EngineCore:
         quantize(self.runner.model, quantization)
 
     def _num_kv_blocks(self) -> int:
-        peak = self.runner.profile_peak_memory(self.max_model_len) if self.device.type == "cuda" else None
-        budget = kv_cache_budget(self.config.cache, self.device, peak)
+        profile = None
+        if self.device.type == "cuda" and self.config.cache.kv_cache_memory is not None:
+            check_explicit_kv_cache_fits(self.config.cache.kv_cache_memory, self.device)
+        elif self.device.type == "cuda":
+            profile = self.runner.profile_peak_memory(self.max_model_len)
+        budget = kv_cache_budget(self.config.cache, self.device, profile)
         block_bytes = self.runner.kv_bytes_per_block()
         num_blocks = budget // block_bytes
         capacity = num_blocks * self.config.cache.block_size

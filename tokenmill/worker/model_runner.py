@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,8 +26,10 @@ from tokenmill.model.registry import CausalLM, get_model_class
 from tokenmill.sample.logprobs import compute_logprobs, unpack_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
 from tokenmill.sample.sampler import Sampler, SamplerOutput
+from tokenmill.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from tokenmill.worker.cuda_graph import DecodeGraphs
 from tokenmill.worker.inputs import HostStager, ModelInputs, prepare_inputs
+from tokenmill.worker.memory import GiB, MemoryProfile
 
 logger = logging.getLogger(__name__)
 
@@ -105,23 +108,56 @@ class ModelRunner:
             self.decode_graphs.capture()
 
     @torch.inference_mode()
-    def profile_peak_memory(self, max_model_len: int) -> int:
-        """Peak GPU bytes of the weights plus one forward of a full token budget (before the KV cache)."""
-        num_tokens = self.config.scheduler.max_num_batched_tokens
+    def profile_peak_memory(self, max_model_len: int) -> MemoryProfile:
+        """The weights' GPU bytes, and the peak the largest step adds to them (before the KV cache)."""
+        torch.cuda.synchronize(self.device)
+        weight_bytes = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        ids, positions, metadata, num_blocks = dummy_prefill(
-            num_tokens, max_model_len, self.block_size, self.device
-        )
-        self.allocate_kv_cache(num_blocks, capture_graphs=False)
-        dummy_cache_bytes = num_blocks * self.kv_bytes_per_block()
-        hidden = self.model(ids, positions, metadata)
-        num_rows = min(metadata.num_seqs, self.config.scheduler.max_num_seqs)
-        self.model.compute_logits(hidden[-num_rows:]).float().softmax(-1)
+        try:
+            dummy_cache_bytes = self.run_largest_step(max_model_len)
+        except torch.cuda.OutOfMemoryError:
+            raise ValueError(
+                f"the GPU ran out of memory in a step of max_num_batched_tokens="
+                f"{self.config.scheduler.max_num_batched_tokens} tokens and max_num_seqs="
+                f"{self.config.scheduler.max_num_seqs} sampled rows, with {weight_bytes / GiB:.2f} GiB of "
+                "weights loaded: lower --max-num-batched-tokens or --max-num-seqs"
+            ) from None
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - dummy_cache_bytes
         self.release_kv_cache()
         torch.cuda.empty_cache()
-        return peak
+        return MemoryProfile(weight_bytes, max(peak - weight_bytes, 0))
+
+    @torch.inference_mode()
+    def run_largest_step(self, max_model_len: int) -> int:
+        """The most memory a step can take: a forward of a full token budget (`dummy_prefill`, with a KV
+        cache just big enough), then logits and sampling for `max_num_seqs` rows on the costliest path
+        (top-p's sort over the vocabulary, penalties, the widest logprobs). Returns the bytes of that
+        stand-in KV cache, which is not part of the peak to keep free."""
+        num_tokens = self.config.scheduler.max_num_batched_tokens
+        ids, positions, metadata, num_blocks = dummy_prefill(
+            num_tokens, max_model_len, self.block_size, self.device
+        )
+        self.allocate_kv_cache(num_blocks, capture_graphs=False)
+        hidden = self.model(ids, positions, metadata)
+        num_rows = self.config.scheduler.max_num_seqs
+        rows = torch.arange(num_rows, device=hidden.device) % hidden.shape[0]
+        logits = self.model.compute_logits(hidden[rows]).float()
+        costliest = SamplingParams(
+            temperature=1.0, top_p=0.9, repetition_penalty=1.1, logprobs=MAX_TOP_LOGPROBS
+        )
+        no_tokens = np.zeros(0, dtype=np.int64)
+        sampling = SamplingMetadata.build(
+            [costliest] * num_rows,
+            [no_tokens] * num_rows,
+            [no_tokens] * num_rows,
+            [None] * num_rows,
+            vocab_size=logits.shape[-1],
+            device=self.device,
+            default_generator=self.default_generator,
+        )
+        self.sampler(logits, sampling)
+        return num_blocks * self.kv_bytes_per_block()
 
     def release_kv_cache(self) -> None:
         for layer in self.attention_layers:
