@@ -3,16 +3,18 @@ against the eager torch ops they replace, then times them.
 
 Run from the repository root on a CUDA machine (needs only torch, triton and numpy):
 
-    PYTHONPATH=. python benchmarks/attention_check.py
+    PYTHONPATH=. python benchmarks/attention_check.py [--seed N]
 
-Correctness: fresh random inputs (fixed seeds) in bf16 and fp16 over a randomly permuted paged cache, the
-KV write compared exactly and attention within dtype tolerance. Timing: the Triton backend against the
-SDPA backend for the same decode and prefill steps (each includes the KV write), from triton's do_bench.
+Correctness: fresh random inputs (a new seed each run, printed; --seed N replays one) in bf16 and fp16
+over a randomly permuted paged cache, the KV write compared exactly and attention within dtype tolerance.
+Timing: the Triton backend against the SDPA backend for the same decode and prefill steps (each includes
+the KV write), from triton's do_bench.
 Exits 1 if any check fails.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from dataclasses import replace
@@ -173,6 +175,11 @@ def check_layer_ops() -> list[bool]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seed", type=int, help="the inputs' seed (default: a new one each run)")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("attention_check needs a CUDA device (the CPU tests run the kernels in triton's interpreter)")
         return 1
@@ -180,10 +187,14 @@ def main() -> int:
     props = torch.cuda.get_device_properties(0)
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     print(f"{props.name}, {props.multi_processor_count} SMs, {versions}")
-    print("\n== correctness vs the plain-torch reference (max abs error) ==")
-    passed = [check(name, shape, dtype, seqs, seed) for seed, (name, shape, dtype, seqs) in enumerate(CHECKS)]
+    # Fresh inputs each run (the seed printed, so a failure can be replayed with --seed).
+    base_seed = args.seed if args.seed is not None else int(time.time()) % 100_000
+    print(f"\n== correctness vs the plain-torch reference (max abs error), seed {base_seed} ==")
+    passed = [
+        check(name, shape, dtype, seqs, base_seed + i) for i, (name, shape, dtype, seqs) in enumerate(CHECKS)
+    ]
     # CUDA-graph style metadata: host context_lens are upper bounds.
-    batch = make_batch(LLAMA_8B, torch.bfloat16, [(3000, 1), (10, 1)], seed=99)
+    batch = make_batch(LLAMA_8B, torch.bfloat16, [(3000, 1), (10, 1)], seed=base_seed + len(CHECKS))
     graph_meta = replace(batch.metadata, context_lens=[8191, 8191], decode_only=True)
     expected_cache = batch.kv_cache.clone()
     reference_write_kv_cache(batch.key, batch.value, expected_cache, batch.metadata.slot_mapping)
