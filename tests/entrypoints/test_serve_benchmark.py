@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import json
 import os
 import shlex
@@ -10,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -90,6 +94,21 @@ def test_serve_benchmark_reports_a_server_that_exits(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "exited with code 1 before it was ready" in result.stderr
+    missing = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARK),
+            "--url",
+            "http://127.0.0.1:9/v1",
+            "--launch",
+            "/nonexistent/llama-server",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 1 and "cannot start" in missing.stderr and "Traceback" not in missing.stderr
 
 
 @pytest.mark.slow
@@ -146,3 +165,50 @@ def test_serve_benchmark_takes_the_key_from_the_environment_and_names_a_wrong_on
     right = run(key="test-key")
     assert right.returncode == 0, right.stderr
     assert "out tok/s" in right.stdout
+
+
+def load_benchmark() -> Any:
+    spec = importlib.util.spec_from_file_location("serve_benchmark", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class ScriptedStream:
+    """The openai client's completions stream, scripted: each step's text and, last, the usage (or none).
+    It stands for servers that behave unlike tokenmill (none of which runs here)."""
+
+    def __init__(self, texts: list[str], completion_tokens: int | None) -> None:
+        chunks = [SimpleNamespace(choices=[SimpleNamespace(text=t)], usage=None) for t in texts]
+        if completion_tokens is not None:
+            chunks.append(
+                SimpleNamespace(choices=[], usage=SimpleNamespace(completion_tokens=completion_tokens))
+            )
+        self.completions = SimpleNamespace(create=self.create)
+        self.chunks = chunks
+
+    async def create(self, **kwargs: Any) -> Any:
+        async def stream() -> Any:
+            for chunk in self.chunks:
+                yield chunk
+
+        return stream()
+
+
+def test_a_request_cut_short_of_max_tokens_is_failed_not_measured() -> None:
+    # A server that ignores ignore_eos stops early: it would be measured on less work than the others.
+    serve = load_benchmark()
+    short = asyncio.run(serve.one_request(ScriptedStream(["a", "b"], 2), "m", "p", 8))
+    assert not short.ok and "finished after 2 of 8 tokens" in short.error and "ignore_eos" in short.error
+    full = asyncio.run(serve.one_request(ScriptedStream(["a"] * 8, 8), "m", "p", 8))
+    assert full.ok and full.output_tokens == 8 and not full.counted_chunks
+
+
+def test_without_usage_tokens_are_counted_as_chunks_and_the_level_says_so() -> None:
+    serve = load_benchmark()
+    client = ScriptedStream(["ab", "cd", "ef", "gh"], None)  # two tokens a chunk, no usage chunk
+    level = asyncio.run(serve.run_level(client, "m", ["p", "q"], 2, 8))
+    assert level.num_failed == 0 and level.output_tokens == 8  # 4 chunks each: a count it cannot trust
+    assert level.warnings == [serve.NO_USAGE_WARNING]
