@@ -88,4 +88,4 @@ class EngineConfig:
     device: str = "auto"
     """auto: cuda when available, else cpu."""
     enforce_eager: bool = False
-    """Never compile or capture graphs."""
+    """No CUDA graphs: every decode step runs op by op."""

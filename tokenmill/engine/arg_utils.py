@@ -80,7 +80,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     """Number of GPUs to split the model across."""
     enforce_eager: bool = False
-    """Never compile the model or capture CUDA graphs."""
+    """Run every decode step op by op: no CUDA graphs (tokenmill compiles no models; on CPU it changes
+    nothing)."""
     async_scheduling: bool | None = None
     """Schedule each decode step while the GPU runs the one before (default: on with CUDA)."""
     device: str = "auto"
