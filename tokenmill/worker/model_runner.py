@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -23,7 +23,8 @@ from tokenmill.model.layers.rotary import RotaryEmbedding
 from tokenmill.model.llama import head_dim_of
 from tokenmill.model.parameters import materialize
 from tokenmill.model.registry import CausalLM, get_model_class
-from tokenmill.sample.logprobs import compute_logprobs, unpack_logprobs
+from tokenmill.sample.device import to_device
+from tokenmill.sample.logprobs import LogprobsTensors, compute_logprobs, unpack_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
 from tokenmill.sample.sampler import Sampler, SamplerOutput
 from tokenmill.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
@@ -190,11 +191,14 @@ class ModelRunner:
         rows = [scheduler_output.scheduled[i] for i in inputs.sample_seq_indices]
         sampled = self._sample(rows, inputs, hidden)
         results = None if sampled is None else SampledResults.copy_to_host(sampled)
-        output = ModelRunnerOutput({})
-        for i, scheduled in enumerate(scheduler_output.scheduled):
-            if scheduled.request.wants_prompt_logprobs:
-                self._prompt_logprobs(scheduled, inputs.attn_metadata.query_start_loc[i], hidden, output)
-        return LaunchedStep(rows, sampled, results, output)
+        prompt_logprobs = {
+            scheduled.request_id: self._prompt_logprobs(
+                scheduled, inputs.attn_metadata.query_start_loc[i], hidden
+            )
+            for i, scheduled in enumerate(scheduler_output.scheduled)
+            if scheduled.request.wants_prompt_logprobs
+        }
+        return LaunchedStep(rows, sampled, results, ModelRunnerOutput({}), prompt_logprobs)
 
     def _sample(
         self, rows: list[ScheduledRequest], inputs: ModelInputs, hidden: torch.Tensor
@@ -222,19 +226,20 @@ class ModelRunner:
         return self.generators[scheduled.request_id]
 
     def _prompt_logprobs(
-        self, scheduled: ScheduledRequest, start_row: int, hidden: torch.Tensor, out: ModelRunnerOutput
-    ) -> None:
+        self, scheduled: ScheduledRequest, start_row: int, hidden: torch.Tensor
+    ) -> LogprobsTensors | None:
+        """The chunk's prompt logprobs, on the device (read back with the step's results); None when the
+        chunk predicts no prompt token (the prompt's last position)."""
         # Position p predicts prompt token p + 1; the chunk covers positions [start, start + num_new).
         request = scheduled.request
         start = scheduled.num_computed_tokens
         end = min(start + scheduled.num_new_tokens, request.num_prompt_tokens - 1)
         if end <= start:
-            out.prompt_logprobs[request.request_id] = LogprobsLists([], [], [])
-            return
+            return None
         logits = self.model.compute_logits(hidden[start_row : start_row + end - start]).float()
-        next_tokens = torch.tensor(request.prompt_token_ids[start + 1 : end + 1], device=self.device)
+        next_tokens = to_device(torch.tensor(request.prompt_token_ids[start + 1 : end + 1]), self.device)
         num_top = request.sampling_params.prompt_logprobs or 0
-        out.prompt_logprobs[request.request_id] = compute_logprobs(logits, next_tokens, num_top).tolists()
+        return compute_logprobs(logits, next_tokens, num_top)
 
 
 @dataclass
@@ -279,13 +284,19 @@ class LaunchedStep:
     sampled: SamplerOutput | None
     results: SampledResults | None
     partial: ModelRunnerOutput
+    prompt_logprobs: dict[str, LogprobsTensors | None] = field(default_factory=dict)
+    """Per request id, its chunk's prompt logprobs, still on the device (None: none in this chunk)."""
 
     def output(self) -> ModelRunnerOutput:
         """The step's results on the host (waits for this step's device work)."""
-        if self.results is None:
-            return self.partial
-        token_ids, logprobs = self.results.wait()
         out = self.partial
+        for request_id, tensors in self.prompt_logprobs.items():
+            out.prompt_logprobs[request_id] = (
+                LogprobsLists([], [], []) if tensors is None else tensors.tolists()
+            )
+        if self.results is None:
+            return out
+        token_ids, logprobs = self.results.wait()
         for row, (r, token_id) in enumerate(zip(self.rows, token_ids, strict=True)):
             out.sampled_token_ids[r.request_id] = token_id
             if logprobs is not None and r.request.sampling_params.logprobs is not None:
