@@ -26,12 +26,11 @@ from tokenmill.sampling_params import RequestOutputKind, SamplingParams
         ("frequency_penalty", 3.0),
         ("frequency_penalty", -3.0),
         ("repetition_penalty", 0.0),
+        ("repetition_penalty", 1e-300),  # 0 in float32: inf and NaN logits
         ("repetition_penalty", -1.0),
         ("max_tokens", 0),
         ("min_tokens", -1),
-        ("logprobs", 21),
         ("logprobs", -1),
-        ("prompt_logprobs", 21),
         ("prompt_logprobs", -1),
         ("stop", [""]),
         ("stop", ["ok", ""]),
@@ -142,3 +141,14 @@ def test_no_logprobs_limit_with_max_logprobs_minus_one() -> None:
     params.validate(max_logprobs=-1)
     with pytest.raises(ValueError, match="^logprobs "):
         params.validate()
+
+
+def test_the_logprobs_limit_is_the_engines_not_the_params() -> None:
+    # --max-logprobs may raise it past the default 20 (or lift it, -1): checked when a request is added.
+    params = SamplingParams(logprobs=30, prompt_logprobs=25)
+    params.validate(max_logprobs=30)
+    params.validate(max_logprobs=-1)
+    with pytest.raises(ValueError, match="^logprobs must be between 0 and 20"):
+        params.validate(max_logprobs=20)
+    with pytest.raises(ValueError, match="^logprobs must be non-negative"):
+        SamplingParams(logprobs=-1)

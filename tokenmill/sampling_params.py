@@ -31,6 +31,9 @@ _NUMBER_FIELDS = (
     "frequency_penalty",
     "repetition_penalty",
 )
+# The smallest repetition penalty that stays finite in float32 logits: dividing by a smaller one (or by
+# the 0 float32 rounds it to) makes inf and NaN logits, and garbage tokens.
+MIN_REPETITION_PENALTY = 1e-30
 # Temperatures below this sample greedily (as in vLLM): dividing logits by them would overflow.
 SAMPLING_EPS = 1e-5
 
@@ -71,7 +74,9 @@ class SamplingParams:
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
         if self.top_k == -1:
             self.top_k = 0
-        self.validate()
+        # Logprobs unbounded here: the engine's limit (--max-logprobs, 20 by default) is applied when the
+        # request is added, and may be higher.
+        self.validate(max_logprobs=-1)
 
     def validate(self, max_logprobs: int = MAX_TOP_LOGPROBS) -> None:
         self._validate_types()
@@ -89,9 +94,9 @@ class SamplingParams:
             value = getattr(self, name)
             _check(-2.0 <= value <= 2.0, name, f"must be in [-2, 2], got {value}")
         _check(
-            self.repetition_penalty > 0.0,
+            self.repetition_penalty >= MIN_REPETITION_PENALTY,
             "repetition_penalty",
-            f"must be greater than 0, got {self.repetition_penalty}",
+            f"must be greater than 0 (at least {MIN_REPETITION_PENALTY:g}), got {self.repetition_penalty}",
         )
         _check(
             self.max_tokens is None or self.max_tokens >= 1,

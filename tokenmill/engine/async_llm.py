@@ -205,6 +205,11 @@ class AsyncLLM:
         self._queues.pop(request_id, None)
         self._num_seqs.pop(request_id, None)
 
+    @property
+    def max_in_flight(self) -> int:
+        """The most sequences the engine holds at once, running and waiting."""
+        return self._max_in_flight
+
     def _check_can_accept(self, num_seqs: int) -> None:
         if self.errored or not self._ready:
             raise EngineDeadError(self.error_message or "the engine is still loading the model")

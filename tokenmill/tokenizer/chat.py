@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-_TEXT_PART_TYPES = ("text", "input_text")
+TEXT_PART_TYPES = ("text", "input_text")
 
 
 def is_inline_template(template: str) -> bool:
@@ -36,7 +36,7 @@ def text_content(content: Any) -> Any:
     for part in content:
         if isinstance(part, str):
             texts.append(part)
-        elif isinstance(part, dict) and part.get("type") in _TEXT_PART_TYPES:
+        elif isinstance(part, dict) and part.get("type") in TEXT_PART_TYPES:
             texts.append(str(part.get("text", "")))
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__

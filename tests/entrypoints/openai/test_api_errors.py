@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -163,3 +165,19 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(ser
         assert_error_body(reply, 400)
         assert "bytes, more than this model's maximum context length of 2048 tokens" in reply.text
         assert http.get("/health").status_code == 200
+
+
+def test_a_client_gone_before_its_body_arrived_is_no_internal_error(server) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    before = server.log.read_text(errors="replace").count("unexpected error serving")
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Authorization: Bearer test-key\r\nContent-Length: 1000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + b'{"prompt":')
+    with server.http() as http:
+        for _ in range(50):  # the server notices the hang-up asynchronously
+            time.sleep(0.1)
+            assert http.get("/health").status_code == 200
+    assert server.log.read_text(errors="replace").count("unexpected error serving") == before

@@ -220,3 +220,89 @@ def test_a_default_max_tokens_shrinks_to_the_room_the_prompt_leaves(
     )
     completion = {"prompt": "word " * 200, "max_tokens": None}
     assert client.post("/v1/completions", json=completion).status_code == 200
+
+
+def error_of(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_max_logprobs_is_the_servers_limit_both_ways(make_app: Callable[..., TestClient]) -> None:
+    low, high = make_app("--max-logprobs", "5"), make_app("--max-logprobs", "30")
+    ScriptedCore.ready.set()
+    wait_status(low, 200)
+    wait_status(high, 200)
+    chat = {**HI, "logprobs": True, "top_logprobs": 6}
+    error = error_of(low.post("/v1/chat/completions", json=chat), 400)
+    assert error["param"] == "top_logprobs" and "between 0 and 5" in error["message"]
+    error = error_of(low.post("/v1/completions", json={"prompt": "a", "prompt_logprobs": 6}), 400)
+    assert error["param"] == "prompt_logprobs"
+    # Past the default 20, up to the server's 30: accepted (it was refused at 20 whatever the flag).
+    assert (
+        high.post("/v1/completions", json={"prompt": "a", "max_tokens": 1, "logprobs": 25}).status_code == 200
+    )
+    error = error_of(high.post("/v1/completions", json={"prompt": "a", "logprobs": 31}), 400)
+    assert "between 0 and 30" in error["message"]
+
+
+def test_more_prompts_than_the_server_ever_holds_are_refused_before_tokenizing(
+    make_app: Callable[..., TestClient],
+) -> None:
+    client = make_app("--max-num-seqs", "2", "--max-waiting", "1")
+    ScriptedCore.ready.set()
+    wait_status(client, 200)
+    error = error_of(client.post("/v1/completions", json={"prompt": ["a"] * 4, "max_tokens": 1}), 400)
+    assert "4 prompts x n=1 are 4 sequences" in error["message"] and "fewer prompts" in error["message"]
+    error_of(client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 1}), 400)
+    assert client.post("/v1/completions", json={"prompt": ["a"] * 3, "max_tokens": 1}).status_code == 200
+
+
+def test_request_body_faults_are_400s_or_415(app_client: TestClient) -> None:
+    ScriptedCore.ready.set()
+    wait_status(app_client, 200)
+    json_type = {"content-type": "application/json"}
+    deep = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    huge_int = b'{"prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}"
+    for body in (deep, huge_int):
+        assert (
+            "malformed JSON"
+            in error_of(app_client.post("/v1/completions", content=body, headers=json_type), 400)["message"]
+        )
+    gzipped = app_client.post(
+        "/v1/completions", content=b"\x1f\x8b", headers={**json_type, "content-encoding": "gzip"}
+    )
+    assert "content encoding" in error_of(gzipped, 415)["message"]
+    # A big body is parsed off the event loop; it still gets its validation error.
+    big = b'{"prompt": "' + b"a " * 200_000 + b'", "n": 0}'
+    assert error_of(app_client.post("/v1/completions", content=big, headers=json_type), 400)["param"] == "n"
+    assert app_client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "a", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        ({"prompt": "a", "repetition_penalty": 1e-300}, "repetition_penalty"),
+        ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ],
+)
+def test_values_the_engine_cannot_serve_are_refused_by_name(
+    app_client: TestClient, body: dict[str, Any], param: str
+) -> None:
+    ScriptedCore.ready.set()
+    wait_status(app_client, 200)
+    assert error_of(app_client.post("/v1/completions", json=body), 400)["param"] == param
+
+
+def test_input_text_parts_and_ping(app_client: TestClient) -> None:
+    ScriptedCore.ready.set()
+    wait_status(app_client, 200)
+    parts = [{"type": "input_text", "text": "hi"}, {"type": "text", "text": "there"}]
+    body = {"messages": [{"role": "user", "content": parts}], "max_tokens": 2}
+    assert app_client.post("/v1/chat/completions", json=body).status_code == 200
+    body = {"messages": [{"role": "user", "content": [{"type": "text"}]}]}
+    error = error_of(app_client.post("/v1/chat/completions", json=body), 400)
+    assert "needs its text" in error["message"]
+    assert app_client.get("/ping").status_code == 200 and app_client.post("/ping").status_code == 200

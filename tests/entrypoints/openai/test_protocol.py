@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-from tokenmill.sampling_params import RequestOutputKind
+from tokenmill.sampling_params import InvalidParameterError, RequestOutputKind
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -30,7 +30,6 @@ def test_chat_fields_become_sampling_params() -> None:
             "stop_token_ids": [7],
             "skip_special_tokens": False,
             "include_stop_str_in_output": True,
-            "prompt_logprobs": 1,
             "unknown_vendor_field": 1,
         }
     )
@@ -38,10 +37,14 @@ def test_chat_fields_become_sampling_params() -> None:
     assert (params.max_tokens, params.logprobs, params.n, params.seed) == (7, 3, 2, 5)
     assert params.stop == ["x"] and params.ignore_eos and params.min_tokens == 2 and params.top_k == 0
     assert params.min_p == 0.1 and params.repetition_penalty == 1.1 and params.stop_token_ids == [7]
-    assert (
-        not params.skip_special_tokens and params.include_stop_str_in_output and params.prompt_logprobs == 1
-    )
+    assert not params.skip_special_tokens and params.include_stop_str_in_output
     assert params.output_kind is RequestOutputKind.DELTA
+    # prompt_logprobs are not streamed (as in vLLM): asked for in a stream, they are refused by name.
+    whole = request.model_copy(update={"stream": False, "prompt_logprobs": 1})
+    assert whole.to_sampling_params({}).prompt_logprobs == 1
+    with pytest.raises(InvalidParameterError) as refused:
+        request.model_copy(update={"prompt_logprobs": 1}).to_sampling_params({})
+    assert refused.value.param == "prompt_logprobs"
 
 
 def test_generation_config_defaults_apply_only_when_omitted() -> None:

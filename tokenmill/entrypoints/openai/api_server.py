@@ -62,6 +62,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     max_body = state.args.max_request_body_size
 
     @app.get("/health")
+    @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) name for the same check
     async def health() -> Response:
         if state.is_healthy:
             return Response(status_code=200)

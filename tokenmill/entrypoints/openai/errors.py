@@ -15,7 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tokenmill.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
@@ -29,6 +31,7 @@ ERROR_TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     503: "service_unavailable",
 }
 
@@ -91,15 +94,33 @@ def validation_error(err: ValidationError | RequestValidationError) -> APIError:
     return APIError(f"{prefix}{first.get('msg', 'invalid value')}", 400, param=param)
 
 
+THREAD_PARSE_BYTES = 256 * 1024
+"""Bodies from this size are parsed and validated in a worker thread: megabytes of JSON would hold the
+event loop (every other stream, /health) for a second or more."""
+
+
 async def parse_json_body(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:
     """Reads and validates a JSON body of at most `max_bytes`; too large is a 413, any other fault a 400."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise APIError(f"unsupported content type {content_type or '(none)'!r}: send application/json", 400)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise APIError(f"unsupported content encoding {encoding!r}: send the JSON body uncompressed", 415)
     raw = await read_body(request, max_bytes)
+    if len(raw) >= THREAD_PARSE_BYTES:
+        return await run_in_threadpool(parse_json, raw, model)
+    return parse_json(raw, model)
+
+
+def parse_json(raw: bytes, model: type[ModelT]) -> ModelT:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(f"malformed JSON body: {err}", 400) from None
+    except RecursionError:
+        raise APIError("malformed JSON body: nested too deeply", 400) from None
+    except ValueError as err:  # an integer literal of more digits than Python converts
         raise APIError(f"malformed JSON body: {err}", 400) from None
     if not isinstance(data, dict):
         raise APIError("the JSON body must be an object", 400)
@@ -107,6 +128,8 @@ async def parse_json_body(request: Request, model: type[ModelT], max_bytes: int)
         return model.model_validate(data)
     except ValidationError as err:
         raise validation_error(err) from None
+    except RecursionError:
+        raise APIError("the request is nested too deeply", 400) from None
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -121,11 +144,15 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: nginx's 499, without a traceback
+        message = "the client closed the connection before its request body arrived"
+        raise APIError(message, 499, code="client_closed_request") from None
     return b"".join(chunks)
 
 

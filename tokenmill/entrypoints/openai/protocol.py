@@ -12,7 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenmill.sampling_params import InvalidParameterError, RequestOutputKind, SamplingParams
+from tokenmill.sampling_params import (
+    MAX_TOP_LOGPROBS,
+    InvalidParameterError,
+    RequestOutputKind,
+    SamplingParams,
+)
+from tokenmill.tokenizer.chat import TEXT_PART_TYPES
 
 
 def random_id(prefix: str) -> str:
@@ -88,10 +94,21 @@ class SamplingFields(OpenAIBaseModel):
     prompt_logprobs: int | None = None
 
     def _build_params(
-        self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any]
+        self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any], max_logprobs: int
     ) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidParameterError(
+                "prompt_logprobs", "is not available when stream is true (as in vLLM)"
+            )
+        params = self._sampling_params(max_tokens, logprobs, defaults)
+        params.validate(max_logprobs)  # the server's --max-logprobs, not the default 20
+        return params
+
+    def _sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any]
+    ) -> SamplingParams:
 
         def pick(name: str, fallback: Any) -> Any:
             value = getattr(self, name)
@@ -129,7 +146,7 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     try:
         return {int(token): float(value) for token, value in bias.items()}
     except ValueError:
-        raise ValueError("logit_bias keys must be token ids (integers as strings)") from None
+        raise InvalidParameterError("logit_bias", "keys must be token ids (integers as strings)") from None
 
 
 # --- completions -------------------------------------------------------------------------------------
@@ -161,12 +178,14 @@ class CompletionRequest(SamplingFields):
         """echo with max_tokens 0: the prompt back with its logprobs, nothing generated (as vLLM)."""
         return self.echo and self.max_tokens == 0
 
-    def to_sampling_params(self, defaults: dict[str, Any]) -> SamplingParams:
+    def to_sampling_params(
+        self, defaults: dict[str, Any], max_logprobs: int = MAX_TOP_LOGPROBS
+    ) -> SamplingParams:
         if self.suffix is not None:
             raise ValueError("suffix is not supported: insert the text in the prompt instead")
         # Scoring runs one step (the engine generates at least one token); its token is dropped.
         max_tokens = 1 if self.scores_prompt_only else self.max_tokens
-        params = self._build_params(max_tokens, self.logprobs, defaults)
+        params = self._build_params(max_tokens, self.logprobs, defaults, max_logprobs)
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs
         return params
@@ -225,8 +244,12 @@ class ChatMessage(OpenAIBaseModel):
             return self.content
         parts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type not in TEXT_PART_TYPES:
                 raise ValueError(f"content parts of type {part.type!r} are not supported; send text parts")
+            if part.text is None:
+                raise InvalidParameterError(
+                    "messages", f"a content part of type {part.type!r} needs its text"
+                )
             parts.append(part.text)
         return "\n".join(parts)
 
@@ -271,7 +294,9 @@ class ChatCompletionRequest(SamplingFields):
             conversation.append(entry)
         return conversation
 
-    def to_sampling_params(self, defaults: dict[str, Any]) -> SamplingParams:
+    def to_sampling_params(
+        self, defaults: dict[str, Any], max_logprobs: int = MAX_TOP_LOGPROBS
+    ) -> SamplingParams:
         if self.response_format is not None and self.response_format.type != "text":
             raise ValueError(
                 f"response_format {self.response_format.type!r} is not supported yet; use 'text'"
@@ -287,7 +312,7 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs set to true")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
-            return self._build_params(self.requested_max_tokens, logprobs, defaults)
+            return self._build_params(self.requested_max_tokens, logprobs, defaults, max_logprobs)
         except InvalidParameterError as err:
             raise self._in_request_terms(err) from None
 

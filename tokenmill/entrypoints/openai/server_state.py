@@ -104,6 +104,7 @@ class ServerState:
             reasoning_parser=self.args.reasoning_parser,
             log_requests=self.args.enable_log_requests,
             max_token_bytes=loaded.max_token_bytes,
+            max_logprobs=self.args.max_logprobs,
         )
         self._servers = Servers(
             OpenAIServingCompletion(ctx), OpenAIServingChat(ctx), OpenAIServingTokenization(ctx)

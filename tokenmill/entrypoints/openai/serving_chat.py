@@ -78,7 +78,7 @@ class OpenAIServingChat:
         model = self.ctx.check_model(request.model)
         engine = self.ctx.engine
         try:
-            params = request.to_sampling_params(self.ctx.default_sampling)
+            params = request.to_sampling_params(self.ctx.default_sampling, self.ctx.max_logprobs)
             conversation = request.conversation()
             text = await engine.run_in_executor(render_chat_prompt, self.ctx, request, conversation)
             token_ids = await self.ctx.encode(text, request.add_special_tokens)

@@ -43,7 +43,8 @@ class OpenAIServingCompletion:
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         model = self.ctx.check_model(request.model)
         try:
-            params = request.to_sampling_params(self.ctx.default_sampling)
+            params = request.to_sampling_params(self.ctx.default_sampling, self.ctx.max_logprobs)
+            self._check_capacity(len(request.prompts()), params.n)
             prompts = await self._tokenize(request)
         except ValueError as err:
             raise APIError.bad_request(err) from None
@@ -62,6 +63,16 @@ class OpenAIServingCompletion:
         merged = merge_async_iterators(*generators)
         body = await with_disconnect(raw_request, self._collect(request, params, merged, request_id, model))
         return Response(body.model_dump_json(), media_type="application/json")
+
+    def _check_capacity(self, num_prompts: int, n: int) -> None:
+        """A request of more sequences than the server ever holds at once can never succeed: refused
+        before any prompt is tokenized (a 503 "retry" would be a lie, and a million prompts hours of work)."""
+        most = self.ctx.engine.max_in_flight
+        if num_prompts * n > most:
+            raise ValueError(
+                f"{num_prompts} prompts x n={n} are {num_prompts * n} sequences, more than this server takes "
+                f"at once ({most}: --max-num-seqs plus --max-waiting): send fewer prompts per request"
+            )
 
     async def _tokenize(self, request: CompletionRequest) -> list[tuple[str, list[int]]]:
         tokenizer = self.ctx.tokenizer

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
 from tokenmill.engine.outputs import Logprob, PromptLogprobs
 from tokenmill.entrypoints.openai.errors import APIError, error_body
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 request_logger = logging.getLogger("tokenmill.requests")
@@ -39,6 +39,7 @@ class ServingContext:
     reasoning_parser: str | None = None
     log_requests: bool = False
     max_token_bytes: int | None = None  # `longest_token_bytes` of the tokenizer; None: no bound
+    max_logprobs: int = MAX_TOP_LOGPROBS  # --max-logprobs; -1: no limit
 
     @property
     def model_name(self) -> str:
