@@ -254,8 +254,7 @@ def cut_off_at_time_limit(args: argparse.Namespace, on_cut_off: Callable[[float]
 
     def cut_off() -> None:
         on_cut_off(time.perf_counter() - started)
-        print(json.dumps({"device": args.device_name, "rows": ROWS}))
-        print_table(args.device_name)
+        print_results(args.device_name)
         sys.stdout.flush()
         os._exit(0)
 
@@ -439,8 +438,13 @@ def main() -> None:
     for key in args.only:
         phase(f"check {key}", checks[key])
         print_table(name)  # after every check: a run cut short by its time limit keeps the rows so far
-    print(json.dumps({"device": name, "rows": ROWS}))
-    print_table(name)  # the table last
+    print_results(name)
+
+
+def print_results(device_name: str) -> None:
+    """The rows as one JSON line, then the table: last, as the device run's record."""
+    print(json.dumps({"device": device_name, "rows": ROWS}))
+    print_table(device_name)
 
 
 def print_table(device_name: str) -> None:
