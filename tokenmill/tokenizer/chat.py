@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-TEXT_PART_TYPES = ("text", "input_text")
+from tokenmill.content_parts import TEXT_PART_TYPES
 
 
 def is_inline_template(template: str) -> bool:

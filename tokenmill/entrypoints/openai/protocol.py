@@ -12,13 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenmill.content_parts import TEXT_PART_TYPES
 from tokenmill.sampling_params import (
     MAX_TOP_LOGPROBS,
     InvalidParameterError,
     RequestOutputKind,
     SamplingParams,
 )
-from tokenmill.tokenizer.chat import TEXT_PART_TYPES
 
 
 def random_id(prefix: str) -> str:
