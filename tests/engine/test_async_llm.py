@@ -1,18 +1,22 @@
 """AsyncLLM: per-request streams, aborts on cancel, the bounded queue and a dead core.
 
 The core is replaced by a fake client the test feeds `EngineCoreOutput`s through; one slow test starts
-the real core process with a model that does not exist and sees the load error come back.
+the real core process with a model that does not exist and sees the load error come back; another stops a
+core spawned ahead of the server (as `tokenmill serve` does) before anything connected to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tokenmill.config import EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.engine import core_client
 from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError, RequestAbortedError
 from tokenmill.engine.core_client import CoreFailed, CoreMessage, CoreOutputs, CoreReady, EngineCoreClient
 from tokenmill.engine.outputs import EngineCoreOutput, FinishReason
@@ -170,3 +174,25 @@ def test_real_core_process_reports_load_errors(smollm2_tokenizer: Any) -> None:
         assert llm._client._process.exitcode is not None  # no orphan
 
     asyncio.run(run())
+
+
+def test_adopted_core_must_have_the_engines_configuration() -> None:
+    core = EngineCoreClient(EngineConfig(model=ModelConfig(model="a.gguf"), device="cpu"))
+    other = EngineConfig(model=ModelConfig(model="b.gguf"), device="cpu")
+    with pytest.raises(ValueError, match="another configuration"):
+        core.adopt(other, lambda message: None)
+    assert core.adopt(core.config, lambda message: None) is core
+
+
+@pytest.mark.slow
+def test_spawned_core_never_connected_is_stopped_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that fails before connecting to the core it spawned must not wait out the core's load
+    (a loading core reads no Shutdown); a long grace period would show as a hang here."""
+    monkeypatch.setattr(core_client, "_SHUTDOWN_GRACE_S", 3600.0)
+    core = EngineCoreClient(EngineConfig(device="cpu"))  # the default model: it is loading when stopped
+    core.spawn()
+    stopper = threading.Thread(target=core.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(120)
+    assert not stopper.is_alive(), "shutdown waited for the loading core"
+    assert core._process.exitcode == -signal.SIGTERM

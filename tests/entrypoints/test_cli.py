@@ -44,6 +44,29 @@ def test_model_that_cannot_load_stops_the_server() -> None:
     assert "/nonexistent/model.gguf" in result.stderr and "Traceback" not in result.stderr
 
 
+SPAWN_BEFORE_SERVER_IMPORT = """
+import sys
+from tokenmill.engine.core_client import EngineCoreClient
+
+def spawn(self):
+    print("tokenmill.entrypoints.openai.api_server" in sys.modules)
+    raise SystemExit(0)
+
+EngineCoreClient.spawn = spawn
+from tokenmill.entrypoints.cli import main
+main(["serve", "--port", "0"])
+"""
+
+
+def test_serve_spawns_the_engine_core_before_importing_the_server() -> None:
+    """The model loads in the core while the API process imports FastAPI and the serving code."""
+    result = subprocess.run(
+        [sys.executable, "-c", SPAWN_BEFORE_SERVER_IMPORT], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_portal_and_boot_are_forwarded_to_the_appliance(monkeypatch: pytest.MonkeyPatch) -> None:
     import tokenmill_appliance.cli
 

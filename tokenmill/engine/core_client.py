@@ -137,16 +137,19 @@ def _drain(inputs: Connection, block: bool, parent_pid: int) -> list[Any]:
 class EngineCoreClient:
     """Starts the core process and talks to it; `on_message` runs on the reader thread."""
 
-    def __init__(self, config: EngineConfig, on_message: Callable[[CoreMessage], None]) -> None:
+    def __init__(self, config: EngineConfig, on_message: Callable[[CoreMessage], None] | None = None) -> None:
         self.config = config
         self.on_message = on_message
         self._context = multiprocessing.get_context("spawn")
         # Messages to the core go through a thread, so a full pipe never blocks the event loop.
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._process: Any = None
+        self._pipes: tuple[Connection, Connection] | None = None
+        self._connected = False  # start() ran: the writer thread delivers Shutdown
         self._closing = False
 
-    def start(self) -> None:
+    def spawn(self) -> None:
+        """Starts the core process, which begins loading the model; `start()` connects to it later."""
         core_inputs, to_core = self._context.Pipe(duplex=False)
         from_core, core_outputs = self._context.Pipe(duplex=False)
         self._process = self._context.Process(
@@ -157,8 +160,24 @@ class EngineCoreClient:
         self._process.start()
         core_inputs.close()  # only the core holds these ends: its exit closes the pipes
         core_outputs.close()
+        self._pipes = (to_core, from_core)
+
+    def adopt(self, config: EngineConfig, on_message: Callable[[CoreMessage], None]) -> EngineCoreClient:
+        """A client factory (see `AsyncLLM`) that hands over this client, spawned ahead of the engine."""
+        if config != self.config:
+            raise ValueError("the engine core was spawned with another configuration")
+        self.on_message = on_message
+        return self
+
+    def start(self) -> None:
+        """Spawns the core unless `spawn()` did, and starts the threads that talk to it."""
+        if self._pipes is None:
+            self.spawn()
+        assert self._pipes is not None and self.on_message is not None, "spawned without adopt()"
+        to_core, from_core = self._pipes
+        self._connected = True
         threading.Thread(
-            target=self._read, args=(from_core,), name="tokenmill-core-reader", daemon=True
+            target=self._read, args=(from_core, self.on_message), name="tokenmill-core-reader", daemon=True
         ).start()
         threading.Thread(
             target=self._write, args=(to_core,), name="tokenmill-core-writer", daemon=True
@@ -175,16 +194,16 @@ class EngineCoreClient:
                 to_core.close()
                 return
 
-    def _read(self, receiver: Connection) -> None:
+    def _read(self, receiver: Connection, on_message: Callable[[CoreMessage], None]) -> None:
         while True:
             try:
                 message = receiver.recv()
             except (EOFError, OSError):
                 if not self._closing:
                     code = self._process.exitcode if self._process is not None else None
-                    self.on_message(CoreFailed(f"the engine core process exited (exit code {code})"))
+                    on_message(CoreFailed(f"the engine core process exited (exit code {code})"))
                 return
-            self.on_message(message)
+            on_message(message)
             if isinstance(message, CoreFailed):
                 return
 
@@ -200,13 +219,17 @@ class EngineCoreClient:
             self._outbox.put(AbortRequests(list(request_ids)))
 
     def shutdown(self) -> None:
-        """Asks the core to stop, then terminates and kills it if it does not."""
+        """Asks the core to stop, then terminates and kills it if it does not. A core spawned but never
+        connected (the server failed before its start) is terminated at once: it reads nothing while
+        it loads."""
         if self._closing:
             return
         self._closing = True
         process = self._process
         self._outbox.put(Shutdown())
         if process is not None and process.is_alive():
+            if not self._connected:
+                process.terminate()
             process.join(_SHUTDOWN_GRACE_S)
             if process.is_alive():
                 process.terminate()

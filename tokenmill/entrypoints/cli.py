@@ -51,9 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         serve_args = parse_serve_args(rest)
         if (policy := omp_wait_policy(serve_args.engine_args.quantization)) is not None:
             os.environ.setdefault("OMP_WAIT_POLICY", policy)
-        from tokenmill.entrypoints.openai.api_server import run_server
+        from tokenmill.engine.core_client import EngineCoreClient
 
-        return run_server(serve_args)
+        # The core process starts loading the model now, while this one imports the server (~1 s).
+        core = EngineCoreClient(serve_args.engine_args.create_engine_config())
+        core.spawn()
+        try:
+            from tokenmill.entrypoints.openai.api_server import run_server
+
+            return run_server(serve_args, client_factory=core.adopt)
+        finally:
+            core.shutdown()  # a no-op after the server's own shutdown; else the spawned core is stopped
     if name in ("chat", "complete"):
         from tokenmill.entrypoints.chat_client import main as client_main
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -19,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill import __version__, logging_config
+from tokenmill.engine.core_client import EngineCoreClient
 from tokenmill.entrypoints.cli_args import ServeArgs
 from tokenmill.entrypoints.openai.auth import APIKeyMiddleware
 from tokenmill.entrypoints.openai.errors import APIError, install_error_handlers, parse_json_body
@@ -128,10 +130,11 @@ def configure_logging(args: ServeArgs) -> None:
         logging.getLogger("tokenmill.requests").setLevel(logging.INFO)
 
 
-def run_server(args: ServeArgs) -> int:
-    """Serves until SIGINT/SIGTERM; 1 when the model could not be loaded."""
+def run_server(args: ServeArgs, client_factory: Any = EngineCoreClient) -> int:
+    """Serves until SIGINT/SIGTERM; 1 when the model could not be loaded. `client_factory` makes the
+    engine core's client (`EngineCoreClient.adopt` hands over a core spawned earlier)."""
     configure_logging(args)
-    state = ServerState(args)
+    state = ServerState(args, client_factory)
     config = uvicorn.Config(
         build_app(state),
         host=args.host,
