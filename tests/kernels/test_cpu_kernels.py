@@ -1,15 +1,20 @@
-"""The C int8 linear kernel against a torch emulation of its arithmetic, and how it is built and cached."""
+"""The C int8 linear kernel against a torch emulation of its arithmetic, and how it is built and cached
+(in the foreground, or in the background while the engine core imports torch)."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels import cpu
+from tokenmill.engine import core_client
+from tokenmill.engine.core_client import runs_on_cpu
+from tokenmill.kernels import build, cpu
 from tokenmill.model.quantization import quantize_per_channel_int8
 
 requires_kernel = pytest.mark.skipif(
@@ -134,3 +139,39 @@ def test_a_changed_header_rebuilds_the_library(tmp_path: Path, monkeypatch: pyte
     first = cpu.build(sources / "int8_linear.c", compiler)
     (sources / "simd.h").write_text((sources / "simd.h").read_text() + "\n/* changed */\n")
     assert cpu.build(sources / "int8_linear.c", compiler) != first
+
+
+@requires_kernel
+def test_a_build_under_way_in_the_background_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine core starts the build before importing torch; the load that follows finds it under way
+    and waits for it instead of compiling a second time."""
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
+    compiles: list[list[str]] = []
+    run = subprocess.run
+
+    def counted_run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        compiles.append(command)
+        return run(command, **kwargs)
+
+    monkeypatch.setattr(build.subprocess, "run", counted_run)
+    thread = build.build_in_background(cpu.SOURCE)
+    assert thread is not None
+    library = cpu.build(cpu.SOURCE, build.find_compiler() or "cc")  # while the thread compiles
+    thread.join()
+    assert library.exists() and len(compiles) == 1
+    assert [p.name for p in library.parent.iterdir()] == [library.name]
+
+
+def test_no_background_build_where_the_kernels_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu.DISABLE_ENV, "0")
+    assert build.build_in_background() is None
+
+
+def test_the_core_builds_cpu_kernels_only_where_it_runs_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert runs_on_cpu("cpu") and not runs_on_cpu("cuda") and not runs_on_cpu("cuda:1")
+    monkeypatch.setattr(core_client.os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    assert not runs_on_cpu("auto")  # NVIDIA's driver: auto will take CUDA
+    monkeypatch.setattr(core_client.os.path, "exists", lambda path: False)
+    assert runs_on_cpu("auto")

@@ -25,6 +25,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.outputs import EngineCoreOutput, EngineCoreRequest
+from tokenmill.kernels.build import build_in_background
 from tokenmill.logging_config import configure_logging
 from tokenmill.metrics.stats import SchedulerStats
 
@@ -83,6 +84,8 @@ def run_engine_core(config: EngineConfig, inputs: Connection, conn: Connection, 
     """The core process's main: load, report, then loop until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process owns Ctrl-C and stops us
     configure_logging()  # a spawned process starts without the API process's logging
+    if runs_on_cpu(config.device):
+        build_in_background()  # a cold build of the C kernels (~3 s) overlaps torch's import
     try:
         from tokenmill.engine.core import EngineCore
 
@@ -97,6 +100,12 @@ def run_engine_core(config: EngineConfig, inputs: Connection, conn: Connection, 
         pass  # the API process went away
     except Exception as err:
         conn.send(CoreFailed(f"the engine core failed: {type(err).__name__}: {err}", traceback.format_exc()))
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether the core will run on the CPU, told before torch loads: "auto" takes CUDA where NVIDIA's
+    driver is."""
+    return device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl"))
 
 
 def _core_loop(core: Any, inputs: Connection, conn: Connection, parent_pid: int) -> None:

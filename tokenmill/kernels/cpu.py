@@ -1,9 +1,8 @@
 """Building and calling the C kernels of this package on CPU.
 
 The kernels (kernels.c and the sources it includes) are compiled on first use with the system C compiler
-(`$CC`, else cc, gcc or clang) into `$TOKENMILL_CACHE_DIR/kernels` (default `~/.cache/tokenmill/kernels`),
-one file per text of the sources, flags and compiler, so later starts load it at once (a compile takes a
-second or two). Where they cannot be used (not x86-64 with AVX2, FMA and F16C, no compiler,
+(`$CC`, else cc, gcc or clang) into `$TOKENMILL_CACHE_DIR/kernels` (build.py, which needs no torch), so
+later starts load them at once. Where they cannot be used (not x86-64 with AVX2, FMA and F16C, no compiler,
 `TOKENMILL_CPU_KERNELS=0`), `kernel_library()` returns None, the reason is logged once, and callers take
 their torch path instead.
 """
@@ -12,87 +11,26 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch  # loaded first: the kernel links the libgomp torch has already loaded, so they share threads
 
+from tokenmill.kernels.build import (  # noqa: F401  (re-exported: the kernels' one module for callers)
+    DISABLE_ENV,
+    SOURCE,
+    SOURCE_DIR,
+    build,
+    cpu_flags,
+    find_compiler,
+    unavailable_reason,
+)
+
 logger = logging.getLogger(__name__)
 
-SOURCE_DIR = Path(__file__).parent
-SOURCE = SOURCE_DIR / "kernels.c"  # includes every kernel source of this directory
 ACTIVATION_BLOCK = 32  # input features per activation scale; the kernel needs K to be a multiple of it
-# No contraction of a product and a sum into one FMA unless the source asks for it: a kernel that matches a
-# torch expression bit for bit (layer_ops.c's rotary) must round each operation as torch does.
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
-LIBS = ("-lm",)
-DISABLE_ENV = "TOKENMILL_CPU_KERNELS"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("TOKENMILL_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tokenmill"
-    )
-    return Path(base) / "kernels"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-def unavailable_reason() -> str | None:
-    """Why the C kernels cannot run on this machine, or None when they can."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return f"{DISABLE_ENV}=0"
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"they are built for x86-64 Linux, not {platform.system()} {platform.machine()}"
-    if not {"avx2", "fma", "f16c"} <= cpu_flags():
-        return "this CPU lacks AVX2, FMA or F16C"
-    if find_compiler() is None:
-        return "no C compiler found: install gcc (or set CC)"
-    return None
-
-
-def find_compiler() -> str | None:
-    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
-    return next((path for name in candidates if (path := shutil.which(name))), None)
-
-
-def build(source: Path, compiler: str) -> Path:
-    """Compiles `source` into the cache (once per text of the sources and headers beside it, flags and
-    compiler) and returns the library.
-    The library is written under a temporary name and renamed, so a crash never leaves half a file."""
-    flags = " ".join((compiler, *CFLAGS, *LIBS))
-    # Every source and header beside it counts: a source may include the others (kernels.c does).
-    siblings = sorted(
-        path for path in source.parent.iterdir() if path.suffix in (".c", ".h") and path != source
-    )
-    text = source.read_bytes() + b"".join(path.read_bytes() for path in siblings)
-    key = hashlib.sha256(text + flags.encode()).hexdigest()[:16]
-    library = cache_dir() / f"{source.stem}-{key}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-        partial = Path(scratch) / library.name
-        command = [compiler, *CFLAGS, str(source), "-o", str(partial), *LIBS]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-        os.replace(partial, library)
-    return library
 
 
 Signature = tuple[list[Any], Any]  # a C function's argument types and result type (ctypes types)
