@@ -1,11 +1,17 @@
-"""The `tokenmill` command itself: help, unknown commands and flags, and a model that cannot load."""
+"""The `tokenmill` command itself: help, unknown commands and flags, start-up order, and stopping (a model
+that cannot load, a port in use, Ctrl-C)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -67,6 +73,19 @@ def test_serve_spawns_the_engine_core_before_importing_the_server() -> None:
     assert result.stdout.strip() == "False"
 
 
+def test_a_port_in_use_stops_the_server_quietly() -> None:
+    """uvicorn's own line says why; the core, spawned before the bind, is stopped without a traceback or
+    multiprocessing's "leaked semaphore" warning."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = tokenmill("serve", "--port", str(port), "--quantization", "gguf")
+    assert result.returncode != 0
+    assert "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr and "leaked" not in result.stderr
+
+
 def test_portal_and_boot_are_forwarded_to_the_appliance(monkeypatch: pytest.MonkeyPatch) -> None:
     import tokenmill_appliance.cli
 
@@ -108,3 +127,45 @@ def test_api_server_imports_without_torch_or_transformers() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["loading", "ready"])
+def test_ctrl_c_stops_the_server_without_a_traceback(when: str, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--port", str(port)]
+    with log.open("wb") as sink:
+        process = subprocess.Popen([*command, "--max-model-len", "2048"], stdout=sink, stderr=sink)
+    try:
+        wait_until(lambda: the_engine_core_runs(process) if when == "loading" else healthy(port))
+        children = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive
+    assert "Traceback" not in log.read_text()
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    for _ in range(3000):
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def the_engine_core_runs(process: subprocess.Popen[bytes]) -> bool:
+    return any("spawn_main" in " ".join(c.cmdline()) for c in psutil.Process(process.pid).children())
+
+
+def healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False

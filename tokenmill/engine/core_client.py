@@ -83,6 +83,7 @@ CoreMessage = CoreReady | CoreFailed | CoreOutputs
 def run_engine_core(config: EngineConfig, inputs: Connection, conn: Connection, parent_pid: int) -> None:
     """The core process's main: load, report, then loop until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process owns Ctrl-C and stops us
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     configure_logging()  # a spawned process starts without the API process's logging
     if runs_on_cpu(config.device):
         build_in_background()  # a cold build of the C kernels (~3 s) overlaps torch's import
@@ -100,6 +101,12 @@ def run_engine_core(config: EngineConfig, inputs: Connection, conn: Connection, 
         pass  # the API process went away
     except Exception as err:
         conn.send(CoreFailed(f"the engine core failed: {type(err).__name__}: {err}", traceback.format_exc()))
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """Terminated (stopped while loading): exit through Python, so multiprocessing's finalizers release
+    what the load created (tqdm's lock; else a "leaked semaphore" warning at the server's exit)."""
+    raise SystemExit(128 + signum)
 
 
 def runs_on_cpu(device: str) -> bool:
@@ -154,7 +161,7 @@ class EngineCoreClient:
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._process: Any = None
         self._pipes: tuple[Connection, Connection] | None = None
-        self._connected = False  # start() ran: the writer thread delivers Shutdown
+        self._core_ready = False  # CoreReady arrived: the core reads its inputs (a loading one does not)
         self._closing = False
 
     def spawn(self) -> None:
@@ -184,7 +191,6 @@ class EngineCoreClient:
             self.spawn()
         assert self._pipes is not None and self.on_message is not None, "spawned without adopt()"
         to_core, from_core = self._pipes
-        self._connected = True
         threading.Thread(
             target=self._read, args=(from_core, self.on_message), name="tokenmill-core-reader", daemon=True
         ).start()
@@ -212,6 +218,8 @@ class EngineCoreClient:
                     code = self._process.exitcode if self._process is not None else None
                     on_message(CoreFailed(f"the engine core process exited (exit code {code})"))
                 return
+            if isinstance(message, CoreReady):
+                self._core_ready = True
             on_message(message)
             if isinstance(message, CoreFailed):
                 return
@@ -228,16 +236,15 @@ class EngineCoreClient:
             self._outbox.put(AbortRequests(list(request_ids)))
 
     def shutdown(self) -> None:
-        """Asks the core to stop, then terminates and kills it if it does not. A core spawned but never
-        connected (the server failed before its start) is terminated at once: it reads nothing while
-        it loads."""
+        """Asks the core to stop, then terminates and kills it if it does not. A core still loading (the
+        server stopped or failed meanwhile) is terminated at once: it reads nothing until loaded."""
         if self._closing:
             return
         self._closing = True
         process = self._process
         self._outbox.put(Shutdown())
         if process is not None and process.is_alive():
-            if not self._connected:
+            if not self._core_ready:
                 process.terminate()
             process.join(_SHUTDOWN_GRACE_S)
             if process.is_alive():

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             from tokenmill.entrypoints.openai.api_server import run_server
 
             return run_server(serve_args, client_factory=core.adopt)
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it after its graceful shutdown
+            return 0
         finally:
             core.shutdown()  # a no-op after the server's own shutdown; else the spawned core is stopped
     if name in ("chat", "complete"):
