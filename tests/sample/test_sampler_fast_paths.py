@@ -1,12 +1,14 @@
 """The CPU fast paths of the sampler keep the same tokens, sample the same distribution, stay batch-invariant.
 
 The vocabulary here is wider than FAST_PATH_CANDIDATES, so top_p takes the topk path (and sorts the rows
-whose nucleus is wider) and narrow rows race over their candidates only.
+whose nucleus is wider), narrow rows race over their candidates only, and wide or untruncated rows invert
+their cumulative sums.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -105,19 +107,23 @@ def chi_square(tokens: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((observed[support] - counts) ** 2 / counts).sum())
 
 
-def record_race_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Widths of every exponential race the sampler runs (the vocabulary, or the candidates)."""
-    widths: list[int] = []
-    race = sampler_module.random_sample
+def record_draws(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """How the sampler drew each row set, and over how many tokens: ("race", width) for an exponential
+    race (the candidates), ("cdf", width) for an inverted cumulative sum (a vocabulary)."""
+    draws: list[tuple[str, int]] = []
+    for kind, name in (("race", "random_sample"), ("cdf", "inverse_cdf_sample")):
+        monkeypatch.setattr(sampler_module, name, recording(getattr(sampler_module, name), kind, draws))
+    return draws
 
-    def recording(
-        probs: torch.Tensor, generators: dict[int, torch.Generator], default: torch.Generator | None = None
-    ) -> torch.Tensor:
-        widths.append(probs.shape[-1])
-        return race(probs, generators, default)
 
-    monkeypatch.setattr(sampler_module, "random_sample", recording)
-    return widths
+def recording(
+    draw: Callable[..., torch.Tensor], kind: str, draws: list[tuple[str, int]]
+) -> Callable[..., torch.Tensor]:
+    def recorded(probs: torch.Tensor, *args: Any) -> torch.Tensor:
+        draws.append((kind, probs.shape[-1]))
+        return draw(probs, *args)
+
+    return recorded
 
 
 def reference_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -139,14 +145,14 @@ def test_candidate_race_samples_the_kept_distribution(case: int, monkeypatch: py
     params, reference = SAMPLE_CASES[case]
     row = lm_like_logits(1, seed=3 + case)
     expected = reference(row[0])
-    widths = record_race_widths(monkeypatch)
+    draws = record_draws(monkeypatch)
     batch = row.expand(1200, VOCAB).contiguous()
     tokens = [run(batch, [params] * 1200) for _ in range(10)]
     tokens += [
         run(batch, [params] * 1200, [torch.Generator().manual_seed(1200 * step + i) for i in range(1200)])
         for step in range(10)
     ]
-    assert set(widths) == {FAST_PATH_CANDIDATES}  # every race ran over the candidates only
+    assert set(draws) == {("race", FAST_PATH_CANDIDATES)}  # every race ran over the candidates only
     num_kept = int((expected > 0).sum())
     assert 5 < num_kept <= FAST_PATH_CANDIDATES
     # Degrees of freedom + 6 standard deviations: a miss of 1e-6 odds; the draws are seeded anyway.
@@ -156,7 +162,7 @@ def test_candidate_race_samples_the_kept_distribution(case: int, monkeypatch: py
 
 def test_seeded_rows_are_batch_invariant_with_the_fast_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """A narrow and a wide seeded row sample alike alone and among narrow, wide, greedy and seeded rows."""
-    widths = record_race_widths(monkeypatch)
+    draws = record_draws(monkeypatch)
     narrow = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
     wide = SamplingParams(temperature=1.0, top_p=0.99, seed=6)  # flat logits: the sort and a full race
     targets = [(narrow, 5), (wide, 6)]
@@ -191,4 +197,52 @@ def test_seeded_rows_are_batch_invariant_with_the_fast_paths(monkeypatch: pytest
             if target is not None:
                 in_batch[target].append(int(tokens[position]))
     assert in_batch == expected
-    assert set(widths) == {FAST_PATH_CANDIDATES, VOCAB}  # both races ran
+    assert set(draws) == {("race", FAST_PATH_CANDIDATES), ("cdf", VOCAB)}  # both ways ran
+
+
+@pytest.mark.parametrize("width", [512, 600])  # chunks of 256 tokens; of 8 (600's largest power of 2)
+def test_untruncated_rows_sample_the_softmax_by_inverting_its_sum(
+    width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40000 draws of a row at temperature 0.8, half seeded per row, fit its softmax."""
+    draws = record_draws(monkeypatch)
+    row = torch.randn(1, width, generator=torch.Generator().manual_seed(11)) * 0.5
+    params = [SamplingParams(temperature=0.8)] * 20000 + [SamplingParams(temperature=0.8, seed=1)] * 20000
+    generators = [None] * 20000 + [torch.Generator().manual_seed(i) for i in range(20000)]
+    tokens = run(row.expand(40000, width).contiguous(), params, generators)
+    assert set(draws) == {("cdf", width)}
+    expected = (row[0].double() / 0.8).softmax(dim=-1)
+    degrees = width - 1
+    assert chi_square(tokens, expected) < degrees + 6 * (2 * degrees) ** 0.5
+
+
+@pytest.mark.parametrize("draw", [0.0, 1.0])
+def test_the_inverted_sum_never_lands_on_a_token_without_probability(
+    draw: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the ends of the uniform draw's range (0, and 1, which uniform_ never returns), zero-probability
+    tokens before the first likely one, after the last and between them are skipped, within a chunk of
+    256 tokens and across chunks (whole chunks of zeros included)."""
+    probs = torch.zeros(4, 1024)
+    probs[0, [2, 5]] = torch.tensor([0.25, 0.75])
+    probs[1, 1023] = 1.0
+    probs[2, [300, 700, 1000]] = torch.tensor([0.2, 0.3, 0.5])  # chunks 0 and 3 end empty
+    probs[3, [255, 256]] = torch.tensor([0.5, 0.5])  # the last of chunk 0, the first of chunk 1
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, generator=None: self.fill_(draw))
+    tokens = sampler_module.inverse_cdf_sample(probs, {}).tolist()
+    assert tokens == ([2, 1023, 300, 255] if draw == 0.0 else [5, 1023, 1000, 256])
+
+
+def test_the_inverted_sum_takes_each_token_in_proportion() -> None:
+    """Draws spread evenly over [0, 1) land on each token in proportion to its probability, across the
+    chunks: the token a draw picks is the one whose share of the running sum holds it."""
+    probs = torch.zeros(1, 768)
+    probs[0, [10, 300, 301, 700]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    counts: dict[int, int] = {}
+    for step in range(1000):
+        with pytest.MonkeyPatch.context() as patch:
+            draw = (step + 0.5) / 1000
+            patch.setattr(torch.Tensor, "uniform_", lambda self, generator=None, v=draw: self.fill_(v))
+            token = int(sampler_module.inverse_cdf_sample(probs, {})[0])
+        counts[token] = counts.get(token, 0) + 1
+    assert counts == {10: 100, 300: 200, 301: 300, 700: 400}

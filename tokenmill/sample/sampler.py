@@ -9,12 +9,14 @@ other rows of the batch and reruns reproduce them.
 CPU fast paths (a vocabulary sort and a vocabulary of Exponential draws per row dominate a CPU decode
 step): top_p looks for the nucleus in each row's FAST_PATH_CANDIDATES most likely tokens and sorts only
 the rows whose nucleus is wider, keeping exactly the tokens the full sort keeps; a row left with at most
-FAST_PATH_CANDIDATES tokens after truncation races over those only. Both need host-side decisions, so
-CUDA tensors always take the sync-free full-vocabulary paths.
+FAST_PATH_CANDIDATES tokens after truncation races over those only; a wider row inverts its cumulative
+probabilities at one uniform draw instead of racing (the same distribution). The first two need
+host-side decisions, so CUDA tensors always take the sync-free full-vocabulary race.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ from tokenmill.sample.penalties import apply_penalties
 # How many of a row's most likely tokens the CPU fast paths look at (a topk of 256 costs ~1/20 of a sort
 # of a 49152-token vocabulary, one of 1024 ~1/8).
 FAST_PATH_CANDIDATES = 256
+MAX_CDF_CHUNK = 256  # tokens per chunk of `inverse_cdf_sample`'s first level (a power of two)
 
 
 @dataclass
@@ -93,6 +96,8 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata, cpu_fast_paths: boo
     is_truncated = not (metadata.no_top_k and metadata.no_top_p and metadata.no_min_p)
     if cpu_fast_paths and is_truncated:
         sampled = random_sample_candidates(probs, metadata)
+    elif cpu_fast_paths:
+        sampled = inverse_cdf_sample(probs, metadata.generators, metadata.default_generator)
     else:
         sampled = random_sample(probs, metadata.generators, metadata.default_generator)
     if greedy is None or metadata.is_greedy is None:
@@ -115,6 +120,44 @@ def random_sample(
     # Exponential draws of exactly 0 would divide to inf (or nan for a zero prob).
     q.clamp_min_(torch.finfo(q.dtype).tiny)
     return probs.div_(q).argmax(dim=-1)
+
+
+def inverse_cdf_sample(
+    probs: torch.Tensor, generators: dict[int, torch.Generator], default: torch.Generator | None = None
+) -> torch.Tensor:
+    """A sample from each row of CPU `probs` [num_rows, width], by inverting the row's cumulative sum at
+    one uniform draw. A seeded row draws that one number from its generator; the other rows draw from
+    `default`. On CPU an Exponential draw costs ~20 ns, so the race (`random_sample`) over a vocabulary
+    is what a sampled decode step spends most on; this reads `probs` once.
+
+    Two levels, so no vocabulary-wide running sum is written: the sums of chunks of up to 256 tokens
+    (float32 sums, exact to ~1e-7 of the chunk's mass) choose the chunk, then the chunk's own running
+    sum in float64 chooses the token, the draw rescaled to that sum so the chunk's tokens keep their
+    proportions. The first sum above a target below the total belongs to a token of nonzero probability.
+    """
+    num_rows, width = probs.shape
+    chunk_width = math.gcd(width, MAX_CDF_CHUNK)  # divides the width: chunks are a view, not a copy
+    chunks = probs.view(num_rows, -1, chunk_width)  # [num_rows, num_chunks, chunk_width]
+    chunk_sums = chunks.sum(dim=-1).double()  # [num_rows, num_chunks]
+    cdf = chunk_sums.cumsum(dim=-1)
+    draws = torch.empty(num_rows, 1, dtype=torch.float64)
+    if len(generators) < num_rows:
+        draws.uniform_(generator=default)
+    for row, generator in generators.items():
+        draws[row].uniform_(generator=generator)
+    target = _below(draws * cdf[:, -1:], cdf[:, -1:])  # [num_rows, 1]
+    chunk = torch.searchsorted(cdf, target, right=True).clamp_max_(cdf.shape[1] - 1)  # [num_rows, 1]
+    mass = chunk_sums.gather(1, chunk)
+    within = chunks.gather(1, chunk.unsqueeze(2).expand(-1, -1, chunk_width)).squeeze(1)
+    inner_cdf = within.cumsum(dim=-1, dtype=torch.float64)  # [num_rows, chunk_width]
+    offset = (target - (cdf.gather(1, chunk) - mass)).clamp_min_(0) * (inner_cdf[:, -1:] / mass)
+    token = torch.searchsorted(inner_cdf, _below(offset, inner_cdf[:, -1:]), right=True)
+    return (chunk * chunk_width + token.clamp_max_(chunk_width - 1)).squeeze(1)
+
+
+def _below(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """`value`, at most the largest float below `limit` (rounding must not reach a row's total)."""
+    return torch.minimum(value, torch.nextafter(limit, torch.zeros_like(limit)))
 
 
 def random_sample_candidates(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
@@ -143,7 +186,7 @@ def random_sample_candidates(probs: torch.Tensor, metadata: SamplingMetadata) ->
         narrow_generators = _generators_of(narrow, generators)
         winners = random_sample(top_probs[narrow, :-1], narrow_generators, default)  # [num_narrow]
         sampled[narrow] = top_ids[narrow].gather(1, winners.unsqueeze(1)).squeeze(1)
-    sampled[wide] = random_sample(probs[wide], _generators_of(wide, generators), default)
+    sampled[wide] = inverse_cdf_sample(probs[wide], _generators_of(wide, generators), default)
     return sampled
 
 
