@@ -5,8 +5,9 @@
     python benchmarks/serve.py --url http://127.0.0.1:8000/v1 --launch "tokenmill serve --port 8000"
 
 Every request is a fixed-seed synthetic prompt of about --prompt-words words on /v1/completions, with
-temperature 0, ignore_eos and --max-tokens, so tokenmill and vLLM do the same work. Reports output tok/s
-and the p50/p99 of time to first token (TTFT) and time per output token after the first (TPOT).
+temperature 0 (or --temperature), ignore_eos and --max-tokens, so tokenmill and vLLM do the same work.
+Reports output tok/s and the p50/p99 of time to first token (TTFT) and time per output token after the
+first (TPOT).
 
 With --launch the benchmark also starts the server itself (a shell command), reports how long it took
 to answer /health with 200 ("ready after"), samples the memory of the server's whole process tree (an API
@@ -99,7 +100,9 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": at(0.50) * 1000, "p99": at(0.99) * 1000, "mean": sum(ordered) / len(ordered) * 1000}
 
 
-async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> RequestResult:
+async def one_request(
+    client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, temperature: float = 0.0
+) -> RequestResult:
     start = time.perf_counter()
     result = RequestResult(ok=True)
     chunks = 0
@@ -109,7 +112,7 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
             model=model,
             prompt=prompt,
             max_tokens=max_tokens,
-            temperature=0,
+            temperature=temperature,
             stream=True,
             stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
@@ -134,14 +137,19 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
 
 
 async def run_level(
-    client: openai.AsyncOpenAI, model: str, prompts: list[str], concurrency: int, max_tokens: int
+    client: openai.AsyncOpenAI,
+    model: str,
+    prompts: list[str],
+    concurrency: int,
+    max_tokens: int,
+    temperature: float = 0.0,
 ) -> LevelResult:
     semaphore = asyncio.Semaphore(concurrency)
     progress = tqdm(total=len(prompts), desc=f"concurrency {concurrency}", unit="req", leave=False)
 
     async def limited(prompt: str) -> RequestResult:
         async with semaphore:
-            result = await one_request(client, model, prompt, max_tokens)
+            result = await one_request(client, model, prompt, max_tokens, temperature)
         progress.update(1)
         return result
 
@@ -308,6 +316,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests per level (default: 8/32/64 for levels 1/16/64, else 4x the level, at least 8)",
     )
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 (default): greedy, the comparable workload; above 0 measures sampled decoding",
+    )
     parser.add_argument("--prompt-words", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -336,7 +350,8 @@ async def main_async(args: argparse.Namespace) -> list[LevelResult]:
         results = []
         for concurrency, num in zip(args.concurrency, args.num_requests, strict=True):
             prompts = make_prompts(num, args.prompt_words, args.seed + concurrency)
-            results.append(await run_level(client, model, prompts, concurrency, args.max_tokens))
+            level = await run_level(client, model, prompts, concurrency, args.max_tokens, args.temperature)
+            results.append(level)
         return results
 
 

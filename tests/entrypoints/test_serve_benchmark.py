@@ -188,8 +188,11 @@ class ScriptedStream:
             )
         self.completions = SimpleNamespace(create=self.create)
         self.chunks = chunks
+        self.requests: list[dict[str, Any]] = []
 
     async def create(self, **kwargs: Any) -> Any:
+        self.requests.append(kwargs)
+
         async def stream() -> Any:
             for chunk in self.chunks:
                 yield chunk
@@ -212,3 +215,12 @@ def test_without_usage_tokens_are_counted_as_chunks_and_the_level_says_so() -> N
     level = asyncio.run(serve.run_level(client, "m", ["p", "q"], 2, 8))
     assert level.num_failed == 0 and level.output_tokens == 8  # 4 chunks each: a count it cannot trust
     assert level.warnings == [serve.NO_USAGE_WARNING]
+
+
+def test_requests_are_greedy_unless_a_temperature_is_given() -> None:
+    serve = load_benchmark()
+    client = ScriptedStream(["a"] * 4, 4)
+    asyncio.run(serve.run_level(client, "m", ["p"], 1, 4))
+    asyncio.run(serve.run_level(client, "m", ["p"], 1, 4, temperature=0.8))
+    assert [r["temperature"] for r in client.requests] == [0.0, 0.8]
+    assert serve.parse_args(["--temperature", "0.8"]).temperature == 0.8
