@@ -1,13 +1,15 @@
-"""Greedy tokens and top-5 logprobs against Hugging Face transformers, float32, same weights."""
+"""Greedy tokens and top-5 logprobs against Hugging Face transformers, float32, same weights (and greedy
+under a repetition penalty against its generate)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.outputs import RequestOutput
@@ -90,3 +92,30 @@ def test_tiny_model_with_biases_matches_transformers(
     model_dir = tiny_model_dir(arch, **overrides)
     llm = LLM(str(model_dir), dtype="float32", max_model_len=512, kv_cache_memory=16 << 20)
     assert_matches_hf(run_engine(llm), model_dir)
+
+
+def test_repetition_penalty_matches_transformers_generate(tiny_model_dir: Callable[[str], Path]) -> None:
+    """Greedy decoding under repetition_penalty, end to end, against transformers' generate. The prompts
+    are built so that unpenalized greedy would pick a prompt token next and repeat output tokens later:
+    the penalty must cover both the prompt and the output to match."""
+    model_dir = tiny_model_dir("qwen3")
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=512, kv_cache_memory=16 << 20)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    penalizing = dataclasses.replace(greedy, repetition_penalty=1.3)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = GenerationConfig(
+        do_sample=False, repetition_penalty=1.3, max_new_tokens=24, eos_token_id=None, pad_token_id=0
+    )
+    for text in ["The capital of France is", "1, 2, 3, 1, 2, 3, 1, 2,"]:
+        (first,) = llm.generate(text, greedy, use_tqdm=False)
+        continuation = first.outputs[0].token_ids
+        # Up to the token before the continuation's first repeat: greedy would then pick a prompt token.
+        repeat = next(i for i, token in enumerate(continuation) if token in continuation[:i])
+        prompt = {"prompt_token_ids": first.prompt_token_ids + continuation[:repeat]}
+        (plain,) = llm.generate(prompt, greedy, use_tqdm=False)
+        assert plain.outputs[0].token_ids[0] in prompt["prompt_token_ids"]
+        (penalized,) = llm.generate(prompt, penalizing, use_tqdm=False)
+        input_ids = torch.tensor([prompt["prompt_token_ids"]])
+        expected = model.generate(input_ids, generation_config=config)[0, input_ids.shape[1] :].tolist()
+        assert penalized.outputs[0].token_ids == expected
+        assert plain.outputs[0].token_ids != expected
