@@ -136,8 +136,8 @@ def inverse_cdf_sample(
     proportions. The first sum above a target below the total belongs to a token of nonzero probability.
     """
     num_rows, width = probs.shape
-    chunk_width = math.gcd(width, MAX_CDF_CHUNK)  # divides the width: chunks are a view, not a copy
-    chunks = probs.view(num_rows, -1, chunk_width)  # [num_rows, num_chunks, chunk_width]
+    chunk_width = math.gcd(width, MAX_CDF_CHUNK)  # divides the width: chunks view `probs`, no padding
+    chunks = probs.reshape(num_rows, -1, chunk_width)  # [num_rows, num_chunks, chunk_width]
     chunk_sums = chunks.sum(dim=-1).double()  # [num_rows, num_chunks]
     cdf = chunk_sums.cumsum(dim=-1)
     draws = torch.empty(num_rows, 1, dtype=torch.float64)
@@ -161,12 +161,12 @@ def _below(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
 
 
 def random_sample_candidates(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """`random_sample` of CPU `probs` [num_rows, vocab], racing only over each row's candidates.
+    """A sample from each row of CPU `probs` [num_rows, vocab], racing only over each row's candidates.
 
     A row with at most FAST_PATH_CANDIDATES tokens of nonzero probability races over its
     FAST_PATH_CANDIDATES most likely tokens (the zeros among them never win), so a seeded row draws
-    exactly that many numbers; a wider row draws a whole vocabulary. Either way the count depends on the
-    row alone, and the distribution is that of the full race.
+    exactly that many numbers; a wider row inverts its cumulative sum (`inverse_cdf_sample`, one number).
+    Either way the count depends on the row alone, and the distribution is that of the full race.
     """
     num_rows, vocab = probs.shape
     generators, default = metadata.generators, metadata.default_generator
