@@ -9,6 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+from tokenmill.attention.triton_interpret import interpret_without_cuda
+
+# Before transformers: importing it imports triton (through torch._dynamo) where torch is a CUDA build, and
+# triton reads TRITON_INTERPRET once, as it is imported.
+interpret_without_cuda()
+
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file

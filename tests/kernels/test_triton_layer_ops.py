@@ -150,3 +150,14 @@ def test_layers_take_the_kernels_on_cuda(dtype: torch.dtype, monkeypatch: pytest
     qk = random(3, 2, 64, dtype=dtype, seed=11)
     assert torch.equal(apply_rotary(qk, (cos, sin)), qk)
     assert calls == ["rms_norm", "silu_and_mul", "rotary"]
+
+
+def test_triton_itself_was_imported_under_the_interpreter() -> None:
+    # triton decorates its own library (tl.sum, tl.max) as it is imported; if it was imported before
+    # TRITON_INTERPRET was set (transformers imports it through torch._dynamo where torch is a CUDA build),
+    # the kernels that reduce fail in triton < 3.7's interpreter.
+    if not INTERPRETED:
+        pytest.skip("compiled kernels")
+    from triton.language import standard
+
+    assert type(standard.sum).__name__ == "InterpretedFunction"
