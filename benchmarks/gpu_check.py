@@ -220,14 +220,18 @@ def check_nano_workload(args: argparse.Namespace) -> None:
     assert sum(len(o.outputs[0].token_ids) for o in outputs) == useful
     del llm, outputs
     gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # our KV cache's memory, for transformers' cache
     ours_detail = f"tokenmill {useful / ours:.0f} tok/s ({ours:.1f} s)"
     with cut_off_at_time_limit(args, lambda waited: record_hf_cut_off(ours, ours_detail, waited)):
-        theirs = hf_generate_seconds(config, prompts, out_lens, args)
+        theirs, batches = hf_generate_seconds(config, prompts, out_lens, args)
     ratio = theirs / ours
+    in_batches = "one padded batch" if batches == 1 else f"{batches} padded batches, for memory"
     record(
         "3 nano-vllm workload",
         "PASS" if ratio >= 10 else "BELOW GOAL",
-        f"{ours_detail}, transformers {useful / theirs:.0f} tok/s ({theirs:.1f} s): {ratio:.1f}x (goal 10x)",
+        f"{ours_detail}, transformers {useful / theirs:.0f} tok/s ({theirs:.1f} s, {in_batches}): "
+        f"{ratio:.1f}x (goal 10x)",
     )
 
 
@@ -267,26 +271,57 @@ def cut_off_at_time_limit(args: argparse.Namespace, on_cut_off: Callable[[float]
 
 
 def hf_generate_seconds(
-    config: object, prompts: list[list[int]], out_lens: list[int], args: argparse.Namespace
-) -> float:
-    """transformers generate, one left-padded batch of every request, up to the longest output."""
+    config: Any, prompts: list[list[int]], out_lens: list[int], args: argparse.Namespace
+) -> tuple[float, int]:
+    """transformers generate on left-padded batches of the requests, each up to its longest output: all of
+    them in one batch where the GPU holds its cache, else in the fewest equal batches that fit. Returns
+    the seconds and the number of batches."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=args.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=args.device)
     model.generation_config.eos_token_id = None
-    sync(args)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(out_lens), do_sample=True,
-                       temperature=0.6, top_k=0, pad_token_id=0)  # fmt: skip
-    sync(args)
-    seconds = time.perf_counter() - start
+    batch_size = len(prompts)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        tokens_per_request = max(map(len, prompts)) + max(out_lens)
+        free_bytes = torch.cuda.mem_get_info()[0]
+        batch_size = hf_batch_size(config, batch_size, tokens_per_request, model.dtype, free_bytes)
+    seconds = 0.0
+    for first in range(0, len(prompts), batch_size):
+        batch, lens = prompts[first : first + batch_size], out_lens[first : first + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
+        sync(args)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(lens), do_sample=True,
+                           temperature=0.6, top_k=0, pad_token_id=0)  # fmt: skip
+        sync(args)
+        seconds += time.perf_counter() - start
     del model
-    return seconds
+    return seconds, -(-len(prompts) // batch_size)
+
+
+HF_ACTIVATION_BYTES = 8 << 30  # the prefill's activations and mask beside the cache, generously
+
+
+def hf_batch_size(
+    config: Any, num_requests: int, tokens_per_request: int, dtype: torch.dtype, free_bytes: int
+) -> int:
+    """Requests per generate call: all of them, halved until their cache fits in `free_bytes`. The cache
+    grows by concatenation, a layer's old and new tensors both alive, and the allocator rarely reuses the
+    smaller blocks: budget twice its final size (on an H100, 256 requests of up to 2048 tokens would need
+    60 GB of Qwen3-0.6B cache, and run out of memory near their end)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    bytes_per_token *= torch.empty(0, dtype=dtype).element_size()
+    budget = free_bytes - HF_ACTIVATION_BYTES
+    batch_size = num_requests
+    while batch_size > 1 and 2 * batch_size * tokens_per_request * bytes_per_token > budget:
+        batch_size = -(-batch_size // 2)
+    return batch_size
 
 
 def copy_bandwidth(args: argparse.Namespace) -> float:

@@ -3,11 +3,15 @@ here goes through without an ERROR row, and the table comes last. (On CPU its nu
 
 from __future__ import annotations
 
+import argparse
+import functools
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerBase
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
@@ -35,3 +39,18 @@ def test_the_smoke_run_prints_every_row_and_the_table_last(
     ]
     assert rows["2 greedy vs transformers (float32)"] == "PASS"
     assert "ERROR" not in rows.values()
+
+
+def test_transformers_baseline_splits_its_batch_only_where_its_cache_would_not_fit() -> None:
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    config = gpu_check.qwen3_06b_config(argparse.Namespace(smoke=False))  # 112 KiB of bf16 cache a token
+    gib = 1 << 30
+    size = functools.partial(gpu_check.hf_batch_size, config, 256, 2048, torch.bfloat16)
+    assert size(140 * gib) == 256  # an H200: 56 GiB of cache, budgeted twice, fits
+    assert size(77 * gib) == 128  # an H100: two batches
+    assert size(30 * gib) == 32
+    assert size(1 * gib) == 1  # never below one request
+    assert gpu_check.hf_batch_size(config, 5, 2048, torch.bfloat16, 77 * gib) == 5
