@@ -382,6 +382,10 @@ def check_batch1_decode(args: argparse.Namespace, enforce_eager: bool) -> None:
         BATCH1_SECONDS["graphs"] = per_token
         verdict = "PASS" if fraction >= 0.7 else "BELOW GOAL"
         detail += " (goal 70%)"
+        try:  # diagnostics, printed above the table
+            print_top_kernels(llm, args)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
     graphs = llm.engine.core.runner.decode_graphs
     if graphs is not None and 1 in graphs.graphs:
         try:  # diagnostics: the measurement above stands if they fail
@@ -389,6 +393,24 @@ def check_batch1_decode(args: argparse.Namespace, enforce_eager: bool) -> None:
         except Exception as error:  # noqa: BLE001
             detail += f"; breakdown failed: {error!r}"
     record(name, verdict, detail)
+
+
+def print_top_kernels(llm: Any, args: argparse.Namespace) -> None:
+    """The kernels of one 129-token batch-1 generation, most device time first (CPU ops without CUDA):
+    whether a token's time is in the matrix-vector products, the attention or the small ops, and how
+    many launches each holds, for the next change when row 4 is short."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenmill import SamplingParams
+
+    prompt = {"prompt_token_ids": list(range(1000, 1128))}
+    activity = ProfilerActivity.CUDA if args.device == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as profiler:
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=129, ignore_eos=True), use_tqdm=False)
+        sync(args)
+    sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print("[gpu_check] check 4's kernels, 1 prefill + 128 decode steps:", flush=True)
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=70), flush=True)
 
 
 def decode_seconds_per_token(llm: Any, num_decode: int, args: argparse.Namespace) -> float:

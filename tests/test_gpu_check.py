@@ -39,6 +39,7 @@ def test_the_smoke_run_prints_every_row_and_the_table_last(
     ]
     assert rows["2 greedy vs transformers (float32)"] == "PASS"
     assert "ERROR" not in rows.values()
+    assert "check 4's kernels" in result.stdout  # the profile of a batch-1 generation, above the table
 
 
 def test_transformers_baseline_splits_its_batch_only_where_its_cache_would_not_fit() -> None:
