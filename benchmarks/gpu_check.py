@@ -5,7 +5,8 @@
 
 1. attention kernels vs the torch reference (benchmarks/attention_check.py)
 2. greedy fidelity vs transformers: a tiny random-weight Qwen3, float32 (exact) on the default path and
-   on the Triton kernels, layer ops and CUDA graphs, and bfloat16 (agreement)
+   on the Triton kernels, layer ops and CUDA graphs, and bfloat16 (agreement); and no synchronizing CUDA
+   call in a generation on the serving defaults (torch's sync debug mode)
 3. the nano-vllm workload: Qwen3-0.6B-shaped random weights, 256 requests, input and output lengths
    uniform in 100-1024, ignore_eos, temperature 0.6, through tokenmill and transformers generate
 4. batch-1 decode of a Llama-3.1-8B-shaped model against the roofline (weight bytes / copy bandwidth),
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,46 @@ def check_fidelity(args: argparse.Namespace) -> None:
         if dtype not in theirs:
             theirs[dtype] = hf_greedy_tokens(directory, dtype, prompt_ids, args)
         record(f"2 greedy vs transformers ({label})", *fidelity_verdict(ours, theirs[dtype], dtype))
+    check_host_syncs(directory, args)
+
+
+SYNC_CHECK_PARAMS = [
+    {"temperature": 0, "logprobs": 2},
+    {"temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 1},
+    {"temperature": 1.0, "repetition_penalty": 1.2, "presence_penalty": 0.3, "min_p": 0.05},
+]
+
+
+def check_host_syncs(directory: Path, args: argparse.Namespace) -> None:
+    """A generation on the serving defaults (bfloat16, CUDA graphs, async scheduling) makes no
+    synchronizing CUDA call: each step's sampled tokens are read through an event, which torch's sync
+    debug mode does not count, and anything else that waits for the device (.item(), .tolist(), a copy
+    from pageable memory) is reported with the line that made it."""
+    name = "2 no host syncs in a generation (greedy + logprobs, seeded top-k/top-p, penalties + min-p)"
+    if args.device != "cuda":
+        record(name, "SKIP", "no CUDA")
+        return
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(str(directory), dtype="bfloat16", max_model_len=512, device=args.device,
+              kv_cache_memory=256 << 20)  # fmt: skip
+    params = [SamplingParams(max_tokens=16, ignore_eos=True, **p) for p in SYNC_CHECK_PARAMS]
+    prompts = PROMPTS[: len(params)]
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up: compilation and lazy initialization
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outputs)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    places = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
+    detail = f"{len(syncs)} synchronizing calls in 3 requests x 16 tokens"
+    record(name, "FAIL" if syncs else "PASS", detail + (f", at {', '.join(places[:10])}" if places else ""))
+    del llm
 
 
 def greedy_tokens(
