@@ -33,7 +33,7 @@ def test_the_smoke_run_prints_every_row_and_the_table_last(
         "2 greedy vs transformers (float32)",
         "2 greedy vs transformers (float32, Triton kernels + layer ops + CUDA graphs)",
         "2 greedy vs transformers (bfloat16)",
-        "2 no host syncs in a generation (greedy + logprobs, seeded top-k/top-p, penalties + min-p)",
+        "2 no host syncs in a generation",
         "3 nano-vllm workload",
         "4 batch-1 decode, CUDA graphs",
         "5 batch-1 decode, --enforce-eager",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -191,13 +191,15 @@ class ModelRunner:
         rows = [scheduler_output.scheduled[i] for i in inputs.sample_seq_indices]
         sampled = self._sample(rows, inputs, hidden)
         results = None if sampled is None else SampledResults.copy_to_host(sampled)
-        prompt_logprobs = {
-            scheduled.request_id: self._prompt_logprobs(
-                scheduled, inputs.attn_metadata.query_start_loc[i], hidden
-            )
-            for i, scheduled in enumerate(scheduler_output.scheduled)
-            if scheduled.request.wants_prompt_logprobs
-        }
+        prompt_logprobs = PromptLogprobsOnTheirWay.copy_to_host(
+            {
+                scheduled.request_id: self._prompt_logprobs(
+                    scheduled, inputs.attn_metadata.query_start_loc[i], hidden
+                )
+                for i, scheduled in enumerate(scheduler_output.scheduled)
+                if scheduled.request.wants_prompt_logprobs
+            }
+        )
         return LaunchedStep(rows, sampled, results, ModelRunnerOutput({}), prompt_logprobs)
 
     def _sample(
@@ -275,25 +277,47 @@ class SampledResults:
 
 
 @dataclass
+class PromptLogprobsOnTheirWay:
+    """A step's prompt logprobs on their way to the host, per request id (None: none in this chunk), as
+    `SampledResults` takes the sampled tokens: copied to pinned memory behind the forward pass, so that
+    reading them waits for this step only."""
+
+    packed: dict[str, torch.Tensor | None]  # LogprobsTensors.packed()
+    arrived: torch.cuda.Event | None
+
+    @classmethod
+    def copy_to_host(cls, tensors: dict[str, LogprobsTensors | None]) -> PromptLogprobsOnTheirWay:
+        packed = {request_id: None if t is None else t.packed() for request_id, t in tensors.items()}
+        if not any(t is not None and t.device.type == "cuda" for t in packed.values()):
+            return cls(packed, None)
+        host = {request_id: None if t is None else _to_pinned_host(t) for request_id, t in packed.items()}
+        arrived = torch.cuda.Event()
+        arrived.record()
+        return cls(host, arrived)
+
+    def wait(self) -> dict[str, LogprobsLists]:
+        if self.arrived is not None:
+            self.arrived.synchronize()
+        empty = LogprobsLists([], [], [])
+        return {rid: empty if t is None else unpack_logprobs(t) for rid, t in self.packed.items()}
+
+
+@dataclass
 class LaunchedStep:
     """A step queued on the device: its sampling rows, their sampled tokens (still on the device, for a
-    step that decodes them before they are read), their copy to the host, and whatever was read back
-    already (prompt logprobs)."""
+    step that decodes them before they are read), and their copy and the prompt logprobs' to the host."""
 
     rows: list[ScheduledRequest]  # the sequences that sampled, in the order of `sampled`
     sampled: SamplerOutput | None
     results: SampledResults | None
     partial: ModelRunnerOutput
-    prompt_logprobs: dict[str, LogprobsTensors | None] = field(default_factory=dict)
-    """Per request id, its chunk's prompt logprobs, still on the device (None: none in this chunk)."""
+    prompt_logprobs: PromptLogprobsOnTheirWay | None = None
 
     def output(self) -> ModelRunnerOutput:
         """The step's results on the host (waits for this step's device work)."""
         out = self.partial
-        for request_id, tensors in self.prompt_logprobs.items():
-            out.prompt_logprobs[request_id] = (
-                LogprobsLists([], [], []) if tensors is None else tensors.tolists()
-            )
+        if self.prompt_logprobs is not None:
+            out.prompt_logprobs.update(self.prompt_logprobs.wait())
         if self.results is None:
             return out
         token_ids, logprobs = self.results.wait()
