@@ -5,8 +5,20 @@
 # WHEEL_DIR (optional): wheels of packages the machine lacks, installed into a private target first. The
 # checks need only torch, triton and transformers (and what they bring): their models are safetensors, which
 # load without gguf or the server's packages (tests/entrypoints/test_llm.py checks that).
+#   benchmarks/gpu_check.sh --prepare [DIR]   (here, before the device run: see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--prepare" ]; then
+  # The embedded default model's tokenizer saved into DIR (default .gpu-check/tokenizer, git-ignored, so the
+  # run must carry it), and the device call that runs the check.
+  out=${2:-.gpu-check/tokenizer}
+  python3 -c 'import sys
+from tokenmill.loader.source import default_model_source
+from tokenmill.tokenizer import load_tokenizer
+load_tokenizer(default_model_source()).save_pretrained(sys.argv[1])' "$out"
+  echo "device run: command 'benchmarks/gpu_check.sh $out', carry ['${out%%/*}'], timeout_s 500"
+  exit 0
+fi
 tokenizer=${1:?usage: benchmarks/gpu_check.sh TOKENIZER_DIR [WHEEL_DIR]}
 if [ -n "${2:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tokenmill-site "$2"/*.whl

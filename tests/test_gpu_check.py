@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tokenmill.loader.source import ModelSource
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
@@ -56,3 +58,15 @@ def test_transformers_baseline_splits_its_batch_only_where_its_cache_would_not_f
     assert size(30 * gib) == 32
     assert size(1 * gib) == 1  # never below one request
     assert gpu_check.hf_batch_size(config, 5, 2048, torch.bfloat16, 77 * gib) == 5
+
+
+def test_prepare_saves_the_tokenizer_for_the_device_run(smollm2_source: ModelSource, tmp_path: Path) -> None:
+    # smollm2_source: the embedded default model, whose tokenizer is saved, is installed (else a skip)
+    out = tmp_path / "tokenizer"
+    result = subprocess.run(
+        [str(SCRIPT.with_suffix(".sh")), "--prepare", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"benchmarks/gpu_check.sh {out}" in result.stdout  # the device call to make
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == 49152 and tokenizer.chat_template
