@@ -16,7 +16,10 @@ if [ "${1:-}" = "--prepare" ]; then
 from tokenmill.loader.source import default_model_source
 from tokenmill.tokenizer import load_tokenizer
 load_tokenizer(default_model_source()).save_pretrained(sys.argv[1])' "$out"
-  echo "device run: command 'benchmarks/gpu_check.sh $out', carry ['${out%%/*}'], timeout_s 500"
+  case "$out" in
+    /*) echo "device run: copy $out into a git-ignored folder of the repo and carry that folder" ;;
+    *) echo "device run: command 'benchmarks/gpu_check.sh $out', carry ['${out%%/*}'], timeout_s 500" ;;
+  esac
   exit 0
 fi
 tokenizer=${1:?usage: benchmarks/gpu_check.sh TOKENIZER_DIR [WHEEL_DIR]}

@@ -62,11 +62,16 @@ def test_transformers_baseline_splits_its_batch_only_where_its_cache_would_not_f
 
 def test_prepare_saves_the_tokenizer_for_the_device_run(smollm2_source: ModelSource, tmp_path: Path) -> None:
     # smollm2_source: the embedded default model, whose tokenizer is saved, is installed (else a skip)
-    out = tmp_path / "tokenizer"
-    result = subprocess.run(
-        [str(SCRIPT.with_suffix(".sh")), "--prepare", str(out)], capture_output=True, text=True, timeout=300
-    )
+    # A relative DIR (the default, .gpu-check/tokenizer, is one) is the repository's: run from a copy of
+    # the script, so that the test writes nothing into the checkout.
+    (tmp_path / "benchmarks").mkdir()
+    script = tmp_path / "benchmarks" / "gpu_check.sh"
+    script.write_bytes(SCRIPT.with_suffix(".sh").read_bytes())
+    script.chmod(0o755)
+    command = [str(script), "--prepare", "out/tokenizer"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"benchmarks/gpu_check.sh {out}" in result.stdout  # the device call to make
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    # the device call to make
+    assert "command 'benchmarks/gpu_check.sh out/tokenizer', carry ['out']" in result.stdout
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
     assert len(tokenizer) == 49152 and tokenizer.chat_template
