@@ -395,6 +395,7 @@ def llama_8b_config(args: argparse.Namespace) -> object:
     )  # fmt: skip
 
 
+BATCH1_PROMPT = {"prompt_token_ids": list(range(1000, 1128))}  # checks 4 and 5: one 128-token prompt
 BATCH1_SECONDS: dict[str, float] = {}  # check 4's seconds per token, for check 5's comparison
 
 
@@ -446,10 +447,10 @@ def print_top_kernels(llm: Any, args: argparse.Namespace) -> None:
 
     from tokenmill import SamplingParams
 
-    prompt = {"prompt_token_ids": list(range(1000, 1128))}
     activity = ProfilerActivity.CUDA if args.device == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as profiler:
-        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=129, ignore_eos=True), use_tqdm=False)
+        params = SamplingParams(temperature=0, max_tokens=129, ignore_eos=True)
+        llm.generate(BATCH1_PROMPT, params, use_tqdm=False)
         sync(args)
     sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
     print("[gpu_check] check 4's kernels, 1 prefill + 128 decode steps:", flush=True)
@@ -460,14 +461,13 @@ def decode_seconds_per_token(llm: Any, num_decode: int, args: argparse.Namespace
     """Seconds per decoded token of one 128-token prompt (prefill and warm-up excluded)."""
     from tokenmill import SamplingParams
 
-    prompt = {"prompt_token_ids": list(range(1000, 1128))}
-    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.generate(BATCH1_PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     timings = []
     for max_tokens in (1, num_decode + 1):
         sync(args)
         start = time.perf_counter()
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        llm.generate(prompt, params, use_tqdm=False)
+        llm.generate(BATCH1_PROMPT, params, use_tqdm=False)
         sync(args)
         timings.append(time.perf_counter() - start)
     return (timings[1] - timings[0]) / num_decode

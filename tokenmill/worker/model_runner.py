@@ -191,7 +191,7 @@ class ModelRunner:
         rows = [scheduler_output.scheduled[i] for i in inputs.sample_seq_indices]
         sampled = self._sample(rows, inputs, hidden)
         results = None if sampled is None else SampledResults.copy_to_host(sampled)
-        prompt_logprobs = PromptLogprobsOnTheirWay.copy_to_host(
+        prompt_logprobs = PromptLogprobsResults.copy_to_host(
             {
                 scheduled.request_id: self._prompt_logprobs(
                     scheduled, inputs.attn_metadata.query_start_loc[i], hidden
@@ -259,15 +259,10 @@ class SampledResults:
 
     @classmethod
     def copy_to_host(cls, sampled: SamplerOutput) -> SampledResults:
-        token_ids = sampled.sampled_token_ids
         logprobs = None if sampled.logprobs is None else sampled.logprobs.packed()
-        if token_ids.device.type != "cuda":
-            return cls(token_ids, logprobs, None)
-        arrived = torch.cuda.Event()
-        host_ids = _to_pinned_host(token_ids)
-        host_logprobs = None if logprobs is None else _to_pinned_host(logprobs)
-        arrived.record()
-        return cls(host_ids, host_logprobs, arrived)
+        (token_ids, logprobs), arrived = _copies_on_their_way([sampled.sampled_token_ids, logprobs])
+        assert token_ids is not None
+        return cls(token_ids, logprobs, arrived)
 
     def wait(self) -> tuple[list[int], LogprobsLists | None]:
         if self.arrived is not None:
@@ -277,29 +272,26 @@ class SampledResults:
 
 
 @dataclass
-class PromptLogprobsOnTheirWay:
+class PromptLogprobsResults:
     """A step's prompt logprobs on their way to the host, per request id (None: none in this chunk), as
-    `SampledResults` takes the sampled tokens: copied to pinned memory behind the forward pass, so that
-    reading them waits for this step only."""
+    `SampledResults` takes the sampled tokens: reading them waits for this step only."""
 
     packed: dict[str, torch.Tensor | None]  # LogprobsTensors.packed()
     arrived: torch.cuda.Event | None
 
     @classmethod
-    def copy_to_host(cls, tensors: dict[str, LogprobsTensors | None]) -> PromptLogprobsOnTheirWay:
-        packed = {request_id: None if t is None else t.packed() for request_id, t in tensors.items()}
-        if not any(t is not None and t.device.type == "cuda" for t in packed.values()):
-            return cls(packed, None)
-        host = {request_id: None if t is None else _to_pinned_host(t) for request_id, t in packed.items()}
-        arrived = torch.cuda.Event()
-        arrived.record()
-        return cls(host, arrived)
+    def copy_to_host(cls, tensors: dict[str, LogprobsTensors | None]) -> PromptLogprobsResults:
+        packed = [None if t is None else t.packed() for t in tensors.values()]
+        host, arrived = _copies_on_their_way(packed)
+        return cls(dict(zip(tensors, host, strict=True)), arrived)
 
     def wait(self) -> dict[str, LogprobsLists]:
         if self.arrived is not None:
             self.arrived.synchronize()
-        empty = LogprobsLists([], [], [])
-        return {rid: empty if t is None else unpack_logprobs(t) for rid, t in self.packed.items()}
+        return {
+            request_id: LogprobsLists([], [], []) if t is None else unpack_logprobs(t)
+            for request_id, t in self.packed.items()
+        }
 
 
 @dataclass
@@ -311,7 +303,7 @@ class LaunchedStep:
     sampled: SamplerOutput | None
     results: SampledResults | None
     partial: ModelRunnerOutput
-    prompt_logprobs: PromptLogprobsOnTheirWay | None = None
+    prompt_logprobs: PromptLogprobsResults | None = None
 
     def output(self) -> ModelRunnerOutput:
         """The step's results on the host (waits for this step's device work)."""
@@ -326,6 +318,19 @@ class LaunchedStep:
             if logprobs is not None and r.request.sampling_params.logprobs is not None:
                 out.logprobs[r.request_id] = logprobs.slice(row, row + 1)
         return out
+
+
+def _copies_on_their_way(
+    tensors: list[torch.Tensor | None],
+) -> tuple[list[torch.Tensor | None], torch.cuda.Event | None]:
+    """CUDA `tensors` copied into pinned host memory, queued on the current stream (not waited for), and
+    an event that marks their arrival; off CUDA, the tensors themselves and no event."""
+    if not any(t is not None and t.device.type == "cuda" for t in tensors):
+        return tensors, None
+    host = [None if t is None else _to_pinned_host(t) for t in tensors]
+    arrived = torch.cuda.Event()
+    arrived.record()
+    return host, arrived
 
 
 def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
