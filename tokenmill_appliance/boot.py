@@ -17,16 +17,15 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 from tokenmill_appliance.portal.tls import ensure_cert_pair
-from tokenmill_appliance.provisioning import display_source, prepare_provisioning
-from tokenmill_appliance.settings import (
+from tokenmill_appliance.portal_apps import (
     PortalApp,
     PortalConfigError,
-    Settings,
-    SettingsError,
+    default_apps,
     read_portal_yaml,
-    root_path,
     write_portal_yaml,
 )
+from tokenmill_appliance.provisioning import display_source, prepare_provisioning
+from tokenmill_appliance.settings import Settings, SettingsError, root_path
 from tokenmill_appliance.supervisor import default_programs, supervisord_argv, write_supervisord_conf
 
 _ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -155,7 +154,7 @@ def prepare_portal_yaml(settings: Settings) -> list[PortalApp]:
         log(f"keeping {path} (edit it and `supervisorctl restart portal` to change the apps)")
         return existing
     try:
-        apps = settings.default_apps()
+        apps = default_apps(settings)
     except PortalConfigError as exc:
         raise BootError(
             f"{exc}. Fix PORTAL_CONFIG (entries hostname:external_port:local_port:path:Name)"

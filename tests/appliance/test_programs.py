@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tokenmill_appliance.portal_apps import parse_portal_config
 from tokenmill_appliance.programs import run_launch, wait_out_backoff
 from tokenmill_appliance.programs.commands import (
     Launch,
@@ -39,7 +40,7 @@ from tokenmill_appliance.programs.runner import (
     exit_status,
     run_child,
 )
-from tokenmill_appliance.settings import Settings, parse_portal_config
+from tokenmill_appliance.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 ECHO_ARGV = [sys.executable, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]

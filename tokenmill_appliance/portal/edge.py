@@ -27,7 +27,7 @@ from tokenmill_appliance.portal.auth import (
     url_without_token,
     without_cookie,
 )
-from tokenmill_appliance.settings import PortalApp
+from tokenmill_appliance.portal_apps import PortalApp
 
 logger = logging.getLogger(__name__)
 

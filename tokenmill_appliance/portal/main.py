@@ -9,7 +9,8 @@ import signal
 import sys
 
 from tokenmill_appliance.portal.server import Portal
-from tokenmill_appliance.settings import PortalApp, Settings, SettingsError, load_apps, mask_token
+from tokenmill_appliance.portal_apps import PortalApp, load_apps
+from tokenmill_appliance.settings import Settings, SettingsError, mask_token
 
 logger = logging.getLogger("tokenmill_appliance.portal")
 

@@ -27,8 +27,9 @@ from tokenmill_appliance.portal.services import ProgramControl
 from tokenmill_appliance.portal.state import PortalState
 from tokenmill_appliance.portal.tunnels import TunnelManager
 from tokenmill_appliance.portal.ui import build_ui_app
+from tokenmill_appliance.portal_apps import API_APP_NAME, PORTAL_APP_NAME, PortalApp, find_app
 from tokenmill_appliance.programs.commands import engine_api_key
-from tokenmill_appliance.settings import API_APP_NAME, PORTAL_APP_NAME, PortalApp, Settings, find_app
+from tokenmill_appliance.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from tokenmill_appliance.portal.edge import EdgeSecret
 from tokenmill_appliance.portal.metrics import MetricsSampler
 from tokenmill_appliance.portal.services import ProgramControl
 from tokenmill_appliance.portal.tunnels import TunnelManager
-from tokenmill_appliance.settings import PortalApp, Settings
+from tokenmill_appliance.portal_apps import PortalApp
+from tokenmill_appliance.settings import Settings
 
 
 @dataclass

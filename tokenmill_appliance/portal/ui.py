@@ -21,8 +21,8 @@ from tokenmill_appliance.portal import api
 from tokenmill_appliance.portal.auth import Verdict
 from tokenmill_appliance.portal.edge import EDGE_HEADER
 from tokenmill_appliance.portal.state import IS_AUTHENTICATED, STATE, PortalState
+from tokenmill_appliance.portal_apps import API_APP_NAME, PortalApp, find_app
 from tokenmill_appliance.programs.commands import engine_api_key
-from tokenmill_appliance.settings import API_APP_NAME, PortalApp, find_app
 
 STATIC_DIR = Path(__file__).parent / "static"
 CSRF_HEADER = "X-Portal-Request"

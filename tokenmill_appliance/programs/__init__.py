@@ -14,6 +14,7 @@ import time
 import traceback
 
 from tokenmill_appliance import provisioning as prov
+from tokenmill_appliance.portal_apps import load_apps
 from tokenmill_appliance.programs.commands import BUILDERS, Launch, Skip
 from tokenmill_appliance.programs.runner import (
     Backoff,
@@ -23,7 +24,7 @@ from tokenmill_appliance.programs.runner import (
     exit_status,
     run_child,
 )
-from tokenmill_appliance.settings import Settings, SettingsError, load_apps
+from tokenmill_appliance.settings import Settings, SettingsError
 from tokenmill_appliance.venv_backup import BACKUP_INTERVAL_S, backup_venv
 
 PROVISIONING_POLL_S = 1.0

@@ -15,16 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenmill_appliance.settings import (
-    API_APP_NAME,
-    DEFAULT_RAY_ARGS,
-    RAY_APP_NAME,
-    PortalApp,
-    Settings,
-    default_vllm_args,
-    find_app,
-    shell_words,
-)
+from tokenmill_appliance.portal_apps import API_APP_NAME, RAY_APP_NAME, PortalApp, find_app
+from tokenmill_appliance.settings import DEFAULT_RAY_ARGS, Settings, default_vllm_args, shell_words
 
 _PARALLEL_FLAGS = re.compile(
     r"^(--tensor-parallel-size|-tp|--pipeline-parallel-size|-pp|--data-parallel-size|-dp)(=.*)?$"

@@ -21,7 +21,8 @@ from aiohttp import web
 
 from tokenmill_appliance.portal.server import Portal
 from tokenmill_appliance.portal.services import ProgramControl, SupervisorError
-from tokenmill_appliance.settings import Settings, load_apps
+from tokenmill_appliance.portal_apps import load_apps
+from tokenmill_appliance.settings import Settings
 
 TOKEN = "test-open-button-token-1234"
 PASSWORD = "test-web-password-5678"
