@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -45,19 +45,19 @@ def test_the_smoke_run_prints_every_row_and_the_table_last(
     assert "check 4's kernels" in result.stdout  # the profile of a batch-1 generation, above the table
 
 
-def test_transformers_baseline_splits_its_batch_only_where_its_cache_would_not_fit() -> None:
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    config = gpu_check.qwen3_06b_config(argparse.Namespace(smoke=False))  # 112 KiB of bf16 cache a token
+def test_transformers_baseline_splits_its_batch_only_where_its_cache_would_not_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as the script runs: its check modules are siblings
+    gpu_check_speed = importlib.import_module("gpu_check_speed")
+    config = gpu_check_speed.qwen3_06b_config(argparse.Namespace(smoke=False))  # 112 KiB of cache a token
     gib = 1 << 30
-    size = functools.partial(gpu_check.hf_batch_size, config, 256, 2048, torch.bfloat16)
+    size = functools.partial(gpu_check_speed.hf_batch_size, config, 256, 2048, torch.bfloat16)
     assert size(140 * gib) == 256  # an H200: 56 GiB of cache, budgeted twice, fits
     assert size(77 * gib) == 128  # an H100: two batches
     assert size(30 * gib) == 32
     assert size(1 * gib) == 1  # never below one request
-    assert gpu_check.hf_batch_size(config, 5, 2048, torch.bfloat16, 77 * gib) == 5
+    assert gpu_check_speed.hf_batch_size(config, 5, 2048, torch.bfloat16, 77 * gib) == 5
 
 
 def test_prepare_saves_the_tokenizer_for_the_device_run(smollm2_source: ModelSource, tmp_path: Path) -> None:
