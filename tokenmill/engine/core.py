@@ -21,8 +21,9 @@ from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolv
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.fused_decode import attach_fused_decode
 from tokenmill.model.quantization import check_quantization, quantize
+from tokenmill.worker.launched_step import LaunchedStep
 from tokenmill.worker.memory import GiB, check_explicit_kv_cache_fits, kv_cache_budget
-from tokenmill.worker.model_runner import LaunchedStep, ModelRunner
+from tokenmill.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

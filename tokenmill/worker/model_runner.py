@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -15,7 +14,7 @@ from torch import nn
 from tokenmill.attention.backend import AttentionMetadata, kv_cache_shape
 from tokenmill.attention.selector import get_attention_backend
 from tokenmill.config import EngineConfig
-from tokenmill.engine.outputs import LogprobsLists, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.kernels.memory import anonymous_tensor
 from tokenmill.loader.dtype import resolve_kv_cache_dtype
 from tokenmill.model.layers.attention import Attention
@@ -24,12 +23,13 @@ from tokenmill.model.llama import head_dim_of
 from tokenmill.model.parameters import materialize
 from tokenmill.model.registry import CausalLM, get_model_class
 from tokenmill.sample.device import to_device
-from tokenmill.sample.logprobs import LogprobsTensors, compute_logprobs, unpack_logprobs
+from tokenmill.sample.logprobs import LogprobsTensors, compute_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
 from tokenmill.sample.sampler import Sampler, SamplerOutput
 from tokenmill.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from tokenmill.worker.cuda_graph import DecodeGraphs
 from tokenmill.worker.inputs import HostStager, ModelInputs, prepare_inputs
+from tokenmill.worker.launched_step import LaunchedStep, PromptLogprobsResults, SampledResults
 from tokenmill.worker.memory import GiB, MemoryProfile
 
 logger = logging.getLogger(__name__)
@@ -242,101 +242,6 @@ class ModelRunner:
         next_tokens = to_device(torch.tensor(request.prompt_token_ids[start + 1 : end + 1]), self.device)
         num_top = request.sampling_params.prompt_logprobs or 0
         return compute_logprobs(logits, next_tokens, num_top)
-
-
-@dataclass
-class SampledResults:
-    """A step's sampled ids and packed logprobs on their way to the host.
-
-    On CUDA they are copied into pinned memory right behind the sampler, ahead of whatever is launched
-    next, and an event marks their arrival: reading them waits for this step only, not for the step
-    launched behind it (a plain .cpu() would queue behind that one). Elsewhere they are the tensors.
-    """
-
-    token_ids: torch.Tensor  # [num_rows] int64
-    logprobs: torch.Tensor | None  # LogprobsTensors.packed(); None when no row wants logprobs
-    arrived: torch.cuda.Event | None
-
-    @classmethod
-    def copy_to_host(cls, sampled: SamplerOutput) -> SampledResults:
-        logprobs = None if sampled.logprobs is None else sampled.logprobs.packed()
-        (token_ids, logprobs), arrived = _copies_on_their_way([sampled.sampled_token_ids, logprobs])
-        assert token_ids is not None
-        return cls(token_ids, logprobs, arrived)
-
-    def wait(self) -> tuple[list[int], LogprobsLists | None]:
-        if self.arrived is not None:
-            self.arrived.synchronize()
-        logprobs = None if self.logprobs is None else unpack_logprobs(self.logprobs.cpu())
-        return self.token_ids.tolist(), logprobs
-
-
-@dataclass
-class PromptLogprobsResults:
-    """A step's prompt logprobs on their way to the host, per request id (None: none in this chunk), as
-    `SampledResults` takes the sampled tokens: reading them waits for this step only."""
-
-    packed: dict[str, torch.Tensor | None]  # LogprobsTensors.packed()
-    arrived: torch.cuda.Event | None
-
-    @classmethod
-    def copy_to_host(cls, tensors: dict[str, LogprobsTensors | None]) -> PromptLogprobsResults:
-        packed = [None if t is None else t.packed() for t in tensors.values()]
-        host, arrived = _copies_on_their_way(packed)
-        return cls(dict(zip(tensors, host, strict=True)), arrived)
-
-    def wait(self) -> dict[str, LogprobsLists]:
-        if self.arrived is not None:
-            self.arrived.synchronize()
-        return {
-            request_id: LogprobsLists([], [], []) if t is None else unpack_logprobs(t)
-            for request_id, t in self.packed.items()
-        }
-
-
-@dataclass
-class LaunchedStep:
-    """A step queued on the device: its sampling rows, their sampled tokens (still on the device, for a
-    step that decodes them before they are read), and their copy and the prompt logprobs' to the host."""
-
-    rows: list[ScheduledRequest]  # the sequences that sampled, in the order of `sampled`
-    sampled: SamplerOutput | None
-    results: SampledResults | None
-    partial: ModelRunnerOutput
-    prompt_logprobs: PromptLogprobsResults | None = None
-
-    def output(self) -> ModelRunnerOutput:
-        """The step's results on the host (waits for this step's device work)."""
-        out = self.partial
-        if self.prompt_logprobs is not None:
-            out.prompt_logprobs.update(self.prompt_logprobs.wait())
-        if self.results is None:
-            return out
-        token_ids, logprobs = self.results.wait()
-        for row, (r, token_id) in enumerate(zip(self.rows, token_ids, strict=True)):
-            out.sampled_token_ids[r.request_id] = token_id
-            if logprobs is not None and r.request.sampling_params.logprobs is not None:
-                out.logprobs[r.request_id] = logprobs.slice(row, row + 1)
-        return out
-
-
-def _copies_on_their_way(
-    tensors: list[torch.Tensor | None],
-) -> tuple[list[torch.Tensor | None], torch.cuda.Event | None]:
-    """CUDA `tensors` copied into pinned host memory, queued on the current stream (not waited for), and
-    an event that marks their arrival; off CUDA, the tensors themselves and no event."""
-    if not any(t is not None and t.device.type == "cuda" for t in tensors):
-        return tensors, None
-    host = [None if t is None else _to_pinned_host(t) for t in tensors]
-    arrived = torch.cuda.Event()
-    arrived.record()
-    return host, arrived
-
-
-def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of device `tensor` in pinned host memory, queued on the current stream (not waited for)."""
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    return host.copy_(tensor, non_blocking=True)
 
 
 def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
