@@ -1,4 +1,4 @@
-"""EngineCore's start-up decisions: the device and the served context length."""
+"""EngineCore's start-up decisions: the device, the served context length, the GGUF quantization hint."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, MistralConfig
 
-from tokenmill.engine.core import resolve_device, resolve_max_model_len
+from tokenmill.engine.core import gguf_quantization_hint, resolve_device, resolve_max_model_len
+from tokenmill.kernels.cpu import kernel_library
+from tokenmill.loader import ModelSource, resolve_model
 
 
 def test_cuda_without_cuda_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,3 +48,17 @@ def test_a_sliding_window_caps_max_model_len_with_one_warning(
 def test_a_shorter_request_than_the_window_is_kept(caplog: pytest.LogCaptureFixture) -> None:
     assert resolve_max_model_len(16, MistralConfig(sliding_window=32)) == 16
     assert not caplog.records
+
+
+def test_a_gguf_dequantized_on_a_cpu_with_the_block_kernels_names_the_flag_that_keeps_them() -> None:
+    source = resolve_model(None)  # the embedded default model: a Q4_1 GGUF
+    cpu = torch.device("cpu")
+    if kernel_library() is None:
+        pytest.skip("this CPU cannot run the block kernels, so there is nothing to suggest")
+    hint = gguf_quantization_hint(None, source, cpu)
+    assert hint is not None and "--quantization gguf" in hint
+    assert gguf_quantization_hint("gguf", source, cpu) is None
+    assert gguf_quantization_hint("int8", source, cpu) is None  # a choice was made
+    assert gguf_quantization_hint(None, source, torch.device("meta")) is None  # not a CPU
+    not_a_gguf = ModelSource(name="dir", path=source.path, gguf_file=None)
+    assert gguf_quantization_hint(None, not_a_gguf, cpu) is None

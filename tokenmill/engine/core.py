@@ -17,7 +17,14 @@ from tokenmill.engine.outputs import EngineCoreOutput, EngineCoreRequest, Schedu
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.kernels.cpu import kernel_library
-from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model, sliding_window
+from tokenmill.loader import (
+    ModelSource,
+    iter_weights,
+    load_hf_config,
+    resolve_dtype,
+    resolve_model,
+    sliding_window,
+)
 from tokenmill.metrics.stats import SchedulerStats
 from tokenmill.model.fused_decode import attach_fused_decode
 from tokenmill.model.quantization import check_quantization, quantize
@@ -71,12 +78,28 @@ def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
     return requested
 
 
+def gguf_quantization_hint(quantization: str | None, source: ModelSource, device: torch.device) -> str | None:
+    """For a GGUF about to be dequantized on a CPU that runs its blocks' kernels: the flag that keeps them.
+    Dequantizing stays the default: it computes what transformers computes from the file, token for token."""
+    if quantization is not None or source.gguf_file is None or device.type != "cpu":
+        return None
+    if kernel_library() is None:
+        return None
+    return (
+        f"{source.name}: its GGUF weights are dequantized to float; --quantization gguf keeps the file's "
+        "Q4_0/Q4_1/Q8_0 blocks in CPU kernels instead (the default model decodes about 10x faster on one "
+        "stream, in a fraction of the memory)"
+    )
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.source = resolve_model(config.model.model, config.model.download_dir, config.model.revision)
         check_quantization(config.model.quantization, self.source)
+        if hint := gguf_quantization_hint(config.model.quantization, self.source, self.device):
+            logger.info(hint)
         self.hf_config = load_hf_config(self.source, config.model.hf_overrides)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.max_model_len = resolve_max_model_len(config.model.max_model_len, self.hf_config)
