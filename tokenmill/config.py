@@ -25,6 +25,10 @@ class ModelConfig:
     """Where hub downloads go (HF cache when None)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
+    tokenizer: str | None = None
+    """Tokenizer directory, .gguf file or hub id; None: the model's own."""
+    tokenizer_revision: str | None = None
+    """Hub revision of `tokenizer`."""
     seed: int | None = 0
     """Seed of the engine's default generator (requests without their own seed); None: a random one."""
     served_model_name: str | None = None

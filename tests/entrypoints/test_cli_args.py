@@ -120,6 +120,14 @@ def test_other_vllm_flags() -> None:
     assert args.max_request_body_size == 1 << 20
 
 
+def test_tokenizer_flags_as_vllm_gguf_users_pass_them() -> None:
+    argv = ["./model-Q4_K_M.gguf", "--tokenizer", "Qwen/Qwen3-0.6B", "--tokenizer-revision", "main"]
+    engine = parse_serve_args(argv, environ={}).engine_args
+    assert (engine.model, engine.tokenizer, engine.tokenizer_revision) == (argv[0], "Qwen/Qwen3-0.6B", "main")
+    config = engine.create_engine_config().model
+    assert (config.tokenizer, config.tokenizer_revision, config.revision) == ("Qwen/Qwen3-0.6B", "main", None)
+
+
 def test_defaults_and_api_key_from_environment(tmp_path: Path) -> None:
     template = tmp_path / "t.jinja"
     template.write_text("{{ x }}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.tokenizer import warn_if_vocabulary_outgrows
 
 pytestmark = pytest.mark.slow
 
@@ -253,6 +256,32 @@ def test_default_sampling_params_take_max_new_tokens_from_generation_config(
     assert defaults.max_tokens == 5 and defaults.temperature == 0.5
     eos = llm.get_tokenizer().eos_token_id
     assert llm.engine.generation_defaults.eos_token_ids == {eos, 7}  # the tokenizer's eos is kept
+
+
+def test_tokenizer_argument_replaces_the_models_own_with_its_chat_template_but_not_its_eos(
+    tiny_model_dir: Callable[..., Path], smollm2_tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    # As vLLM's --tokenizer for a GGUF: the base model's tokenizer files alone (no config, no weights).
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model_dir = shutil.copytree(tiny_model_dir("llama"), tmp_path / "model")
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    llm = LLM(
+        str(model_dir), tokenizer=str(tmp_path / "tokenizer"), max_model_len=256, kv_cache_memory=16 << 20
+    )
+    (output,) = llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False)
+    assert output.prompt == "<<hi>>"  # the tokenizer's template, not the model directory's
+    assert 7 in llm.engine.generation_defaults.eos_token_ids  # the model's generation config still holds
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_logged(
+    smollm2_tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture
+) -> None:
+    warn_if_vocabulary_outgrows(smollm2_tokenizer, len(smollm2_tokenizer))
+    assert "vocabulary" not in caplog.text
+    warn_if_vocabulary_outgrows(smollm2_tokenizer, 1000)
+    assert "the tokenizer has 49152 tokens but the model's vocabulary only 1000" in caplog.text
 
 
 def test_max_model_len_beyond_the_model_serves_its_limit(

@@ -7,7 +7,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from tokenmill.loader import resolve_model
+from tokenmill.loader import resolve_model, resolve_tokenizer
 from tokenmill.loader.hub import ModelNotFoundError, download_from_hub
 
 REMEDY = "pass a local path, or pre-download it into --download-dir"
@@ -96,3 +96,22 @@ def test_offline_environment_variable_in_a_fresh_process(tmp_path: Path) -> None
     assert result.returncode == 1
     assert "ModelNotFoundError: model some-org/some-model not found locally" in result.stderr
     assert REMEDY in result.stderr
+
+
+def test_a_hub_tokenizer_offline_and_not_cached_is_named_as_a_tokenizer(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_tokenizer("some-org/base-model", resolve_model(None), download_dir=str(tmp_path))
+    assert "tokenizer some-org/base-model not found locally" in str(caught.value)
+    assert REMEDY in str(caught.value)
+
+
+def test_a_cached_tokenizer_repository_without_weights_is_used_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    snapshot = cached_snapshot(tmp_path, "some-org/base-model", {"tokenizer.json": "{}"})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    source = resolve_tokenizer("some-org/base-model", resolve_model(None), download_dir=str(tmp_path))
+    assert source.path == snapshot.resolve() and source.gguf_file is None

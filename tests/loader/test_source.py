@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenmill.loader import ModelSource, resolve_model
+from tokenmill.loader import ModelSource, resolve_model, resolve_tokenizer
 from tokenmill.loader.hub import ModelNotFoundError
 from tokenmill.loader.source import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
 
@@ -67,3 +67,29 @@ def test_file_that_is_not_gguf(tmp_path: Path) -> None:
 def test_neither_path_nor_hub_id(model: str) -> None:
     with pytest.raises(ModelNotFoundError, match="neither an existing file or directory nor a hub id"):
         resolve_model(model)
+
+
+def test_no_tokenizer_is_the_model_itself(smollm2_gguf: Path) -> None:
+    model = resolve_model(None)
+    assert resolve_tokenizer(None, model) is model
+
+
+def test_tokenizer_directory_needs_no_config(tmp_path: Path, smollm2_gguf: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{}")  # only tokenizer files, as a tokenizer repository
+    source = resolve_tokenizer(str(tmp_path), resolve_model(None))
+    assert source == ModelSource(name=str(tmp_path), path=tmp_path.resolve())
+
+
+def test_tokenizer_from_a_gguf_file_or_its_directory(smollm2_gguf: Path) -> None:
+    model = resolve_model(None)
+    assert resolve_tokenizer(str(smollm2_gguf), model).gguf_file == smollm2_gguf
+    assert resolve_tokenizer(str(smollm2_gguf.parent), model).gguf_file == smollm2_gguf
+
+
+def test_unusable_tokenizer_arguments_say_what_to_pass(tmp_path: Path, smollm2_gguf: Path) -> None:
+    model = resolve_model(None)
+    (tmp_path / "config.json").write_text("{}")  # a model's config is not a tokenizer
+    with pytest.raises(ModelNotFoundError, match="holds none of tokenizer.json.*pass a tokenizer directory"):
+        resolve_tokenizer(str(tmp_path), model)
+    with pytest.raises(ModelNotFoundError, match="tokenizer 'no/such/place' is neither"):
+        resolve_tokenizer("no/such/place", model)

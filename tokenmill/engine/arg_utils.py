@@ -59,6 +59,11 @@ class EngineArgs:
     """Directory for models downloaded from the hub."""
     revision: str | None = None
     """Hub revision to download."""
+    tokenizer: str | None = None
+    """Tokenizer to use instead of the model's own: a HF directory, a .gguf file or a hub id (as vLLM
+    advises for GGUF models: their base model's tokenizer and chat template)."""
+    tokenizer_revision: str | None = None
+    """Hub revision of --tokenizer."""
     seed: int | None = 0
     """Seed for requests that do not bring their own (None: a random one)."""
     block_size: int = 16
@@ -135,6 +140,8 @@ class EngineArgs:
                 max_model_len=self.max_model_len,
                 download_dir=self.download_dir,
                 revision=self.revision,
+                tokenizer=self.tokenizer,
+                tokenizer_revision=self.tokenizer_revision,
                 seed=self.seed,
                 served_model_name=self.served_model_name,
                 hf_overrides=dict(self.hf_overrides),

@@ -7,15 +7,21 @@ from tokenmill.engine.core import EngineCore
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.processor import InputProcessor, PromptType
+from tokenmill.loader import resolve_tokenizer
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.tokenizer import load_generation_config, load_tokenizer
+from tokenmill.tokenizer import load_generation_config, load_tokenizer, warn_if_vocabulary_outgrows
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, chat_template: str | None = None) -> None:
         self.config = config
         self.core = EngineCore(config)
-        self.tokenizer = load_tokenizer(self.core.source, chat_template)
+        model = config.model
+        tokenizer_source = resolve_tokenizer(
+            model.tokenizer, self.core.source, model.download_dir, model.tokenizer_revision
+        )
+        self.tokenizer = load_tokenizer(tokenizer_source, chat_template)
+        warn_if_vocabulary_outgrows(self.tokenizer, self.core.vocab_size)
         self.generation_defaults = load_generation_config(self.core.source, self.tokenizer)
         self.input_processor = InputProcessor(
             self.tokenizer,

@@ -25,6 +25,8 @@ HUB_ALLOW_PATTERNS = [
     "*.tiktoken",
     "*.txt",
 ]
+# A tokenizer repository's files (--tokenizer): the same without the weights.
+TOKENIZER_ALLOW_PATTERNS = [pattern for pattern in HUB_ALLOW_PATTERNS if pattern != "*.safetensors"]
 # Mistral repositories also ship their own-format copy of the weights (consolidated.safetensors) beside
 # the Hugging Face shards; Llama repositories keep originals under original/.
 HUB_IGNORE_PATTERNS = ["consolidated*.safetensors", "original/*"]
@@ -34,14 +36,21 @@ class ModelNotFoundError(FileNotFoundError):
     """The model argument names nothing that can be loaded; the message says what to do instead."""
 
 
-def download_from_hub(model_id: str, download_dir: str | None = None, revision: str | None = None) -> Path:
-    """The local snapshot of repository `model_id`, downloaded (with a progress bar) unless cached."""
-    with _explained_hub_errors(model_id, download_dir, revision):
+def download_from_hub(
+    model_id: str,
+    download_dir: str | None = None,
+    revision: str | None = None,
+    allow_patterns: list[str] = HUB_ALLOW_PATTERNS,
+    kind: str = "model",
+) -> Path:
+    """The local snapshot of repository `model_id` (the files `allow_patterns` match), downloaded (with a
+    progress bar) unless cached. `kind` names it in errors ("model", "tokenizer")."""
+    with _explained_hub_errors(model_id, download_dir, revision, kind):
         snapshot = snapshot_download(
             model_id,
             revision=revision,
             cache_dir=download_dir,
-            allow_patterns=HUB_ALLOW_PATTERNS,
+            allow_patterns=allow_patterns,
             ignore_patterns=HUB_IGNORE_PATTERNS,
         )
     return Path(snapshot)
@@ -56,24 +65,27 @@ def download_gguf_from_hub(
 
 
 @contextmanager
-def _explained_hub_errors(model: str, download_dir: str | None, revision: str | None) -> Iterator[None]:
+def _explained_hub_errors(
+    model: str, download_dir: str | None, revision: str | None, kind: str = "model"
+) -> Iterator[None]:
     """Turn huggingface_hub's errors into ones that say what to do."""
     try:
         yield
     except GatedRepoError as error:
         raise ModelNotFoundError(
-            f"model {model} is gated on the hub: accept its license on huggingface.co and set HF_TOKEN, "
+            f"{kind} {model} is gated on the hub: accept its license on huggingface.co and set HF_TOKEN, "
             "or pass a local path"
         ) from error
     except RepositoryNotFoundError as error:
         raise ModelNotFoundError(
-            f"model {model} not found on the hub: check the id (org/name), set HF_TOKEN for a private "
+            f"{kind} {model} not found on the hub: check the id (org/name), set HF_TOKEN for a private "
             "repository, or pass a local path"
         ) from error
     except RevisionNotFoundError as error:
+        flag = "--revision" if kind == "model" else f"--{kind}-revision"
         raise ModelNotFoundError(
-            f"revision {revision!r} of model {model} not found on the hub: pass an existing branch, "
-            "tag or commit with --revision"
+            f"revision {revision!r} of {kind} {model} not found on the hub: pass an existing branch, "
+            f"tag or commit with {flag}"
         ) from error
     except RemoteEntryNotFoundError as error:
         raise ModelNotFoundError(
@@ -82,6 +94,6 @@ def _explained_hub_errors(model: str, download_dir: str | None, revision: str | 
     except LocalEntryNotFoundError as error:
         where = f" in {download_dir}" if download_dir else ""
         raise ModelNotFoundError(
-            f"model {model} not found locally{where} and the hub is unreachable: pass a local path, "
+            f"{kind} {model} not found locally{where} and the hub is unreachable: pass a local path, "
             "or pre-download it into --download-dir"
         ) from error

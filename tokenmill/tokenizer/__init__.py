@@ -6,6 +6,7 @@ from tokenmill.tokenizer.tokenizer import (
     load_generation_config,
     load_tokenizer,
     longest_token_bytes,
+    warn_if_vocabulary_outgrows,
 )
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "load_tokenizer",
     "longest_token_bytes",
     "read_chat_template",
+    "warn_if_vocabulary_outgrows",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +16,7 @@ from tokenmill.loader.source import ModelSource
 from tokenmill.tokenizer.chat import read_chat_template
 
 GENERATION_CONFIG_FILE = "generation_config.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,19 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Pre
     if chat_template is not None:
         tokenizer.chat_template = read_chat_template(chat_template)
     return tokenizer
+
+
+def warn_if_vocabulary_outgrows(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+    """A tokenizer with ids the model has no embedding for (a --tokenizer of another model) is logged at
+    start-up: every prompt that holds one of them is refused."""
+    if len(tokenizer) > vocab_size:
+        logger.warning(
+            "the tokenizer has %d tokens but the model's vocabulary only %d: prompts holding ids from %d "
+            "on are refused (pass the model's own tokenizer, or one of the same vocabulary)",
+            len(tokenizer),
+            vocab_size,
+            vocab_size,
+        )
 
 
 def _check_gguf_has_tokenizer(gguf_file: Path) -> None:

@@ -89,6 +89,9 @@ class ServerState:
             self.model_root = loaded.root
             self.engine.set_tokenizer(loaded.tokenizer, loaded.eos_token_ids)
             await self.engine.start()
+            from tokenmill.tokenizer import warn_if_vocabulary_outgrows  # loaded: transformers is in
+
+            warn_if_vocabulary_outgrows(loaded.tokenizer, self.engine.vocab_size)
         except Exception as err:
             self.load_error = str(err) or type(err).__name__
             if self.server is not None:
@@ -112,12 +115,15 @@ class ServerState:
         await self._announce()
 
     def _load_tokenizer(self) -> LoadedModel:
-        from tokenmill.loader import ModelSource, resolve_model
+        from tokenmill.loader import ModelSource, resolve_model, resolve_tokenizer
         from tokenmill.tokenizer import load_generation_config, load_tokenizer, longest_token_bytes
 
         engine_args = self.args.engine_args
         source = resolve_model(engine_args.model, engine_args.download_dir, engine_args.revision)
-        tokenizer = load_tokenizer(source, self.args.chat_template)
+        tokenizer_source = resolve_tokenizer(
+            engine_args.tokenizer, source, engine_args.download_dir, engine_args.tokenizer_revision
+        )
+        tokenizer = load_tokenizer(tokenizer_source, self.args.chat_template)
         defaults = load_generation_config(source, tokenizer)
         sampling: dict[str, Any] = {}
         mode = self.args.generation_config
