@@ -66,7 +66,15 @@ def test_vllm_underscore_spellings_are_accepted() -> None:
 
 def test_vllm_flags_without_an_effect_are_accepted() -> None:
     plain = parse_serve_args(["org/model"], environ={})
-    args = parse_serve_args(["org/model", "--trust-remote-code", "--disable-log-stats"], environ={})
+    no_effect = [
+        "--trust-remote-code",
+        "--disable-log-stats",
+        "--enable-chunked-prefill",
+        "--swap-space",
+        "4",
+    ]
+    no_effect += ["--disable-custom-all-reduce", "--distributed-executor-backend", "mp"]
+    args = parse_serve_args(["org/model", *no_effect], environ={})
     assert args.engine_args == plain.engine_args and (args.host, args.port) == (plain.host, plain.port)
 
 
@@ -148,6 +156,10 @@ def test_defaults_and_api_key_from_environment(tmp_path: Path) -> None:
         (["a", "--model", "b"], "the model is given twice"),
         (["--generation-config", "/no/such/dir"], "is not auto, vllm or a directory"),
         (["--max-request-body-size", "0"], "--max-request-body-size must be at least 1 byte"),
+        (["--enable-auto-tool-choice"], "--enable-auto-tool-choice is not supported: tool calling is not"),
+        (["--tool-call-parser", "hermes"], "requests that bring tools get a 400); remove it"),
+        (["-pp", "2"], "-pp is not supported: tokenmill runs a model on one device"),
+        (["--no-enable-chunked-prefill"], "long prompts are always chunked"),
     ],
 )
 def test_errors_name_the_fix(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -161,6 +161,27 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--disable-log-stats", action="store_true", help="accepted for vLLM compatibility (no periodic stats)"
     )
+    add(
+        "--enable-chunked-prefill",
+        action="store_true",
+        help="accepted for vLLM compatibility: long prompts are always chunked (--max-num-batched-tokens)",
+    )
+    add(
+        "--swap-space",
+        type=float,
+        default=None,
+        help="accepted for vLLM compatibility: preempted requests are recomputed, never swapped out",
+    )
+    add(
+        "--disable-custom-all-reduce",
+        action="store_true",
+        help="accepted for vLLM compatibility (one device: nothing to reduce)",
+    )
+    add(
+        "--distributed-executor-backend",
+        default=None,
+        help="accepted for vLLM compatibility (one device: no workers to distribute)",
+    )
 
 
 def _origins(value: str) -> list[str]:
@@ -171,6 +192,24 @@ def _origins(value: str) -> list[str]:
             raise argparse.ArgumentTypeError("expected a JSON list of origins")
         return [str(origin) for origin in parsed]
     return [origin.strip() for origin in value.split(",") if origin.strip()]
+
+
+# vLLM flags for what tokenmill does not do: refused with the reason, not with a look-alike flag.
+_TOOLS = "tool calling is not supported yet (requests that bring tools get a 400)"
+_ONE_DEVICE = "tokenmill runs a model on one device"
+UNSUPPORTED_VLLM_FLAGS = {
+    "--enable-auto-tool-choice": _TOOLS,
+    "--tool-call-parser": _TOOLS,
+    "--pipeline-parallel-size": _ONE_DEVICE,
+    "-pp": _ONE_DEVICE,
+    "--data-parallel-size": _ONE_DEVICE,
+    "-dp": _ONE_DEVICE,
+    "--no-enable-chunked-prefill": "long prompts are always chunked (--max-num-batched-tokens sets the size)",
+    "--enable-lora": "LoRA adapters are not supported yet",
+    "--lora-modules": "LoRA adapters are not supported yet",
+    "--speculative-config": "speculative decoding is not supported yet",
+    "--limit-mm-per-prompt": "tokenmill serves text-only models",
+}
 
 
 def dashed_flag(arg: str) -> str:
@@ -196,6 +235,8 @@ class ServeArgumentParser(argparse.ArgumentParser):
         return parsed
 
     def unknown_flag_message(self, flag: str) -> str:
+        if flag in UNSUPPORTED_VLLM_FLAGS:
+            return f"{flag} is not supported: {UNSUPPORTED_VLLM_FLAGS[flag]}; remove it"
         known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]}?" if close else "; see tokenmill serve --help"
