@@ -36,6 +36,8 @@ _NUMBER_FIELDS = (
 MIN_REPETITION_PENALTY = 1e-30
 # Temperatures below this sample greedily (as in vLLM): dividing logits by them would overflow.
 SAMPLING_EPS = 1e-5
+# The generation_config.json fields that are sampling defaults (max_new_tokens is max_tokens here).
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 @dataclass
@@ -198,6 +200,11 @@ class SamplingParams:
         if not self.ignore_eos:
             ids |= self.eos_token_ids
         return ids
+
+
+def from_generation_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Generation-config sampling fields (GENERATION_CONFIG_KEYS) by SamplingParams name."""
+    return {("max_tokens" if name == "max_new_tokens" else name): value for name, value in values.items()}
 
 
 class InvalidParameterError(ValueError):

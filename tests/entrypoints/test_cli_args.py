@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from tokenmill.entrypoints.cli_args import parse_human_int, parse_serve_args
+from tokenmill.sampling_params import GENERATION_CONFIG_KEYS
+from tokenmill.tokenizer import GenerationDefaults
 
 VLLM_IMAGE_ARGS = [
     "--max-model-len",
@@ -136,6 +139,17 @@ def test_tokenizer_flags_as_vllm_gguf_users_pass_them() -> None:
     assert (config.tokenizer, config.tokenizer_revision, config.revision) == ("Qwen/Qwen3-0.6B", "main", None)
 
 
+def test_override_generation_config_takes_generation_config_names() -> None:
+    argv = ["--override-generation-config", '{"temperature": 0.5, "max_new_tokens": 64}']
+    assert parse_serve_args(argv, environ={}).override_generation_config == {
+        "temperature": 0.5,
+        "max_new_tokens": 64,
+    }
+    assert {f.name for f in dataclasses.fields(GenerationDefaults)} - {"eos_token_ids"} == set(
+        GENERATION_CONFIG_KEYS
+    )
+
+
 def test_defaults_and_api_key_from_environment(tmp_path: Path) -> None:
     template = tmp_path / "t.jinja"
     template.write_text("{{ x }}")
@@ -160,6 +174,9 @@ def test_defaults_and_api_key_from_environment(tmp_path: Path) -> None:
         (["--tool-call-parser", "hermes"], "requests that bring tools get a 400); remove it"),
         (["-pp", "2"], "-pp is not supported: tokenmill runs a model on one device"),
         (["--no-enable-chunked-prefill"], "long prompts are always chunked"),
+        (["--override-generation-config", '{"temp": 1}'], "unknown key 'temp'; use temperature, top_p"),
+        (["--override-generation-config", '{"top_p": 2}'], "--override-generation-config: top_p must be"),
+        (["--override-generation-config", "[1]"], "expected a JSON object"),
     ],
 )
 def test_errors_name_the_fix(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

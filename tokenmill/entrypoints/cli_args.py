@@ -24,6 +24,7 @@ from typing import Any
 from tokenmill.config import Dtype
 from tokenmill.engine import arg_utils
 from tokenmill.engine.arg_utils import EngineArgs
+from tokenmill.sampling_params import GENERATION_CONFIG_KEYS, SamplingParams, from_generation_config
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -124,6 +125,13 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         "--generation-config",
         default="auto",
         help="sampling defaults: auto (the model's generation config), vllm (none), or a directory",
+    )
+    add(
+        "--override-generation-config",
+        type=_json_object,
+        default={},
+        help="sampling defaults over --generation-config's, as JSON: "
+        '\'{"temperature": 0.5, "max_new_tokens": 512}\' (keys: ' + ", ".join(GENERATION_CONFIG_KEYS) + ")",
     )
     add(
         "--max-request-body-size",
@@ -273,6 +281,7 @@ class ServeArgs:
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     generation_config: str = "auto"
+    override_generation_config: dict[str, Any] = field(default_factory=dict)
     allowed_origins: list[str] = field(default_factory=list)
     max_logprobs: int = 20
     max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE
@@ -308,6 +317,7 @@ def parse_serve_args(
         fail(f"--max-request-body-size must be at least 1 byte, got {ns.max_request_body_size}")
     if ns.generation_config not in ("auto", "vllm") and not Path(ns.generation_config).is_dir():
         fail(f"--generation-config {ns.generation_config!r} is not auto, vllm or a directory")
+    check_generation_overrides(ns.override_generation_config, fail)
     api_key = ns.api_key or api_key_from_env(environ)
     return ServeArgs(
         engine_args=engine_args,
@@ -318,6 +328,7 @@ def parse_serve_args(
         chat_template=load_chat_template(ns.chat_template, fail),
         trust_request_chat_template=ns.trust_request_chat_template,
         generation_config=ns.generation_config,
+        override_generation_config=ns.override_generation_config,
         allowed_origins=ns.allowed_origins,
         max_logprobs=ns.max_logprobs,
         max_request_body_size=ns.max_request_body_size,
@@ -325,6 +336,19 @@ def parse_serve_args(
         uvicorn_log_level=ns.uvicorn_log_level,
         enable_log_requests=ns.enable_log_requests and not ns.disable_log_requests,
     )
+
+
+def check_generation_overrides(overrides: dict[str, Any], fail: Callable[[str], Any]) -> None:
+    """--override-generation-config: known keys, and values every request could be sampled with."""
+    unknown = sorted(set(overrides) - set(GENERATION_CONFIG_KEYS))
+    if unknown:
+        keys = ", ".join(GENERATION_CONFIG_KEYS)
+        fail(f"--override-generation-config: unknown key {unknown[0]!r}; use {keys}")
+        return
+    try:
+        SamplingParams(**from_generation_config(overrides)).validate()
+    except (TypeError, ValueError) as err:
+        fail(f"--override-generation-config: {err}")
 
 
 def load_chat_template(value: str | None, fail: Callable[[str], Any]) -> str | None:

@@ -13,6 +13,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tokenmill.loader.source import ModelSource
+from tokenmill.sampling_params import from_generation_config
 from tokenmill.tokenizer.chat import read_chat_template
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -38,10 +39,7 @@ class GenerationDefaults:
 
     def sampling_param_defaults(self) -> dict[str, Any]:
         """The same settings by SamplingParams name (max_new_tokens is max_tokens), as vLLM applies them."""
-        defaults: dict[str, Any] = self.sampling_defaults()
-        if "max_new_tokens" in defaults:
-            defaults["max_tokens"] = defaults.pop("max_new_tokens")
-        return defaults
+        return from_generation_config(self.sampling_defaults())
 
 
 @lru_cache(maxsize=2)

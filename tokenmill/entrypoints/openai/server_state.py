@@ -18,6 +18,7 @@ from tokenmill.entrypoints.openai.serving_engine import ServingContext
 from tokenmill.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from tokenmill.metrics.prometheus import PrometheusMetrics
 from tokenmill.metrics.stats import SchedulerStats
+from tokenmill.sampling_params import from_generation_config
 
 logger = logging.getLogger("tokenmill.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -132,6 +133,7 @@ class ServerState:
             if mode != "auto":
                 chosen = load_generation_config(ModelSource(name=mode, path=Path(mode)), tokenizer)
             sampling = chosen.sampling_param_defaults()
+        sampling |= from_generation_config(self.args.override_generation_config)
         return LoadedModel(
             tokenizer, defaults.eos_token_ids, sampling, source.name, longest_token_bytes(tokenizer)
         )
