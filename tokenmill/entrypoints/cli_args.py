@@ -158,6 +158,11 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         choices=("critical", "error", "warning", "info", "debug", "trace"),
         help="uvicorn's log level (default: warning; info also logs each request line)",
     )
+    add(
+        "--disable-fastapi-docs",
+        action="store_true",
+        help="serve no API description (/docs, /redoc, /openapi.json)",
+    )
     add("--enable-log-requests", action="store_true", help="log one line per request")
     add("--disable-log-requests", action="store_true", help="do not log requests (the default)")
     # Accepted so vLLM command lines work unchanged; neither changes what tokenmill does.
@@ -288,6 +293,7 @@ class ServeArgs:
     reasoning_parser: str | None = None
     uvicorn_log_level: str = "warning"
     enable_log_requests: bool = False
+    disable_fastapi_docs: bool = False
 
 
 def api_key_from_env(environ: Mapping[str, str] | None = None) -> str | None:
@@ -335,6 +341,7 @@ def parse_serve_args(
         reasoning_parser=ns.reasoning_parser,
         uvicorn_log_level=ns.uvicorn_log_level,
         enable_log_requests=ns.enable_log_requests and not ns.disable_log_requests,
+        disable_fastapi_docs=ns.disable_fastapi_docs,
     )
 
 

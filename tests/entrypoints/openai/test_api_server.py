@@ -4,6 +4,7 @@ core dies, 503s, CORS and auth; no model forward passes, so these run in seconds
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -156,6 +157,25 @@ def test_auth_and_cors(app_client: TestClient) -> None:
         "*",
         "http://example.com",
     )
+
+
+def test_the_api_description_is_served_without_the_key_unless_disabled(
+    make_app: Callable[..., TestClient],
+) -> None:
+    client = make_app()
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path, headers={"Authorization": ""}).status_code == 200, path
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    chat_request = schema["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[-1]]
+    assert {"messages", "max_tokens", "stream", "top_k"} <= set(chat_request["properties"])
+    assert "/ping" in schema["paths"] and "/v1/completions" in schema["paths"]
+    refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema))
+    assert refs and set(refs) <= set(schema["components"]["schemas"])  # every nested model resolves
+    assert client.get("/v1/models", headers={"Authorization": ""}).status_code == 401
+    hidden = make_app("--disable-fastapi-docs")
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert hidden.get(path).status_code == 404, path
 
 
 def test_full_queue_is_503_with_retry_after(make_app: Callable[..., TestClient]) -> None:

@@ -24,6 +24,7 @@ from tokenmill.engine.core_client import EngineCoreClient
 from tokenmill.entrypoints.cli_args import ServeArgs
 from tokenmill.entrypoints.openai.auth import APIKeyMiddleware
 from tokenmill.entrypoints.openai.errors import APIError, install_error_handlers, parse_json_body
+from tokenmill.entrypoints.openai.openapi import document_request_bodies
 from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -49,9 +50,26 @@ def build_app(state: ServerState) -> FastAPI:
                 await loader
             state.shutdown()
 
-    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    docs = not state.args.disable_fastapi_docs  # /docs is the portal's link to the API (portal.yaml)
+    app = FastAPI(
+        title="tokenmill",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     install_error_handlers(app)
     _add_routes(app, state)
+    document_request_bodies(
+        app,
+        {
+            "/v1/completions": CompletionRequest,
+            "/v1/chat/completions": ChatCompletionRequest,
+            "/tokenize": TokenizeRequest,
+            "/detokenize": DetokenizeRequest,
+        },
+    )
     app.add_middleware(APIKeyMiddleware, api_key=state.args.api_key)
     if state.args.allowed_origins:
         app.add_middleware(
@@ -64,7 +82,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     max_body = state.args.max_request_body_size
 
     @app.get("/health")
-    @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) name for the same check
+    @app.get("/ping")  # vLLM's (SageMaker's) name for the same check
+    @app.post("/ping")
     async def health() -> Response:
         if state.is_healthy:
             return Response(status_code=200)

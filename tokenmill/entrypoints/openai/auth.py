@@ -8,7 +8,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenmill.entrypoints.openai.errors import APIError, error_response
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
+# As in vLLM, the API's own description is open too: a browser opening /docs sends no key.
+OPEN_PATHS = frozenset(
+    {"/health", "/metrics", "/version", "/ping", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 
 
 class APIKeyMiddleware:
