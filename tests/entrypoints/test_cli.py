@@ -31,7 +31,7 @@ def tokenmill(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str
 def test_help_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("serve", "chat", "complete", "portal", "boot"))
+    assert all(name in out for name in ("serve", "chat", "complete", "bench", "portal", "boot"))
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
@@ -169,3 +169,14 @@ def healthy(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_bench_lists_its_benchmarks_and_refuses_others(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench"]) == 0
+    listing = capsys.readouterr().out
+    assert "serve" in listing and "throughput" in listing
+    assert main(["bench", "latency"]) == 2
+    assert "unknown benchmark 'latency'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "serve", "--help"])
+    assert exit_info.value.code == 0 and "tokenmill bench serve" in capsys.readouterr().out

@@ -1,9 +1,9 @@
-"""benchmarks/serve.py end to end against the live server (tiny levels)."""
+"""`tokenmill bench serve` (tokenmill/benchmarks/serve.py): the repository's benchmarks/serve.py end to end
+against the live server of this folder (tiny levels), and its request accounting on scripted streams."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import shlex
@@ -16,6 +16,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
+from tokenmill.benchmarks import serve as serve_benchmark
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "serve.py"
 
@@ -167,15 +169,6 @@ def test_serve_benchmark_takes_the_key_from_the_environment_and_names_a_wrong_on
     assert "out tok/s" in right.stdout
 
 
-def load_benchmark() -> Any:
-    spec = importlib.util.spec_from_file_location("serve_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 class ScriptedStream:
     """The openai client's completions stream, scripted: each step's text and, last, the usage (or none).
     It stands for servers that behave unlike tokenmill (none of which runs here)."""
@@ -202,25 +195,22 @@ class ScriptedStream:
 
 def test_a_request_cut_short_of_max_tokens_is_failed_not_measured() -> None:
     # A server that ignores ignore_eos stops early: it would be measured on less work than the others.
-    serve = load_benchmark()
-    short = asyncio.run(serve.one_request(ScriptedStream(["a", "b"], 2), "m", "p", 8))
+    short = asyncio.run(serve_benchmark.one_request(ScriptedStream(["a", "b"], 2), "m", "p", 8))
     assert not short.ok and "finished after 2 of 8 tokens" in short.error and "ignore_eos" in short.error
-    full = asyncio.run(serve.one_request(ScriptedStream(["a"] * 8, 8), "m", "p", 8))
+    full = asyncio.run(serve_benchmark.one_request(ScriptedStream(["a"] * 8, 8), "m", "p", 8))
     assert full.ok and full.output_tokens == 8 and not full.counted_chunks
 
 
 def test_without_usage_tokens_are_counted_as_chunks_and_the_level_says_so() -> None:
-    serve = load_benchmark()
     client = ScriptedStream(["ab", "cd", "ef", "gh"], None)  # two tokens a chunk, no usage chunk
-    level = asyncio.run(serve.run_level(client, "m", ["p", "q"], 2, 8))
+    level = asyncio.run(serve_benchmark.run_level(client, "m", ["p", "q"], 2, 8))
     assert level.num_failed == 0 and level.output_tokens == 8  # 4 chunks each: a count it cannot trust
-    assert level.warnings == [serve.NO_USAGE_WARNING]
+    assert level.warnings == [serve_benchmark.NO_USAGE_WARNING]
 
 
 def test_requests_are_greedy_unless_a_temperature_is_given() -> None:
-    serve = load_benchmark()
     client = ScriptedStream(["a"] * 4, 4)
-    asyncio.run(serve.run_level(client, "m", ["p"], 1, 4))
-    asyncio.run(serve.run_level(client, "m", ["p"], 1, 4, temperature=0.8))
+    asyncio.run(serve_benchmark.run_level(client, "m", ["p"], 1, 4))
+    asyncio.run(serve_benchmark.run_level(client, "m", ["p"], 1, 4, temperature=0.8))
     assert [r["temperature"] for r in client.requests] == [0.0, 0.8]
-    assert serve.parse_args(["--temperature", "0.8"]).temperature == 0.8
+    assert serve_benchmark.parse_args(["--temperature", "0.8"]).temperature == 0.8

@@ -1,4 +1,4 @@
-"""The `tokenmill` command: serve, chat, complete, and the appliance's portal/boot.
+"""The `tokenmill` command: serve, chat, complete, bench, and the appliance's portal/boot.
 
 Each subcommand imports what it needs only when chosen, so `tokenmill --help` stays fast (no torch).
 """
@@ -14,6 +14,7 @@ COMMANDS = {
     "serve": "serve a model over an OpenAI-compatible API (vLLM's flags)",
     "chat": "chat with a running server",
     "complete": "complete text with a running server",
+    "bench": "benchmarks: serving load on any OpenAI-compatible URL, offline throughput",
     "portal": "the appliance's auth + TLS edge and portal UI (tokenmill-appliance portal)",
     "boot": "the appliance's container entrypoint (tokenmill-appliance boot)",
 }
@@ -34,6 +35,36 @@ def omp_wait_policy(quantization: str | None) -> str | None:
     waking sleeping threads costs more than it frees: libgomp's default (spin a while, then sleep) measured
     c=1 TPOT 27 vs 31-36 ms and c=16 148 vs 141 tok/s. None: leave libgomp's default."""
     return None if quantization in ("int8", "gguf") else "PASSIVE"
+
+
+BENCHMARKS = {
+    "serve": "streamed load on any OpenAI-compatible server, at several concurrencies",
+    "throughput": "offline throughput of a fixed-seed batch, through tokenmill or transformers",
+}
+
+
+def bench_usage() -> str:
+    lines = ["usage: tokenmill bench BENCHMARK [ARGS]", "", "benchmarks:"]
+    lines += [f"  {name:<12}{help_text}" for name, help_text in BENCHMARKS.items()]
+    lines += ["", "tokenmill bench BENCHMARK --help describes its flags."]
+    return "\n".join(lines)
+
+
+def bench_main(args: list[str]) -> int:
+    """`tokenmill bench serve|throughput [ARGS]`, as `vllm bench`."""
+    if not args or args[0] in ("-h", "--help"):
+        print(bench_usage())
+        return 0
+    if args[0] == "serve":
+        from tokenmill.benchmarks.serve import main as serve_main
+
+        return serve_main(args[1:])
+    if args[0] == "throughput":
+        from tokenmill.benchmarks.throughput import main as throughput_main
+
+        return throughput_main(args[1:])
+    print(f"tokenmill bench: unknown benchmark {args[0]!r}\n\n{bench_usage()}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         from tokenmill.entrypoints.chat_client import main as client_main
 
         return client_main(name, rest)
+    if name == "bench":
+        return bench_main(rest)
     if name in ("portal", "boot"):
         from tokenmill_appliance.cli import main as appliance_main
 

@@ -1,0 +1,34 @@
+"""`tokenmill bench throughput` (tokenmill/benchmarks/throughput.py): the offline workload end to end on a
+tiny batch, through the command and through the repository's script, and its --backend hf twin."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
+TINY = ["--num-requests", "3", "--input-len-range", "8", "16", "--output-len", "4", "--max-model-len", "256"]
+
+
+def run(command: list[str]) -> dict[str, object]:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backend", ["tokenmill", "hf"])
+def test_the_command_reports_the_work_done(backend: str) -> None:
+    cli = [sys.executable, "-m", "tokenmill.entrypoints.cli", "bench", "throughput"]
+    report = run([*cli, *TINY, "--backend", backend, "--json"])
+    assert (report["backend"], report["num_requests"], report["output_tokens"]) == (backend, 3, 12)
+    assert 3 * 8 <= report["prompt_tokens"] <= 3 * 16  # type: ignore[operator]
+    assert report["output_tok_s"] > 0  # type: ignore[operator]
+
+
+def test_the_repository_script_runs_the_same_benchmark() -> None:
+    report = run([sys.executable, str(SCRIPT), *TINY, "--json"])
+    assert (report["backend"], report["output_tokens"]) == ("tokenmill", 12)

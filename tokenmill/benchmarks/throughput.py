@@ -1,0 +1,167 @@
+"""Offline throughput: a fixed-seed batch of requests through tokenmill or through transformers.
+
+    tokenmill bench throughput                        # tokenmill, the embedded default model
+    tokenmill bench throughput --backend hf           # the same workload through transformers generate
+    tokenmill bench throughput --quantization gguf    # tokenmill over the GGUF's own 4-bit blocks
+
+(`python benchmarks/throughput.py ...` in the repository is the same.)
+
+Prompts are random token ids (lengths uniform in --input-len-range), every request generates exactly
+--output-len tokens (ignore_eos), so both backends do the same work. Prints output and total tok/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tokenmill.engine.processor import TokensPrompt
+
+
+@dataclass
+class Result:
+    backend: str
+    model: str
+    dtype: str
+    quantization: str | None
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    seconds: float
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.seconds
+
+
+def make_prompts(vocab_size: int, args: argparse.Namespace) -> list[list[int]]:
+    rng = random.Random(args.seed)
+    low, high = args.input_len_range
+    # Stay clear of the first ids (special tokens in most vocabularies).
+    return [
+        [rng.randrange(100, vocab_size) for _ in range(rng.randint(low, high))]
+        for _ in range(args.num_requests)
+    ]
+
+
+def run_tokenmill(args: argparse.Namespace) -> Result:
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        quantization=args.quantization,
+    )
+    prompts = make_prompts(llm.engine.core.vocab_size, args)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.generate(token_prompts[:2], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(token_prompts, params)
+    seconds = time.perf_counter() - start
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    dtype = str(llm.engine.core.dtype).removeprefix("torch.")
+    num_prompt = sum(map(len, prompts))
+    model = args.model or "default"
+    return Result("tokenmill", model, dtype, args.quantization, len(prompts), num_prompt, num_out, seconds)
+
+
+def load_hf_model(args: argparse.Namespace) -> tuple[Any, str]:  # a transformers PreTrainedModel
+    """The same checkpoint as tokenmill loads (GGUF included), as a transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.engine.core import resolve_device
+    from tokenmill.loader import iter_weights, load_hf_config, resolve_dtype, resolve_model
+
+    source = resolve_model(args.model)
+    dtype = resolve_dtype(args.dtype, resolve_device("auto"))
+    model = AutoModelForCausalLM.from_config(load_hf_config(source), dtype=dtype)
+    missing, _ = model.load_state_dict(dict(iter_weights(source, dtype)), strict=False)
+    assert set(missing) <= {"lm_head.weight"}, f"weights missing: {missing}"
+    model.tie_weights()
+    return model.eval(), str(dtype).removeprefix("torch.")
+
+
+def run_hf(args: argparse.Namespace) -> Result:
+    model, dtype = load_hf_model(args)
+    prompts = make_prompts(model.config.vocab_size, args)
+    pad_id = 0
+    start = time.perf_counter()
+    num_out = 0
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(prompts), args.hf_batch_size), desc="hf generate", unit="batch"):
+            batch = prompts[i : i + args.hf_batch_size]
+            width = max(map(len, batch))
+            # Left padding, as decoder-only generation needs.
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=args.output_len,
+                min_new_tokens=args.output_len,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            num_out += (out.shape[1] - width) * len(batch)
+    seconds = time.perf_counter() - start
+    num_prompt = sum(map(len, prompts))
+    return Result("hf", args.model or "default", dtype, None, len(prompts), num_prompt, num_out, seconds)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tokenmill bench throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--backend", choices=["tokenmill", "hf"], default="tokenmill")
+    parser.add_argument("--model", default=None, help="HF dir, .gguf or hub id (default: the embedded model)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--input-len-range", type=int, nargs=2, default=(64, 512), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--hf-batch-size", type=int, default=16, help="padded batch size of --backend hf")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--quantization", choices=["int8", "gguf"], help="tokenmill's (default: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run_tokenmill(args) if args.backend == "tokenmill" else run_hf(args)
+    if args.json:
+        print(
+            json.dumps(
+                {**asdict(result), "output_tok_s": result.output_tok_s, "total_tok_s": result.total_tok_s}
+            )
+        )
+    else:
+        print(
+            f"{result.backend} ({result.dtype}): {result.num_requests} requests, "
+            f"{result.prompt_tokens} prompt + "
+            f"{result.output_tokens} output tokens in {result.seconds:.1f} s: "
+            f"{result.output_tok_s:.1f} output tok/s, {result.total_tok_s:.1f} total tok/s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
