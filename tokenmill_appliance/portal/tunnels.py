@@ -176,7 +176,7 @@ class TunnelManager:
         self._tunnels[tunnel.id] = tunnel
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(tunnel.url_found.wait(), self.url_timeout_s)
-        if self._tunnels.get(tunnel.id) is not tunnel or tunnel.state == "stopped":
+        if self._tunnels.get(tunnel.id) is not tunnel or tunnel.state in ("stopping", "stopped"):
             await self._terminate(tunnel)  # stopped (or refreshed) from the dashboard while it started
             raise TunnelError("the tunnel was stopped before cloudflared gave its URL")
         if tunnel.public_url is None:
@@ -223,6 +223,9 @@ class TunnelManager:
     async def _terminate(self, tunnel: Tunnel) -> None:
         process = tunnel.process
         if process.returncode is None:
+            # Before the signal: the reader, seeing the output end, must not take this for an exit of
+            # its own (a start waiting for the URL tells the two apart by this state).
+            tunnel.state = "stopping"
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
             try:
