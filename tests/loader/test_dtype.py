@@ -48,6 +48,16 @@ def test_auto_on_cpu_follows_native_bf16(
     assert resolve_dtype("auto", "cpu") is expected
 
 
+@pytest.mark.parametrize("quantization", ["int8", "gguf"])
+def test_auto_keeps_float32_for_cpu_quantized_models_whose_kernels_compute_in_it(
+    monkeypatch: pytest.MonkeyPatch, quantization: str
+) -> None:
+    monkeypatch.setattr(dtype_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert resolve_dtype("auto", "cpu", quantization) is torch.float32
+    assert resolve_dtype("bfloat16", "cpu", quantization) is torch.bfloat16  # asked for: given
+    assert resolve_dtype("auto", "cpu") is torch.bfloat16
+
+
 @pytest.mark.parametrize(("bf16_supported", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
 def test_auto_on_gpu(monkeypatch: pytest.MonkeyPatch, bf16_supported: bool, expected: torch.dtype) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)

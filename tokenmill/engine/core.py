@@ -101,7 +101,7 @@ class EngineCore:
         if hint := gguf_quantization_hint(config.model.quantization, self.source, self.device):
             logger.info(hint)
         self.hf_config = load_hf_config(self.source, config.model.hf_overrides)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device, config.model.quantization)
         self.max_model_len = resolve_max_model_len(config.model.max_model_len, self.hf_config)
         self.vocab_size: int = self.hf_config.vocab_size
 

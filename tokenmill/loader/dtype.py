@@ -39,12 +39,16 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & _NATIVE_BF16_CPU_FLAGS)
 
 
-def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+def resolve_dtype(
+    name: str | torch.dtype, device: torch.device | str, quantization: str | None = None
+) -> torch.dtype:
     """The torch dtype for `name` (auto | float32 | bfloat16 | float16 | float | half, or a torch dtype)
     on `device`.
 
     auto: bfloat16 on GPUs that support it (float16 on older ones) and on CPUs with native bf16,
-    else float32.
+    else float32; but float32 for a model quantized on CPU (`quantization` int8 or gguf), whose kernels
+    take and return float32 (in bfloat16 every layer converts around them: the embedded model decoded
+    one stream 3x slower on an AVX512-BF16 CPU).
     """
     if isinstance(name, torch.dtype) and name in DTYPES_BY_NAME.values():  # LLM(dtype=torch.bfloat16)
         return name
@@ -57,7 +61,7 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device_type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() and quantization is None else torch.float32
     return torch.float32
 
 
