@@ -20,10 +20,12 @@ def run(command: list[str]) -> dict[str, object]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+CLI = [sys.executable, "-m", "tokenmill.entrypoints.cli", "bench", "throughput"]
+
+
 @pytest.mark.parametrize("backend", ["tokenmill", "hf"])
 def test_the_command_reports_the_work_done(backend: str) -> None:
-    cli = [sys.executable, "-m", "tokenmill.entrypoints.cli", "bench", "throughput"]
-    report = run([*cli, *TINY, "--backend", backend, "--json"])
+    report = run([*CLI, *TINY, "--backend", backend, "--json"])
     assert (report["backend"], report["num_requests"], report["output_tokens"]) == (backend, 3, 12)
     assert 3 * 8 <= report["prompt_tokens"] <= 3 * 16  # type: ignore[operator]
     assert report["output_tok_s"] > 0  # type: ignore[operator]
@@ -32,3 +34,11 @@ def test_the_command_reports_the_work_done(backend: str) -> None:
 def test_the_repository_script_runs_the_same_benchmark() -> None:
     report = run([sys.executable, str(SCRIPT), *TINY, "--json"])
     assert (report["backend"], report["output_tokens"]) == ("tokenmill", 12)
+
+
+def test_vllms_flags_fix_the_prompt_length_and_write_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    vllm_flags = ["--num-prompts", "2", "--input-len", "12", "--output-len", "3", "--max-model-len", "128"]
+    report = run([*CLI, *vllm_flags, "--output-json", str(out), "--json"])
+    assert (report["num_requests"], report["prompt_tokens"], report["output_tokens"]) == (2, 24, 6)
+    assert json.loads(out.read_text()) == report

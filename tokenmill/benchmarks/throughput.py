@@ -6,8 +6,10 @@
 
 (`python benchmarks/throughput.py ...` in the repository is the same.)
 
-Prompts are random token ids (lengths uniform in --input-len-range), every request generates exactly
---output-len tokens (ignore_eos), so both backends do the same work. Prints output and total tok/s.
+Prompts are random token ids (lengths uniform in --input-len-range, or all --input-len), every request
+generates exactly --output-len tokens (ignore_eos, greedy), so both backends do the same work. Prints
+output and total tok/s. The engine takes `tokenmill serve`'s engine flags (--max-num-seqs,
+--kv-cache-memory, ...); --seed also seeds the prompts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tokenmill.benchmarks.offline import build_llm, make_parser, parse_engine_args, random_prompts, write_json
 from tokenmill.engine.processor import TokensPrompt
 
 
@@ -49,23 +52,13 @@ class Result:
 def make_prompts(vocab_size: int, args: argparse.Namespace) -> list[list[int]]:
     rng = random.Random(args.seed)
     low, high = args.input_len_range
-    # Stay clear of the first ids (special tokens in most vocabularies).
-    return [
-        [rng.randrange(100, vocab_size) for _ in range(rng.randint(low, high))]
-        for _ in range(args.num_requests)
-    ]
+    return random_prompts(vocab_size, [rng.randint(low, high) for _ in range(args.num_requests)], rng)
 
 
 def run_tokenmill(args: argparse.Namespace) -> Result:
-    from tokenmill import LLM, SamplingParams
+    from tokenmill import SamplingParams
 
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        enforce_eager=args.enforce_eager,
-        quantization=args.quantization,
-    )
+    llm = build_llm(args.engine_args)
     prompts = make_prompts(llm.engine.core.vocab_size, args)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -124,35 +117,36 @@ def run_hf(args: argparse.Namespace) -> Result:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tokenmill bench throughput",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = make_parser("tokenmill bench throughput", __doc__)
     parser.add_argument("--backend", choices=["tokenmill", "hf"], default="tokenmill")
-    parser.add_argument("--model", default=None, help="HF dir, .gguf or hub id (default: the embedded model)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--input-len-range", type=int, nargs=2, default=(64, 512), metavar=("MIN", "MAX"))
+    parser.add_argument("--num-requests", "--num-prompts", type=int, default=64)
+    lengths = parser.add_mutually_exclusive_group()
+    lengths.add_argument("--input-len-range", type=int, nargs=2, default=(64, 512), metavar=("MIN", "MAX"))
+    lengths.add_argument("--input-len", type=int, help="every prompt this long (vLLM's flag)")
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--hf-batch-size", type=int, default=16, help="padded batch size of --backend hf")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--quantization", choices=["int8", "gguf"], help="tokenmill's (default: none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hf-batch-size", "--hf-max-batch-size", type=int, default=16, help="--backend hf's padded batch"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    return parser.parse_args(argv)
+    parser.add_argument("--output-json", metavar="FILE", help="also write the result to FILE")
+    args = parse_engine_args(parser, argv)
+    if args.input_len is not None:
+        args.input_len_range = (args.input_len, args.input_len)
+    low, high = args.input_len_range
+    if not 1 <= low <= high:
+        parser.error(f"prompt lengths {low}..{high}: need 1 <= MIN <= MAX")
+    for flag in ("num_requests", "output_len", "hf_batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run_tokenmill(args) if args.backend == "tokenmill" else run_hf(args)
+    report = {**asdict(result), "output_tok_s": result.output_tok_s, "total_tok_s": result.total_tok_s}
     if args.json:
-        print(
-            json.dumps(
-                {**asdict(result), "output_tok_s": result.output_tok_s, "total_tok_s": result.total_tok_s}
-            )
-        )
+        print(json.dumps(report))
     else:
         print(
             f"{result.backend} ({result.dtype}): {result.num_requests} requests, "
@@ -160,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{result.output_tokens} output tokens in {result.seconds:.1f} s: "
             f"{result.output_tok_s:.1f} output tok/s, {result.total_tok_s:.1f} total tok/s"
         )
+    write_json(args.output_json, report)
     return 0
 
 

@@ -5,6 +5,7 @@ Each subcommand imports what it needs only when chosen, so `tokenmill --help` st
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -14,7 +15,7 @@ COMMANDS = {
     "serve": "serve a model over an OpenAI-compatible API (vLLM's flags)",
     "chat": "chat with a running server",
     "complete": "complete text with a running server",
-    "bench": "benchmarks: serving load on any OpenAI-compatible URL, offline throughput",
+    "bench": "benchmarks: serving load on any OpenAI-compatible URL, offline throughput and latency",
     "portal": "the appliance's auth + TLS edge and portal UI (tokenmill-appliance portal)",
     "boot": "the appliance's container entrypoint (tokenmill-appliance boot)",
 }
@@ -40,6 +41,7 @@ def omp_wait_policy(quantization: str | None) -> str | None:
 BENCHMARKS = {
     "serve": "streamed load on any OpenAI-compatible server, at several concurrencies",
     "throughput": "offline throughput of a fixed-seed batch, through tokenmill or transformers",
+    "latency": "offline latency of one batch, prefill and decode, over repeated runs",
 }
 
 
@@ -51,20 +53,15 @@ def bench_usage() -> str:
 
 
 def bench_main(args: list[str]) -> int:
-    """`tokenmill bench serve|throughput [ARGS]`, as `vllm bench`."""
+    """`tokenmill bench serve|throughput|latency [ARGS]`, as `vllm bench`."""
     if not args or args[0] in ("-h", "--help"):
         print(bench_usage())
         return 0
-    if args[0] == "serve":
-        from tokenmill.benchmarks.serve import main as serve_main
-
-        return serve_main(args[1:])
-    if args[0] == "throughput":
-        from tokenmill.benchmarks.throughput import main as throughput_main
-
-        return throughput_main(args[1:])
-    print(f"tokenmill bench: unknown benchmark {args[0]!r}\n\n{bench_usage()}", file=sys.stderr)
-    return 2
+    if args[0] not in BENCHMARKS:
+        print(f"tokenmill bench: unknown benchmark {args[0]!r}\n\n{bench_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"tokenmill.benchmarks.{args[0]}")
+    return int(module.main(args[1:]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""`tokenmill serve` flags: generated from the `EngineArgs` fields, plus the server's own, with vLLM's names.
+"""Flags with vLLM's names: `tokenmill serve`'s, and the offline benchmarks' engine flags, generated from
+the `EngineArgs` fields; the server adds its own.
 
 This is where the entrypoints read the environment (`VLLM_API_KEY`, `TOKENMILL_API_KEY`). Numbers accept
 vLLM's suffixes: lowercase k/m/g are decimal (32k = 32000), uppercase K/M/G binary (32K = 32768), and
@@ -89,7 +90,8 @@ _FIELD_OVERRIDES: dict[str, dict[str, Any]] = {
 _FIELD_ALIASES = {"tensor_parallel_size": ["-tp"]}
 
 
-def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineArgs field (`tokenmill serve` and the offline benchmarks, as vLLM's)."""
     docs = _field_docs(EngineArgs)
     group = parser.add_argument_group("engine")
     defaults = EngineArgs()
@@ -233,7 +235,7 @@ def dashed_flag(arg: str) -> str:
     return flag.replace("_", "-") + equals + value
 
 
-class ServeArgumentParser(argparse.ArgumentParser):
+class VllmArgumentParser(argparse.ArgumentParser):
     """Takes vLLM's underscore spellings (`--max_model_len`) too; rejects unknown flags naming the closest
     known one."""
 
@@ -252,12 +254,12 @@ class ServeArgumentParser(argparse.ArgumentParser):
             return f"{flag} is not supported: {UNSUPPORTED_VLLM_FLAGS[flag]}; remove it"
         known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else "; see tokenmill serve --help"
+        hint = f"; did you mean {close[0]}?" if close else f"; see {self.prog} --help"
         return f"unknown flag {flag}{hint}"
 
 
-def make_serve_parser() -> ServeArgumentParser:
-    parser = ServeArgumentParser(
+def make_serve_parser() -> VllmArgumentParser:
+    parser = VllmArgumentParser(
         prog="tokenmill serve",
         usage="tokenmill serve [MODEL] [FLAGS]  (tokenmill serve --help lists them)",
         description="Serve a model over an OpenAI-compatible HTTP API (vLLM's flags and meanings).",
@@ -269,7 +271,7 @@ def make_serve_parser() -> ServeArgumentParser:
         default=None,
         help="model: HF directory, .gguf file or hub id (default: embedded)",
     )
-    _add_engine_flags(parser)
+    add_engine_flags(parser)
     _add_server_flags(parser)
     return parser
 
@@ -308,17 +310,12 @@ def parse_serve_args(
     parser = make_serve_parser()
     ns = parser.parse_args(list(argv))
     fail = error or parser.error
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs)}
     if ns.model_tag is not None:
-        if values["model"] is not None and values["model"] != ns.model_tag:
-            fail(f"the model is given twice ({ns.model_tag!r} and --model {values['model']!r}); pass one")
-        values["model"] = ns.model_tag
-    names: list[str] = values.pop("served_model_name") or []
-    engine_args = EngineArgs(**values, served_model_name=names[0] if names else None)
-    try:
-        engine_args.create_engine_config()
-    except ValueError as err:
-        fail(str(err))
+        if ns.model is not None and ns.model != ns.model_tag:
+            fail(f"the model is given twice ({ns.model_tag!r} and --model {ns.model!r}); pass one")
+        ns.model = ns.model_tag
+    names: list[str] = ns.served_model_name or []
+    engine_args = engine_args_from(ns, fail)
     if ns.max_request_body_size < 1:
         fail(f"--max-request-body-size must be at least 1 byte, got {ns.max_request_body_size}")
     if ns.generation_config not in ("auto", "vllm") and not Path(ns.generation_config).is_dir():
@@ -343,6 +340,18 @@ def parse_serve_args(
         enable_log_requests=ns.enable_log_requests and not ns.disable_log_requests,
         disable_fastapi_docs=ns.disable_fastapi_docs,
     )
+
+
+def engine_args_from(ns: argparse.Namespace, fail: Callable[[str], Any]) -> EngineArgs:
+    """The EngineArgs of `add_engine_flags`' flags, checked as the engine will check them."""
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs)}
+    names: list[str] = values.pop("served_model_name") or []
+    engine_args = EngineArgs(**values, served_model_name=names[0] if names else None)
+    try:
+        engine_args.create_engine_config()
+    except ValueError as err:
+        fail(str(err))
+    return engine_args
 
 
 def check_generation_overrides(overrides: dict[str, Any], fail: Callable[[str], Any]) -> None:
