@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.cpu import TorchSDPABackend, gather_kv
 from tokenmill.attention.reference import (
     ReferenceBackend,
@@ -15,6 +17,7 @@ from tokenmill.attention.reference import (
     reference_sequence_attention,
 )
 from tokenmill.kernels import cpu
+from tokenmill.loader.dtype import resolve_kv_cache_dtype
 
 CASES = {
     "prefill": [(0, 5), (0, 23)],
@@ -139,3 +142,46 @@ def test_a_float16_cache_attends_like_the_float32_one(use_kernel: bool) -> None:
     assert halved.dtype == torch.float32 and half_cache.dtype == torch.float16
     torch.testing.assert_close(halved, exact, atol=3e-3, rtol=3e-3)
     assert not torch.equal(halved, exact)  # the cache did hold float16 values
+
+
+def _first_row_alone(metadata: AttentionMetadata) -> AttentionMetadata:
+    """A decode step's first sequence as a step of its own (same blocks, same slot)."""
+    return dataclasses.replace(
+        metadata,
+        slot_mapping=metadata.slot_mapping[:1],
+        block_tables=metadata.block_tables[:1],
+        seq_lens=metadata.seq_lens[:1],
+        query_start_loc=[0, 1],
+        query_lens=[1],
+        context_lens=metadata.context_lens[:1],
+    )
+
+
+@pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
+def test_a_bfloat16_models_attention_runs_in_float32_through_the_kernels() -> None:
+    """bfloat16 queries, keys and values over a float16 cache (auto for bfloat16 models on CPU) go to the C
+    kernels as float32; the output comes back in bfloat16."""
+    torch.manual_seed(0)
+    batch = random_paged_batch(CASES["prefix_hits_and_decode"], 4, 2, head_dim=16, block_size=8)
+    half = [x.bfloat16() for x in (batch.query, batch.key, batch.value)]
+    cache = batch.kv_cache.to(torch.float16)
+    backend = TorchSDPABackend()
+    out = backend.forward(*half, cache.clone(), batch.metadata, batch.scale)
+    upcast = backend.forward(*(x.float() for x in half), cache.clone(), batch.metadata, batch.scale)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, upcast.bfloat16())
+
+
+@pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
+def test_a_bfloat16_decode_rows_output_does_not_depend_on_its_batch() -> None:
+    """With the cache a bfloat16 model gets on CPU. The torch path pads a step's decode rows to its longest,
+    and in bfloat16 that changed a row's result (with its bfloat16 cache, auto before)."""
+    torch.manual_seed(0)
+    lengths = [(37, 1), (3, 1), (250, 1), (17, 1), (120, 1)]
+    batch = random_paged_batch(lengths, 9, 3, head_dim=64, block_size=16)
+    half = [x.bfloat16() * 4 for x in (batch.query, batch.key, batch.value)]
+    cache = (batch.kv_cache * 4).to(resolve_kv_cache_dtype("auto", torch.bfloat16, "cpu", None))
+    backend = TorchSDPABackend()
+    in_batch = backend.forward(*half, cache.clone(), batch.metadata, batch.scale)
+    alone_metadata = _first_row_alone(batch.metadata)
+    alone = backend.forward(*(x[:1] for x in half), cache.clone(), alone_metadata, batch.scale)
+    assert torch.equal(alone[0], in_batch[0])

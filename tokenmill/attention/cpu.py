@@ -1,7 +1,8 @@
 """Attention over the paged KV cache on CPU (any device works with the torch path).
 
 Decode rows (one query token) go through our C kernel (kernels/paged_attention.c), which reads each
-sequence's blocks in place, where it runs (float32 on x86 with AVX2); otherwise they are gathered and
+sequence's blocks in place, where it runs (x86 with AVX2: float32 queries, which a bfloat16 model's become,
+over a float32 or float16 cache); otherwise they are gathered and
 computed as one padded SDPA batch (benchmarks/RESULTS.md has the kernel's end-to-end gains). In a
 decode-only step the kernel also writes the step's keys and values, one call per layer. Prefill rows
 (several query tokens, possibly after cached context) run one sequence at a time, causal with the
@@ -104,6 +105,33 @@ class TorchSDPABackend:
         return self._plan
 
     def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if self._attends_in_float32(query, kv_cache):
+            output = self._forward(query.float(), key.float(), value.float(), kv_cache, metadata, scale)
+            return output.to(query.dtype)
+        return self._forward(query, key, value, kv_cache, metadata, scale)
+
+    def _attends_in_float32(self, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """A half-precision model (bfloat16) over a cache the C kernels read: its queries, keys and values
+        go to them in float32. The torch path pads a step's decode rows to one length, which made a row's
+        result depend on the others in half precision; the kernels compute each sequence alone."""
+        return (
+            self.use_kernel
+            and query.device.type == "cpu"
+            and query.dtype in (torch.bfloat16, torch.float16)
+            and kv_cache.dtype in KERNEL_CACHE_DTYPES
+            and query.shape[2] % 8 == 0
+            and kernel_library() is not None
+        )
+
+    def _forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
