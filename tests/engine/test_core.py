@@ -1,4 +1,4 @@
-"""EngineCore's start-up decisions: the device, the served context length, the GGUF quantization hint."""
+"""EngineCore's start-up decisions: the device, the served context length, the quantization hints."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, MistralConfig
 
-from tokenmill.engine.core import gguf_quantization_hint, resolve_device, resolve_max_model_len
+from tokenmill.engine.core import (
+    gguf_quantization_hint,
+    quantized_dtype_hint,
+    resolve_device,
+    resolve_max_model_len,
+)
 from tokenmill.kernels.cpu import kernel_library
 from tokenmill.loader import ModelSource, resolve_model
 
@@ -62,3 +67,12 @@ def test_a_gguf_dequantized_on_a_cpu_with_the_block_kernels_names_the_flag_that_
     assert gguf_quantization_hint(None, source, torch.device("meta")) is None  # not a CPU
     not_a_gguf = ModelSource(name="dir", path=source.path, gguf_file=None)
     assert gguf_quantization_hint(None, not_a_gguf, cpu) is None
+
+
+def test_a_cpu_quantized_model_in_half_precision_is_told_to_leave_the_dtype_at_auto() -> None:
+    cpu = torch.device("cpu")
+    hint = quantized_dtype_hint("gguf", torch.bfloat16, cpu)
+    assert hint is not None and "--dtype bfloat16" in hint and "leave --dtype at auto" in hint
+    assert quantized_dtype_hint("int8", torch.float16, cpu) is not None
+    assert quantized_dtype_hint("gguf", torch.float32, cpu) is None
+    assert quantized_dtype_hint(None, torch.bfloat16, cpu) is None
