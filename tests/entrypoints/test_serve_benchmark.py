@@ -214,3 +214,26 @@ def test_requests_are_greedy_unless_a_temperature_is_given() -> None:
     asyncio.run(serve_benchmark.run_level(client, "m", ["p"], 1, 4, temperature=0.8))
     assert [r["temperature"] for r in client.requests] == [0.0, 0.8]
     assert serve_benchmark.parse_args(["--temperature", "0.8"]).temperature == 0.8
+
+
+def test_vllms_bench_serve_flags_mean_the_same() -> None:
+    vllm_flags = ["--base-url", "http://gpu-box:18000", "--max-concurrency", "4", "--num-prompts", "12"]
+    args = serve_benchmark.parse_args([*vllm_flags, "--random-output-len", "7"])
+    assert (args.concurrency, args.num_requests, args.max_tokens) == ([4], [12], 7)
+    assert serve_benchmark.api_url(args.url) == "http://gpu-box:18000/v1"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--concurrency", "0"], "--concurrency needs counts of at least 1"),
+        (["--concurrency", "2", "--num-requests", "0"], "--num-requests needs counts of at least 1"),
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    ],
+)
+def test_counts_below_one_are_refused_by_name(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        serve_benchmark.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -307,19 +307,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's API base URL")
+    parser.add_argument(
+        "--url",
+        "--base-url",
+        default="http://127.0.0.1:8000/v1",
+        help="the server's API base URL (/v1 is added when missing, as vLLM's --base-url takes the root)",
+    )
     parser.add_argument("--model", default=None, help="model name (default: the server's first)")
     parser.add_argument(
         "--api-key", default=None, help="the server's key (default: VLLM_API_KEY or TOKENMILL_API_KEY)"
     )
-    parser.add_argument("--concurrency", type=int_list, default=[1, 16, 64], help="e.g. 1,16,64")
+    parser.add_argument(
+        "--concurrency", "--max-concurrency", type=int_list, default=[1, 16, 64], help="e.g. 1,16,64"
+    )
     parser.add_argument(
         "--num-requests",
+        "--num-prompts",
         type=int_list,
         default=None,
         help="requests per level (default: 8/32/64 for levels 1/16/64, else 4x the level, at least 8)",
     )
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--max-tokens", "--random-output-len", type=int, default=128, help="tokens per request"
+    )
     parser.add_argument(
         "--temperature",
         type=float,
@@ -336,6 +346,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ready-timeout", type=float, default=600, help="seconds to wait for the server's /health 200"
     )
     args = parser.parse_args(argv)
+    for flag in ("concurrency", "num_requests"):
+        if any(n < 1 for n in getattr(args, flag) or [1]):
+            parser.error(f"--{flag.replace('_', '-')} needs counts of at least 1")
+    if args.max_tokens < 1:
+        parser.error("--max-tokens must be at least 1")
     if args.num_requests is None:
         args.num_requests = [DEFAULT_NUM_REQUESTS.get(c, max(8, 4 * c)) for c in args.concurrency]
     if len(args.num_requests) != len(args.concurrency):
