@@ -176,6 +176,8 @@ class TorchSDPABackend:
         q = query[start:end]  # [query_len, num_heads, head_dim]
         if context_len == 0:
             k, v = key[start:end], value[start:end]
+            if kv_cache.dtype != k.dtype:  # as a later chunk or a prefix hit will read them: rounded
+                k, v = (x.to(kv_cache.dtype).to(q.dtype) for x in (k, v))
         else:
             k, v = (
                 x.to(q.dtype)
