@@ -191,7 +191,7 @@ def test_a_bfloat16_decode_rows_output_does_not_depend_on_its_batch() -> None:
 def _prompt_in_two_chunks(metadata: AttentionMetadata, split: int) -> list[AttentionMetadata]:
     """One prompt's prefill step as two: positions [0, split), then the rest after them as context."""
     total = metadata.query_lens[0]
-    chunk = functools.partial(dataclasses.replace, metadata, query_start_loc=[0, 0])
+    chunk = functools.partial(dataclasses.replace, metadata, computes_prompt=[True])
     return [
         chunk(
             slot_mapping=metadata.slot_mapping[:split],
@@ -228,10 +228,18 @@ def test_a_chunked_prefill_attends_as_the_whole_one(
     query, key, value = (x.to(model_dtype) for x in (batch.query, batch.key, batch.value))
     backend = TorchSDPABackend()
     whole = backend.forward(query, key, value, batch.kv_cache.to(cache_dtype), batch.metadata, batch.scale)
-    cache = batch.kv_cache.to(cache_dtype)
-    rows = [slice(0, 17), slice(17, 40)]
-    outputs = [
-        backend.forward(query[r], key[r], value[r], cache, metadata, batch.scale)
-        for r, metadata in zip(rows, _prompt_in_two_chunks(batch.metadata, 17), strict=True)
-    ]
-    assert torch.equal(torch.cat(outputs), whole)
+    for split in (17, 39):  # 39: the prompt's last token alone, attending as in the whole prefill
+        cache = batch.kv_cache.to(cache_dtype)
+        rows = [slice(0, split), slice(split, 40)]
+        outputs = [
+            backend.forward(query[r], key[r], value[r], cache, metadata, batch.scale)
+            for r, metadata in zip(rows, _prompt_in_two_chunks(batch.metadata, split), strict=True)
+        ]
+        assert torch.equal(torch.cat(outputs), whole), f"split at {split}"
+
+
+def test_a_one_token_prompt_chunk_is_a_prefill_row_and_a_generated_token_a_decode_row() -> None:
+    batch = random_paged_batch([(7, 1), (7, 1), (0, 5)], 4, 2, head_dim=16, block_size=8)
+    metadata = dataclasses.replace(batch.metadata, computes_prompt=[True, False, True])
+    assert metadata.decode_rows() == [1]
+    assert batch.metadata.decode_rows() == [0, 1]  # without the flags: by query length

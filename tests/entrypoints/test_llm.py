@@ -81,10 +81,20 @@ def test_greedy_output_is_batch_and_chunk_invariant(llm: LLM) -> None:
     assert_batch_and_chunk_invariant(llm, num_checked=4)
 
 
-def test_greedy_output_is_batch_and_chunk_invariant_in_bfloat16() -> None:
-    """bfloat16 is auto on CPUs with native bf16: a step's decode rows once depended on their batch there
-    (padded attention, oneDNN's one-row matrix-vector routine). All 16 prompts are checked."""
-    llm = LLM(dtype="bfloat16", max_model_len=1024, kv_cache_memory=64 << 20, max_num_batched_tokens=1024)
+@pytest.mark.parametrize(
+    "engine_args",
+    [
+        # auto on CPUs with native bf16: a step's decode rows once depended on their batch there (padded
+        # attention, oneDNN's one-row matrix-vector routine)
+        {"dtype": "bfloat16"},
+        # a float16 cache: a prompt whose last token came alone in a chunk attended otherwise (the decode
+        # kernel, not the prefill one), as did its first chunk (keys and values not rounded to the cache's)
+        {"quantization": "gguf"},
+    ],
+)
+def test_greedy_output_is_batch_and_chunk_invariant_on_every_cpu_path(engine_args: dict[str, str]) -> None:
+    """All 16 prompts are checked."""
+    llm = LLM(max_model_len=1024, kv_cache_memory=64 << 20, max_num_batched_tokens=1024, **engine_args)
     assert_batch_and_chunk_invariant(llm, num_checked=16)
 
 

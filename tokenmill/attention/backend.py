@@ -32,10 +32,18 @@ class AttentionMetadata:
     # sequence's value: a backend that supports graphs must read per-sequence lengths from `seq_lens`
     # (device) and use the host lists only to size its launch grid.
     decode_only: bool = False
+    # Per sequence, whether the step computes prompt tokens of it (a prefill chunk, even of one token: a
+    # prompt's last token then attends as in its whole prefill). None: those with several query tokens.
+    computes_prompt: list[bool] | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    def decode_rows(self) -> list[int]:
+        """The sequences that decode: one query token, a generated one."""
+        prompt = self.computes_prompt or [False] * len(self.query_lens)
+        return [i for i, (q, p) in enumerate(zip(self.query_lens, prompt, strict=True)) if q == 1 and not p]
 
     @property
     def max_seq_len(self) -> int:

@@ -1,12 +1,13 @@
 """Attention over the paged KV cache on CPU (any device works with the torch path).
 
-Decode rows (one query token) go through our C kernel (kernels/paged_attention.c), which reads each
-sequence's blocks in place, where it runs (x86 with AVX2: float32 queries, which a bfloat16 model's become,
-over a float32 or float16 cache); otherwise they are gathered and
-computed as one padded SDPA batch (benchmarks/RESULTS.md has the kernel's end-to-end gains). In a
-decode-only step the kernel also writes the step's keys and values, one call per layer. Prefill rows
-(several query tokens, possibly after cached context) run one sequence at a time, causal with the
-context's offset: through our C kernel (kernels/prefill_attention.c) where it runs, else through SDPA.
+Decode rows (one query token, a generated one) go through our C kernel (kernels/paged_attention.c),
+which reads each sequence's blocks in place, where it runs (x86 with AVX2: float32 queries, which a
+bfloat16 model's become, over a float32 or float16 cache); otherwise they are gathered and computed as one
+padded SDPA batch (benchmarks/RESULTS.md has the kernel's end-to-end gains). In a decode-only step the
+kernel also writes the step's keys and values, one call per layer. Prefill rows (prompt tokens, possibly
+after cached context; a chunk of one token too, so that a prompt's tokens attend alike however its
+prefill is chunked) run one sequence at a time, causal with the context's offset: through our C kernel
+(kernels/prefill_attention.c) where it runs, else through SDPA.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class _DecodePlan:
     layer, reused by the others (it depends on the metadata only)."""
 
     metadata: AttentionMetadata
-    rows: list[int]  # sequences with one query token
+    rows: list[int]  # sequences that decode (one query token, a generated one)
     token_index: torch.Tensor | None  # their rows in the batch; None when they are all of it, in order
     flat_table: torch.Tensor  # [len(rows) * num_blocks] their block tables, cut to the longest
     max_len: int
@@ -79,7 +80,7 @@ class _DecodePlan:
 
     @classmethod
     def build(cls, metadata: AttentionMetadata, block_size: int, device: torch.device) -> _DecodePlan:
-        rows = [i for i, q in enumerate(metadata.query_lens) if q == 1]
+        rows = metadata.decode_rows()
         token_idx = [metadata.query_start_loc[i] for i in rows]
         everything = len(rows) == len(metadata.query_lens) and token_idx == list(range(len(rows)))
         token_index = None if everything else torch.tensor(token_idx, device=device)
@@ -155,8 +156,9 @@ class TorchSDPABackend:
         output = torch.empty_like(query)
         if plan.rows:
             output[plan.token_index] = self._decode(query, kv_cache, plan, scale)
-        for i, query_len in enumerate(metadata.query_lens):
-            if query_len > 1:
+        decoding = set(plan.rows)
+        for i in range(metadata.num_seqs):
+            if i not in decoding:
                 self._prefill(query, key, value, kv_cache, metadata, i, output, scale)
         return output
 

@@ -55,6 +55,7 @@ def prepare_inputs(scheduler_output: SchedulerOutput, block_size: int, stager: H
     scheduled = scheduler_output.scheduled
     query_lens = [s.num_new_tokens for s in scheduled]
     context_lens = [s.num_computed_tokens for s in scheduled]
+    computes_prompt = [s.num_computed_tokens < s.request.num_prompt_tokens for s in scheduled]
     query_start_loc = np.concatenate([[0], np.cumsum(query_lens)]).tolist()
     previous_rows = scheduler_output.previous_rows
     if previous_rows is None:
@@ -86,7 +87,8 @@ def prepare_inputs(scheduler_output: SchedulerOutput, block_size: int, stager: H
         query_lens=query_lens,
         context_lens=context_lens,
         block_size=block_size,
-        decode_only=all(q == 1 for q in query_lens),
+        decode_only=all(q == 1 and not p for q, p in zip(query_lens, computes_prompt, strict=True)),
+        computes_prompt=computes_prompt,
     )
     return ModelInputs(
         input_ids=ids_d,
