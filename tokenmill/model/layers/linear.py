@@ -20,7 +20,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     sums over more than about 1024 inputs round differently from its matrix routine (SmolLM2's down
     projection: 10 bfloat16 rows of 128 differed), so a sequence alone decoded other tokens than in a
     batch. From two rows on, its rows agreed with a 512-row call (5 shapes, 128 rows each). The extra
-    row costs about 2% of a matrix-vector call."""
+    row costs a few percent (SmolLM2's 121 linear calls of a token: 11.1-13.3 vs 11.3-12.8 ms)."""
     if x.dim() == 2 and x.shape[0] == 1 and x.device.type == "cpu" and x.dtype in HALF_DTYPES:
         return F.linear(x.expand(2, -1), weight, bias)[:1]
     return F.linear(x, weight, bias)
