@@ -51,3 +51,11 @@ def test_bad_flags_exit_with_a_message_before_loading_anything(flags: list[str],
     result = subprocess.run([*CLI, *flags], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr and "KV cache" not in result.stderr
+
+
+def test_a_workload_longer_than_the_context_is_refused_with_the_fix() -> None:
+    flags = ["--input-len", "300", "--output-len", "4", "--max-model-len", "256", "--num-iters-warmup", "0"]
+    result = subprocess.run([*CLI, *flags], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "need a context of 304 tokens, but the engine serves 256" in result.stderr
+    assert "raise --max-model-len" in result.stderr

@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from tokenmill.benchmarks.offline import build_llm, make_parser, parse_engine_args, random_prompts, write_json
+from tokenmill.benchmarks.offline import (
+    build_llm,
+    check_context,
+    make_parser,
+    parse_engine_args,
+    random_prompts,
+    write_json,
+)
 from tokenmill.engine.processor import TokensPrompt
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
@@ -50,6 +57,7 @@ def measure(args: argparse.Namespace) -> list[float]:
     from tokenmill import SamplingParams
 
     llm = build_llm(args.engine_args)
+    check_context(llm, "tokenmill bench latency", args.input_len, args.output_len)
     params = SamplingParams(n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
     rng = random.Random(args.seed)
     vocab_size = llm.engine.core.vocab_size

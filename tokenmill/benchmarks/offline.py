@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,19 @@ def build_llm(engine_args: EngineArgs) -> Any:  # an LLM (imported here: it load
 
     values = {f.name: getattr(engine_args, f.name) for f in dataclasses.fields(EngineArgs)}
     return LLM(**values)
+
+
+def check_context(llm: Any, prog: str, longest_prompt: int, output_len: int) -> None:
+    """Exits (code 2, as a flag error) when the workload's longest request does not fit the context."""
+    limit = llm.engine.core.max_model_len
+    if longest_prompt + output_len > limit:
+        print(
+            f"{prog}: error: prompts of up to {longest_prompt} tokens and --output-len {output_len} need a "
+            f"context of {longest_prompt + output_len} tokens, but the engine serves {limit}: shorten them "
+            "or raise --max-model-len",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 def random_prompts(vocab_size: int, lengths: list[int], rng: random.Random) -> list[list[int]]:

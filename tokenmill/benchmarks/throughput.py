@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tokenmill.benchmarks.offline import build_llm, make_parser, parse_engine_args, random_prompts, write_json
+from tokenmill.benchmarks.offline import (
+    build_llm,
+    check_context,
+    make_parser,
+    parse_engine_args,
+    random_prompts,
+    write_json,
+)
 from tokenmill.engine.processor import TokensPrompt
 
 
@@ -59,6 +66,7 @@ def run_tokenmill(args: argparse.Namespace) -> Result:
     from tokenmill import SamplingParams
 
     llm = build_llm(args.engine_args)
+    check_context(llm, "tokenmill bench throughput", args.input_len_range[1], args.output_len)
     prompts = make_prompts(llm.engine.core.vocab_size, args)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
