@@ -4,6 +4,7 @@ tiny batch, through the command and through the repository's script, and its --b
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,13 @@ def test_vllms_flags_fix_the_prompt_length_and_write_the_report(tmp_path: Path) 
     report = run([*CLI, *vllm_flags, "--output-json", str(out), "--json"])
     assert (report["num_requests"], report["prompt_tokens"], report["output_tokens"]) == (2, 24, 6)
     assert json.loads(out.read_text()) == report
+
+
+def test_without_json_it_prints_vllms_throughput_line_too() -> None:
+    result = subprocess.run([*CLI, *TINY], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2].startswith("tokenmill (") and "3 requests, " in lines[-2]
+    assert re.fullmatch(
+        r"Throughput: [0-9.]+ requests/s, [0-9.]+ total tokens/s, [0-9.]+ output tokens/s", lines[-1]
+    )

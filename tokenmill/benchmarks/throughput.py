@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{result.output_tokens} output tokens in {result.seconds:.1f} s: "
             f"{result.output_tok_s:.1f} output tok/s, {result.total_tok_s:.1f} total tok/s"
         )
+        print(  # vllm bench throughput's line, for scripts that read it
+            f"Throughput: {result.num_requests / result.seconds:.2f} requests/s, "
+            f"{result.total_tok_s:.2f} total tokens/s, {result.output_tok_s:.2f} output tokens/s"
+        )
     write_json(args.output_json, report)
     return 0
 
