@@ -114,33 +114,9 @@ class TorchSDPABackend:
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if self._attends_in_float32(query, kv_cache):
-            output = self._forward(query.float(), key.float(), value.float(), kv_cache, metadata, scale)
+        if self._attends_in_float32(query, kv_cache):  # the float32 call below takes the kernels' path
+            output = self.forward(query.float(), key.float(), value.float(), kv_cache, metadata, scale)
             return output.to(query.dtype)
-        return self._forward(query, key, value, kv_cache, metadata, scale)
-
-    def _attends_in_float32(self, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-        """A half-precision model (bfloat16) over a cache the C kernels read: its queries, keys and values
-        go to them in float32. The torch path pads a step's decode rows to one length, which made a row's
-        result depend on the others in half precision; the kernels compute each sequence alone."""
-        return (
-            self.use_kernel
-            and query.device.type == "cpu"
-            and query.dtype in (torch.bfloat16, torch.float16)
-            and kv_cache.dtype in KERNEL_CACHE_DTYPES
-            and query.shape[2] % 8 == 0
-            and kernel_library() is not None
-        )
-
-    def _forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
         plan = self._decode_plan(metadata, kv_cache.shape[2], query.device)
         if plan.rows and plan.token_index is None:  # a decode-only step
             library = self._kernel(query, kv_cache)
@@ -161,6 +137,19 @@ class TorchSDPABackend:
             if i not in decoding:
                 self._prefill(query, key, value, kv_cache, metadata, i, output, scale)
         return output
+
+    def _attends_in_float32(self, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """A half-precision model (bfloat16) over a cache the C kernels read: its queries, keys and values
+        go to them in float32. The torch path pads a step's decode rows to one length, which made a row's
+        result depend on the others in half precision; the kernels compute each sequence alone."""
+        return (
+            self.use_kernel
+            and query.device.type == "cpu"
+            and query.dtype in (torch.bfloat16, torch.float16)
+            and kv_cache.dtype in KERNEL_CACHE_DTYPES
+            and query.shape[2] % 8 == 0
+            and kernel_library() is not None
+        )
 
     def _prefill(
         self,

@@ -27,6 +27,7 @@ from tokenmill.benchmarks.offline import (
     make_parser,
     parse_engine_args,
     random_prompts,
+    require_at_least,
     write_json,
 )
 from tokenmill.engine.processor import TokensPrompt
@@ -44,11 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-iters", type=int, default=30, help="timed batches")
     parser.add_argument("--output-json", metavar="FILE", help="also write the latencies to FILE")
     args = parse_engine_args(parser, argv)
-    for flag, minimum in [("input_len", 1), ("output_len", 1), ("batch_size", 1), ("n", 1), ("num_iters", 1)]:
-        if getattr(args, flag) < minimum:
-            parser.error(f"--{flag.replace('_', '-')} must be at least {minimum}")
-    if args.num_iters_warmup < 0:
-        parser.error("--num-iters-warmup must be at least 0")
+    counts = ("input_len", "output_len", "batch_size", "n", "num_iters")
+    require_at_least(parser, args, {**dict.fromkeys(counts, 1), "num_iters_warmup": 0})
     return args
 
 

@@ -36,6 +36,15 @@ def parse_engine_args(parser: argparse.ArgumentParser, argv: list[str] | None) -
     return args
 
 
+def require_at_least(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: dict[str, int]
+) -> None:
+    """A flag error for the first of `minimums` (destination -> least value) that `args` holds less of."""
+    for dest, minimum in minimums.items():
+        if getattr(args, dest) < minimum:
+            parser.error(f"--{dest.replace('_', '-')} must be at least {minimum}")
+
+
 def build_llm(engine_args: EngineArgs) -> Any:  # an LLM (imported here: it loads torch)
     from tokenmill import LLM
 

@@ -31,6 +31,7 @@ from tokenmill.benchmarks.offline import (
     make_parser,
     parse_engine_args,
     random_prompts,
+    require_at_least,
     write_json,
 )
 from tokenmill.engine.processor import TokensPrompt
@@ -143,9 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     low, high = args.input_len_range
     if not 1 <= low <= high:
         parser.error(f"prompt lengths {low}..{high}: need 1 <= MIN <= MAX")
-    for flag in ("num_requests", "output_len", "hf_batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    require_at_least(parser, args, dict.fromkeys(("num_requests", "output_len", "hf_batch_size"), 1))
     return args
 
 
