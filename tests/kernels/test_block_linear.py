@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from tokenmill.kernels import cpu
+from tokenmill.kernels import build, cpu
 from tokenmill.model.gguf_linear import KERNEL_FORMATS, pack_rows
 
 requires_kernel = pytest.mark.skipif(
@@ -71,6 +73,44 @@ def test_a_rows_output_does_not_depend_on_the_batch(block_type: GGMLQuantization
     for row in [*range(8), *range(250, 263)]:
         alone = cpu.block_linear(library, x[row : row + 1], packed, block_format, 136, None)
         assert torch.equal(alone[0], batched[row])
+
+
+@pytest.mark.skipif(
+    cpu.unavailable_reason() is not None
+    or not cpu.cpu_flags() >= build.VNNI_CPU_FLAGS
+    or os.environ.get(build.VNNI_ENV) == "0",
+    reason="needs the CPU kernels on a CPU with AVX512-VNNI, -VL and -BW, and their use not turned off",
+)
+@pytest.mark.parametrize("block_type", BLOCK_TYPES, ids=lambda t: t.name)
+def test_the_vnni_build_computes_the_same_numbers(
+    block_type: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On such CPUs the library multiplies bytes with vpdpbusd (Q4_1 two groups at a time in 512-bit vectors);
+    its integer sums are exact, so every output equals the maddubs build's bit for bit, whatever the row
+    count (a row alone, tiles of 4, a 256-row pass) and with an odd number of groups (136 rows: 17)."""
+    vnni = cpu.kernel_library()
+    assert vnni is not None and "-mavx512vnni" in build.compile_flags()
+    monkeypatch.setenv(build.VNNI_ENV, "0")
+    maddubs = cpu.load(cpu.SOURCE, cpu.SIGNATURES)
+    assert maddubs is not None and "-mavx512vnni" not in build.compile_flags()
+    rows, _ = gguf_weight(136, 320, block_type)
+    packed, block_format = torch.from_numpy(pack_rows(rows, block_type)), KERNEL_FORMATS[block_type]
+    for num_rows in (1, 3, 16, 263):
+        x = torch.randn(num_rows, 320, generator=torch.Generator().manual_seed(num_rows))
+        bias = torch.randn(136, generator=torch.Generator().manual_seed(3))
+        expected = cpu.block_linear(maddubs, x, packed, block_format, 136, bias)
+        assert torch.equal(cpu.block_linear(vnni, x, packed, block_format, 136, bias), expected)
+
+
+def test_vnni_flags_follow_the_cpu_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    avx2 = {"avx2", "fma", "f16c"}
+    monkeypatch.setattr(build, "cpu_flags", lambda: avx2 | {"avx512_vnni", "avx512vl", "avx512bw"})
+    assert build.compile_flags() == build.CFLAGS + build.VNNI_FLAGS
+    monkeypatch.setenv(build.VNNI_ENV, "0")
+    assert build.compile_flags() == build.CFLAGS
+    monkeypatch.delenv(build.VNNI_ENV)
+    monkeypatch.setattr(build, "cpu_flags", lambda: avx2 | {"avx512_vnni", "avx512bw"})  # no VL
+    assert build.compile_flags() == build.CFLAGS
 
 
 @pytest.mark.parametrize("block_type", BLOCK_TYPES, ids=lambda t: t.name)

@@ -16,7 +16,9 @@
  * The activations are rounded per token to int8 blocks of 32 features as in int8_linear.c (its
  * quantize_block: kernels.c includes that file first). A weight block and an activation block (scale dx,
  * values qx) give d dx sum(q qx) + m dx sum(qx). For Q4_1 the int16 pair sums of a block's 8 multiply-adds
- * are added as int16 (at most 8 x 2 x 15 x 127 = 30480) and widened once.
+ * are added as int16 (at most 8 x 2 x 15 x 127 = 30480) and widened once. Built with AVX512-VNNI (build.py,
+ * where the CPU has it) the products go through vpdpbusd instead, Q4_1 two groups at a time in 512-bit
+ * vectors: the same exact integer sums and the same float operations per output, so the same numbers.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -68,13 +70,43 @@ static inline __m256i add_maddubs(__m256i sum, __m256i w, const void* x) {
     return sum;
 }
 
-/* acc[j] (8 outputs of activation row j, j < rows) plus one weight block's contribution, for the 8 rows of
- * the group whose block starts at `block`; the cursors point at the block. Each row's sum runs in the same
- * order whatever `rows` is, so a token's output does not depend on which tokens share the call. */
-static inline __attribute__((always_inline)) void block_step(int64_t format, const uint8_t* block,
-                                                             const RowCursor* row, int rows, __m256 acc[ROWS]) {
+/* The 8 rows' int32 sums of one weight block against activation row j, j < rows. The sums are exact, so
+ * both ways below give the same numbers. With AVX512-VNNI (where the library is built with it, see
+ * build.py) one vpdpbusd does a multiply-add pair and its widening; each row then keeps two accumulators,
+ * so that consecutive vpdpbusd of a row do not wait on each other's latency. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+static inline __attribute__((always_inline)) void block_sums(int64_t format, const uint8_t* block,
+                                                             const RowCursor* row, int rows, __m256i sums[ROWS]) {
+    __m256i even[ROWS], odd[ROWS];
+    for (int j = 0; j < rows; j++) even[j] = odd[j] = _mm256_setzero_si256();
+    if (format == FORMAT_Q4_1) {
+        const __m256i low = _mm256_set1_epi8(0x0F);
+        for (int i = 0; i < 4; i++) {
+            const __m256i packed = _mm256_loadu_si256((const __m256i*)(block + 32 * i));
+            const __m256i first = _mm256_and_si256(packed, low);
+            const __m256i second = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            for (int j = 0; j < rows; j++) {
+                even[j] = _mm256_dpbusd_epi32(even[j], first, broadcast4(row[j].q + 4 * i));
+                odd[j] = _mm256_dpbusd_epi32(odd[j], second, broadcast4(row[j].q + 4 * i + 16));
+            }
+        }
+    } else {
+        for (int i = 0; i < 8; i += 2) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i*)(block + 32 * i));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i*)(block + 32 * i + 32));
+            for (int j = 0; j < rows; j++) { /* |x| times w with x's sign, as below */
+                const __m256i x0 = broadcast4(row[j].q + 4 * i), x1 = broadcast4(row[j].q + 4 * i + 4);
+                even[j] = _mm256_dpbusd_epi32(even[j], broadcast4(row[j].abs + 4 * i), _mm256_sign_epi8(w0, x0));
+                odd[j] = _mm256_dpbusd_epi32(odd[j], broadcast4(row[j].abs + 4 * i + 4), _mm256_sign_epi8(w1, x1));
+            }
+        }
+    }
+    for (int j = 0; j < rows; j++) sums[j] = _mm256_add_epi32(even[j], odd[j]);
+}
+#else
+static inline __attribute__((always_inline)) void block_sums(int64_t format, const uint8_t* block,
+                                                             const RowCursor* row, int rows, __m256i sums[ROWS]) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i sums[ROWS];
     for (int j = 0; j < rows; j++) sums[j] = _mm256_setzero_si256();
     if (format == FORMAT_Q4_1) {
         const __m256i low = _mm256_set1_epi8(0x0F);
@@ -100,6 +132,16 @@ static inline __attribute__((always_inline)) void block_step(int64_t format, con
             }
         }
     }
+}
+#endif
+
+/* acc[j] (8 outputs of activation row j, j < rows) plus one weight block's contribution, for the 8 rows of
+ * the group whose block starts at `block`; the cursors point at the block. Each row's sum runs in the same
+ * order whatever `rows` is, so a token's output does not depend on which tokens share the call. */
+static inline __attribute__((always_inline)) void block_step(int64_t format, const uint8_t* block,
+                                                             const RowCursor* row, int rows, __m256 acc[ROWS]) {
+    __m256i sums[ROWS];
+    block_sums(format, block, row, rows, sums);
     const __m128i* halves = (const __m128i*)(block + (format == FORMAT_Q4_1 ? 128 : 256));
     const __m256 scales = _mm256_cvtph_ps(_mm_loadu_si128(halves));
     for (int j = 0; j < rows; j++) {
@@ -144,6 +186,91 @@ static inline __attribute__((always_inline)) void group_rows(int64_t format, con
     }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define WIDE_Q4_1 1
+static inline __m512i load_pair(const uint8_t* a, const uint8_t* b) { /* 32 bytes of each group */
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                              _mm256_loadu_si256((const __m256i*)b), 1);
+}
+
+static inline __m512 halves_pair(const uint8_t* a, const uint8_t* b) { /* 8 float16 of each group */
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)a)),
+                                                   _mm_loadu_si128((const __m128i*)b), 1));
+}
+
+/* Q4_1 only: two groups (16 output rows, blocks at b0 and b1) in one 512-bit vector, so that one broadcast
+ * activation word (folded into vpdpbusd's memory operand) serves 16 rows instead of 8. Lane for lane the same
+ * integer sums and the same float operations as block_step: the same numbers. */
+static inline __attribute__((always_inline)) void wide_block_step(const uint8_t* b0, const uint8_t* b1,
+                                                                  const RowCursor* row, int rows, __m512 acc[ROWS]) {
+    __m512i even[ROWS], odd[ROWS];
+    for (int j = 0; j < rows; j++) even[j] = odd[j] = _mm512_setzero_si512();
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int i = 0; i < 4; i++) {
+        const __m512i packed = load_pair(b0 + 32 * i, b1 + 32 * i);
+        const __m512i first = _mm512_and_si512(packed, low);
+        const __m512i second = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+        for (int j = 0; j < rows; j++) {
+            int32_t x0, x1;
+            __builtin_memcpy(&x0, row[j].q + 4 * i, 4);
+            __builtin_memcpy(&x1, row[j].q + 4 * i + 16, 4);
+            even[j] = _mm512_dpbusd_epi32(even[j], first, _mm512_set1_epi32(x0));
+            odd[j] = _mm512_dpbusd_epi32(odd[j], second, _mm512_set1_epi32(x1));
+        }
+    }
+    const __m512 scales = halves_pair(b0 + 128, b1 + 128), mins = halves_pair(b0 + 144, b1 + 144);
+    for (int j = 0; j < rows; j++) {
+        const __m512 dx = _mm512_set1_ps(*row[j].scale);
+        const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(even[j], odd[j]));
+        acc[j] = _mm512_fmadd_ps(sums, _mm512_mul_ps(scales, dx), acc[j]);
+    }
+    for (int j = 0; j < rows; j++) acc[j] = _mm512_fmadd_ps(mins, _mm512_set1_ps(*row[j].sum), acc[j]);
+}
+
+/* Outputs n .. n + 15 (the Q4_1 groups at w and w + group_bytes) of rows m .. m + rows - 1. */
+static inline __attribute__((always_inline)) void wide_group_rows(const BlockActivations* a, const uint8_t* w,
+                                                                  int64_t group_bytes, const float* bias, float* y,
+                                                                  int64_t n, int64_t N, int64_t m, int rows) {
+    const int64_t num_blocks = a->K / BLOCK, bytes = group_block_bytes(FORMAT_Q4_1);
+    __m512 acc[ROWS];
+    RowCursor row[ROWS];
+    for (int j = 0; j < rows; j++) {
+        acc[j] = _mm512_setzero_ps();
+        row[j] = (RowCursor){a->xq + (m + j) * a->K, a->xa + (m + j) * a->K, a->xs + (m + j) * num_blocks,
+                             a->xsum + (m + j) * num_blocks};
+    }
+    for (int64_t b = 0; b < num_blocks; b++) {
+        const uint8_t *b0 = w + b * bytes, *b1 = b0 + group_bytes;
+        if (rows == 1)
+            for (int64_t line = 0; line < bytes; line += 64) {
+                _mm_prefetch((const char*)(b0 + line + PREFETCH_BYTES), _MM_HINT_T0);
+                _mm_prefetch((const char*)(b1 + line + PREFETCH_BYTES), _MM_HINT_T0);
+            }
+        wide_block_step(b0, b1, row, rows, acc);
+        for (int j = 0; j < rows; j++) {
+            row[j].q += BLOCK;
+            row[j].scale++;
+            row[j].sum++;
+        }
+    }
+    const int64_t valid = N - n < 2 * COLUMNS ? N - n : 2 * COLUMNS;
+    for (int j = 0; j < rows; j++) {
+        float out[2 * COLUMNS];
+        _mm512_storeu_ps(out, acc[j]);
+        for (int64_t c = 0; c < valid; c++) y[(m + j) * N + n + c] = out[c] + (bias != NULL ? bias[n + c] : 0.0f);
+    }
+}
+
+static void wide_group_columns(const BlockActivations* a, const uint8_t* w, int64_t group_bytes, const float* bias,
+                               float* y, int64_t n, int64_t N, int64_t first, int64_t last) {
+    int64_t m = first;
+    for (; m + ROWS <= last; m += ROWS) wide_group_rows(a, w, group_bytes, bias, y, n, N, m, ROWS);
+    for (; m < last; m++) wide_group_rows(a, w, group_bytes, bias, y, n, N, m, 1);
+}
+#else
+#define WIDE_Q4_1 0
+#endif
+
 static inline __attribute__((always_inline)) void group_columns(int64_t format, const BlockActivations* a,
                                                                 const uint8_t* w, const float* bias, float* y,
                                                                 int64_t n, int64_t N, int64_t first, int64_t last) {
@@ -156,15 +283,25 @@ static inline __attribute__((always_inline)) void group_columns(int64_t format, 
  * rows are bound by reading the weights. */
 #define DYNAMIC_MIN_ROWS 16
 
-/* Outputs n .. n + 7 of rows first .. last - 1. Constant formats, so each call is compiled for its layout. */
+/* Outputs n .. n + 7 (Q4_1 with the wide step: n .. n + 15) of rows first .. last - 1. Constant formats, so
+ * each call is compiled for its layout. */
 static inline void group_pass(int64_t format, const BlockActivations* a, const uint8_t* w, int64_t group_bytes,
                               const float* bias, float* y, int64_t n, int64_t N, int64_t first, int64_t last) {
     const uint8_t* group = w + n / COLUMNS * group_bytes;
+#if WIDE_Q4_1
+    if (format == FORMAT_Q4_1 && n + COLUMNS < N) {
+        wide_group_columns(a, group, group_bytes, bias, y, n, N, first, last);
+        return;
+    }
+#endif
     if (format == FORMAT_Q4_1)
         group_columns(FORMAT_Q4_1, a, group, bias, y, n, N, first, last);
     else
         group_columns(FORMAT_Q8_0, a, group, bias, y, n, N, first, last);
 }
+
+/* Outputs per pass of group_pass: two groups for Q4_1 where the wide step is built. */
+static inline int64_t pass_columns(int64_t format) { return WIDE_Q4_1 && format == FORMAT_Q4_1 ? 2 * COLUMNS : COLUMNS; }
 
 /* Bytes of one group of 8 packed weight rows of K features in `format`, or -1 for an unknown format. */
 int64_t tm_block_group_bytes(int64_t format, int64_t K) {
@@ -186,6 +323,7 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
         return -1;
     }
     const BlockActivations a = {xq, (const uint8_t*)(xq + M * K), xs, xs + M * num_blocks, K};
+    const int64_t step = pass_columns(format);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -201,11 +339,11 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
             if (last - first >= DYNAMIC_MIN_ROWS) {
                 /* Handed out 4 groups at a time: a thread slowed by its core's other tenants takes fewer. */
 #pragma omp for schedule(dynamic, 4)
-                for (int64_t n = 0; n < N; n += COLUMNS) group_pass(format, &a, w, group_bytes, bias, y, n, N, first, last);
+                for (int64_t n = 0; n < N; n += step) group_pass(format, &a, w, group_bytes, bias, y, n, N, first, last);
             } else {
                 /* A few rows read the weights from memory: each thread streams one contiguous half. */
 #pragma omp for schedule(static)
-                for (int64_t n = 0; n < N; n += COLUMNS) group_pass(format, &a, w, group_bytes, bias, y, n, N, first, last);
+                for (int64_t n = 0; n < N; n += step) group_pass(format, &a, w, group_bytes, bias, y, n, N, first, last);
             }
         }
     }

@@ -23,7 +23,12 @@ SOURCE = SOURCE_DIR / "kernels.c"  # includes every kernel source of this direct
 # torch expression bit for bit (layer_ops.c's rotary) must round each operation as torch does.
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
+# Where the CPU has AVX512-VNNI (with VL and BW), the GGUF block kernel multiplies bytes with it
+# (block_linear.c; the same sums). 256-bit vectors stay the preferred width for everything else.
+VNNI_FLAGS = ("-mavx512vnni", "-mavx512vl", "-mavx512bw", "-mprefer-vector-width=256")
+VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx512vl", "avx512bw"})
 DISABLE_ENV = "TOKENMILL_CPU_KERNELS"
+VNNI_ENV = "TOKENMILL_CPU_VNNI"
 
 _locks: dict[Path, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -43,6 +48,13 @@ def cpu_flags() -> set[str]:
         return set()
     line = next((line for line in text.splitlines() if line.startswith("flags")), "")
     return set(line.partition(":")[2].split())
+
+
+def compile_flags() -> tuple[str, ...]:
+    """CFLAGS, with VNNI_FLAGS where this CPU has AVX512-VNNI, -VL and -BW (`TOKENMILL_CPU_VNNI=0` leaves
+    them out)."""
+    wanted = os.environ.get(VNNI_ENV, "1") != "0" and cpu_flags() >= VNNI_CPU_FLAGS
+    return CFLAGS + VNNI_FLAGS if wanted else CFLAGS
 
 
 def unavailable_reason() -> str | None:
@@ -66,7 +78,7 @@ def find_compiler() -> str | None:
 def library_path(source: Path, compiler: str) -> Path:
     """Where `source`'s library lives in the cache: keyed by every source and header beside it (a source
     may include the others, as kernels.c does), the flags and the compiler."""
-    flags = " ".join((compiler, *CFLAGS, *LIBS))
+    flags = " ".join((compiler, *compile_flags(), *LIBS))
     siblings = sorted(
         path for path in source.parent.iterdir() if path.suffix in (".c", ".h") and path != source
     )
@@ -88,7 +100,7 @@ def build(source: Path, compiler: str) -> Path:
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
             partial = Path(scratch) / library.name
-            command = [compiler, *CFLAGS, str(source), "-o", str(partial), *LIBS]
+            command = [compiler, *compile_flags(), str(source), "-o", str(partial), *LIBS]
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
