@@ -85,7 +85,7 @@ def test_a_rows_output_does_not_depend_on_the_batch(block_type: GGMLQuantization
 def test_the_vnni_build_computes_the_same_numbers(
     block_type: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On such CPUs the library multiplies bytes with vpdpbusd (Q4_1 two groups at a time in 512-bit vectors);
+    """On such CPUs the library multiplies bytes with vpdpbusd (two groups at a time in 512-bit vectors);
     its integer sums are exact, so every output equals the maddubs build's bit for bit, whatever the row
     count (a row alone, tiles of 4, a 256-row pass) and with an odd number of groups (136 rows: 17)."""
     vnni = cpu.kernel_library()
@@ -103,6 +103,7 @@ def test_the_vnni_build_computes_the_same_numbers(
 
 
 def test_vnni_flags_follow_the_cpu_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(build.VNNI_ENV, raising=False)
     avx2 = {"avx2", "fma", "f16c"}
     monkeypatch.setattr(build, "cpu_flags", lambda: avx2 | {"avx512_vnni", "avx512vl", "avx512bw"})
     assert build.compile_flags() == build.CFLAGS + build.VNNI_FLAGS

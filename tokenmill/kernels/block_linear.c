@@ -17,8 +17,9 @@
  * quantize_block: kernels.c includes that file first). A weight block and an activation block (scale dx,
  * values qx) give d dx sum(q qx) + m dx sum(qx). For Q4_1 the int16 pair sums of a block's 8 multiply-adds
  * are added as int16 (at most 8 x 2 x 15 x 127 = 30480) and widened once. Built with AVX512-VNNI (build.py,
- * where the CPU has it) the products go through vpdpbusd instead, Q4_1 two groups at a time in 512-bit
- * vectors: the same exact integer sums and the same float operations per output, so the same numbers.
+ * where the CPU has it) the products go through vpdpbusd instead, two groups at a time in 512-bit vectors
+ * (Q8_0 with 8 rows or more): the same exact integer sums and the same float operations per output, so the
+ * same numbers.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,14 +37,16 @@ typedef struct {
     const uint8_t* xa; /* [M, K] their absolute values (Q8_0: maddubs takes the unsigned side from here) */
     const float* xs;   /* [M, K / 32] their block scales */
     const float* xsum; /* [M, K / 32] each block's scale times the sum of its values */
+    const int32_t* qsum; /* [M, K / 32] each block's sum of values (the VNNI Q8_0 sums' offset) */
     int64_t K;
 } BlockActivations;
 
-/* The block's sum of values times its scale: the term a weight block's minimum multiplies. */
-static float block_sum(const int8_t* q, float scale) {
+/* The block's sum of values (|sum| <= 32 * 127: exact in float); times its scale it is the term a weight
+ * block's minimum multiplies. */
+static int32_t block_sum(const int8_t* q) {
     __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i*)q));
     __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-    return scale * hsum(_mm256_cvtepi32_ps(quads)); /* |sum| <= 32 * 127: exact in float */
+    return (int32_t)hsum(_mm256_cvtepi32_ps(quads));
 }
 
 static inline __m256i broadcast4(const void* p) { /* 4 bytes into every 32-bit lane */
@@ -59,6 +62,7 @@ typedef struct {
     const uint8_t* abs;
     const float* scale;
     const float* sum;
+    const int32_t* qsum;
 } RowCursor;
 
 /* sum + maddubs(w, x's 4 bytes broadcast). The empty asm keeps each row's sum one chain in program order:
@@ -90,16 +94,17 @@ static inline __attribute__((always_inline)) void block_sums(int64_t format, con
                 odd[j] = _mm256_dpbusd_epi32(odd[j], second, broadcast4(row[j].q + 4 * i + 16));
             }
         }
-    } else {
+    } else { /* w + 128 (unsigned) times x, less 128 times the block's sum of x: exactly w times x */
+        const __m256i flip = _mm256_set1_epi8((char)0x80);
         for (int i = 0; i < 8; i += 2) {
-            const __m256i w0 = _mm256_loadu_si256((const __m256i*)(block + 32 * i));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i*)(block + 32 * i + 32));
-            for (int j = 0; j < rows; j++) { /* |x| times w with x's sign, as below */
-                const __m256i x0 = broadcast4(row[j].q + 4 * i), x1 = broadcast4(row[j].q + 4 * i + 4);
-                even[j] = _mm256_dpbusd_epi32(even[j], broadcast4(row[j].abs + 4 * i), _mm256_sign_epi8(w0, x0));
-                odd[j] = _mm256_dpbusd_epi32(odd[j], broadcast4(row[j].abs + 4 * i + 4), _mm256_sign_epi8(w1, x1));
+            const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(block + 32 * i)), flip);
+            const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(block + 32 * i + 32)), flip);
+            for (int j = 0; j < rows; j++) {
+                even[j] = _mm256_dpbusd_epi32(even[j], w0, broadcast4(row[j].q + 4 * i));
+                odd[j] = _mm256_dpbusd_epi32(odd[j], w1, broadcast4(row[j].q + 4 * i + 4));
             }
         }
+        for (int j = 0; j < rows; j++) even[j] = _mm256_sub_epi32(even[j], _mm256_set1_epi32(128 * *row[j].qsum));
     }
     for (int j = 0; j < rows; j++) sums[j] = _mm256_add_epi32(even[j], odd[j]);
 }
@@ -164,7 +169,7 @@ static inline __attribute__((always_inline)) void group_rows(int64_t format, con
     for (int j = 0; j < rows; j++) {
         acc[j] = _mm256_setzero_ps();
         row[j] = (RowCursor){a->xq + (m + j) * a->K, a->xa + (m + j) * a->K, a->xs + (m + j) * num_blocks,
-                             a->xsum + (m + j) * num_blocks};
+                             a->xsum + (m + j) * num_blocks, a->qsum + (m + j) * num_blocks};
     }
     for (int64_t b = 0; b < num_blocks; b++) {
         if (rows == 1) /* a lone row does too little work per byte for the hardware prefetcher alone */
@@ -176,6 +181,7 @@ static inline __attribute__((always_inline)) void group_rows(int64_t format, con
             row[j].abs += BLOCK;
             row[j].scale++;
             row[j].sum++;
+            row[j].qsum++;
         }
     }
     const int64_t valid = N - n < COLUMNS ? N - n : COLUMNS;
@@ -187,7 +193,8 @@ static inline __attribute__((always_inline)) void group_rows(int64_t format, con
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-#define WIDE_Q4_1 1
+#define WIDE 1
+#define WIDE_Q8_0_MIN_ROWS 8
 static inline __m512i load_pair(const uint8_t* a, const uint8_t* b) { /* 32 bytes of each group */
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
                               _mm256_loadu_si256((const __m256i*)b), 1);
@@ -198,46 +205,68 @@ static inline __m512 halves_pair(const uint8_t* a, const uint8_t* b) { /* 8 floa
                                                    _mm_loadu_si128((const __m128i*)b), 1));
 }
 
-/* Q4_1 only: two groups (16 output rows, blocks at b0 and b1) in one 512-bit vector, so that one broadcast
- * activation word (folded into vpdpbusd's memory operand) serves 16 rows instead of 8. Lane for lane the same
- * integer sums and the same float operations as block_step: the same numbers. */
-static inline __attribute__((always_inline)) void wide_block_step(const uint8_t* b0, const uint8_t* b1,
-                                                                  const RowCursor* row, int rows, __m512 acc[ROWS]) {
+static inline __m512i broadcast_word(const int8_t* p) { /* folded into vpdpbusd's memory operand */
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* Two groups (16 output rows, blocks at b0 and b1) in one 512-bit vector, so that one broadcast activation
+ * word serves 16 rows instead of 8. Lane for lane the same integer sums and the same float operations as
+ * block_step: the same numbers. */
+static inline __attribute__((always_inline)) void wide_block_step(int64_t format, const uint8_t* b0,
+                                                                  const uint8_t* b1, const RowCursor* row,
+                                                                  int rows, __m512 acc[ROWS]) {
     __m512i even[ROWS], odd[ROWS];
     for (int j = 0; j < rows; j++) even[j] = odd[j] = _mm512_setzero_si512();
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int i = 0; i < 4; i++) {
-        const __m512i packed = load_pair(b0 + 32 * i, b1 + 32 * i);
-        const __m512i first = _mm512_and_si512(packed, low);
-        const __m512i second = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-        for (int j = 0; j < rows; j++) {
-            int32_t x0, x1;
-            __builtin_memcpy(&x0, row[j].q + 4 * i, 4);
-            __builtin_memcpy(&x1, row[j].q + 4 * i + 16, 4);
-            even[j] = _mm512_dpbusd_epi32(even[j], first, _mm512_set1_epi32(x0));
-            odd[j] = _mm512_dpbusd_epi32(odd[j], second, _mm512_set1_epi32(x1));
+    if (format == FORMAT_Q4_1) {
+        const __m512i low = _mm512_set1_epi8(0x0F);
+        for (int i = 0; i < 4; i++) {
+            const __m512i packed = load_pair(b0 + 32 * i, b1 + 32 * i);
+            const __m512i first = _mm512_and_si512(packed, low);
+            const __m512i second = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+            for (int j = 0; j < rows; j++) {
+                even[j] = _mm512_dpbusd_epi32(even[j], first, broadcast_word(row[j].q + 4 * i));
+                odd[j] = _mm512_dpbusd_epi32(odd[j], second, broadcast_word(row[j].q + 4 * i + 16));
+            }
         }
+    } else { /* as block_sums: w + 128 times x, less 128 times the sum of x */
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int i = 0; i < 8; i += 2) {
+            const __m512i w0 = _mm512_xor_si512(load_pair(b0 + 32 * i, b1 + 32 * i), flip);
+            const __m512i w1 = _mm512_xor_si512(load_pair(b0 + 32 * i + 32, b1 + 32 * i + 32), flip);
+            for (int j = 0; j < rows; j++) {
+                even[j] = _mm512_dpbusd_epi32(even[j], w0, broadcast_word(row[j].q + 4 * i));
+                odd[j] = _mm512_dpbusd_epi32(odd[j], w1, broadcast_word(row[j].q + 4 * i + 4));
+            }
+        }
+        for (int j = 0; j < rows; j++) even[j] = _mm512_sub_epi32(even[j], _mm512_set1_epi32(128 * *row[j].qsum));
     }
-    const __m512 scales = halves_pair(b0 + 128, b1 + 128), mins = halves_pair(b0 + 144, b1 + 144);
+    const int64_t halves = format == FORMAT_Q4_1 ? 128 : 256;
+    const __m512 scales = halves_pair(b0 + halves, b1 + halves);
     for (int j = 0; j < rows; j++) {
         const __m512 dx = _mm512_set1_ps(*row[j].scale);
         const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(even[j], odd[j]));
         acc[j] = _mm512_fmadd_ps(sums, _mm512_mul_ps(scales, dx), acc[j]);
     }
-    for (int j = 0; j < rows; j++) acc[j] = _mm512_fmadd_ps(mins, _mm512_set1_ps(*row[j].sum), acc[j]);
+    if (format == FORMAT_Q4_1) {
+        const __m512 mins = halves_pair(b0 + 144, b1 + 144);
+        for (int j = 0; j < rows; j++) acc[j] = _mm512_fmadd_ps(mins, _mm512_set1_ps(*row[j].sum), acc[j]);
+    }
 }
 
-/* Outputs n .. n + 15 (the Q4_1 groups at w and w + group_bytes) of rows m .. m + rows - 1. */
-static inline __attribute__((always_inline)) void wide_group_rows(const BlockActivations* a, const uint8_t* w,
-                                                                  int64_t group_bytes, const float* bias, float* y,
-                                                                  int64_t n, int64_t N, int64_t m, int rows) {
-    const int64_t num_blocks = a->K / BLOCK, bytes = group_block_bytes(FORMAT_Q4_1);
+/* Outputs n .. n + 15 (the groups at w and w + group_bytes) of rows m .. m + rows - 1. */
+static inline __attribute__((always_inline)) void wide_group_rows(int64_t format, const BlockActivations* a,
+                                                                  const uint8_t* w, int64_t group_bytes,
+                                                                  const float* bias, float* y, int64_t n,
+                                                                  int64_t N, int64_t m, int rows) {
+    const int64_t num_blocks = a->K / BLOCK, bytes = group_block_bytes(format);
     __m512 acc[ROWS];
     RowCursor row[ROWS];
     for (int j = 0; j < rows; j++) {
         acc[j] = _mm512_setzero_ps();
         row[j] = (RowCursor){a->xq + (m + j) * a->K, a->xa + (m + j) * a->K, a->xs + (m + j) * num_blocks,
-                             a->xsum + (m + j) * num_blocks};
+                             a->xsum + (m + j) * num_blocks, a->qsum + (m + j) * num_blocks};
     }
     for (int64_t b = 0; b < num_blocks; b++) {
         const uint8_t *b0 = w + b * bytes, *b1 = b0 + group_bytes;
@@ -246,11 +275,12 @@ static inline __attribute__((always_inline)) void wide_group_rows(const BlockAct
                 _mm_prefetch((const char*)(b0 + line + PREFETCH_BYTES), _MM_HINT_T0);
                 _mm_prefetch((const char*)(b1 + line + PREFETCH_BYTES), _MM_HINT_T0);
             }
-        wide_block_step(b0, b1, row, rows, acc);
+        wide_block_step(format, b0, b1, row, rows, acc);
         for (int j = 0; j < rows; j++) {
             row[j].q += BLOCK;
             row[j].scale++;
             row[j].sum++;
+            row[j].qsum++;
         }
     }
     const int64_t valid = N - n < 2 * COLUMNS ? N - n : 2 * COLUMNS;
@@ -261,14 +291,16 @@ static inline __attribute__((always_inline)) void wide_group_rows(const BlockAct
     }
 }
 
-static void wide_group_columns(const BlockActivations* a, const uint8_t* w, int64_t group_bytes, const float* bias,
-                               float* y, int64_t n, int64_t N, int64_t first, int64_t last) {
+static inline __attribute__((always_inline)) void wide_group_columns(int64_t format, const BlockActivations* a,
+                                                                     const uint8_t* w, int64_t group_bytes,
+                                                                     const float* bias, float* y, int64_t n,
+                                                                     int64_t N, int64_t first, int64_t last) {
     int64_t m = first;
-    for (; m + ROWS <= last; m += ROWS) wide_group_rows(a, w, group_bytes, bias, y, n, N, m, ROWS);
-    for (; m < last; m++) wide_group_rows(a, w, group_bytes, bias, y, n, N, m, 1);
+    for (; m + ROWS <= last; m += ROWS) wide_group_rows(format, a, w, group_bytes, bias, y, n, N, m, ROWS);
+    for (; m < last; m++) wide_group_rows(format, a, w, group_bytes, bias, y, n, N, m, 1);
 }
 #else
-#define WIDE_Q4_1 0
+#define WIDE 0
 #endif
 
 static inline __attribute__((always_inline)) void group_columns(int64_t format, const BlockActivations* a,
@@ -283,25 +315,32 @@ static inline __attribute__((always_inline)) void group_columns(int64_t format, 
  * rows are bound by reading the weights. */
 #define DYNAMIC_MIN_ROWS 16
 
-/* Outputs n .. n + 7 (Q4_1 with the wide step: n .. n + 15) of rows first .. last - 1. Constant formats, so
+/* Outputs n .. n + 7 (with the wide step: n .. n + 15) of rows first .. last - 1. Constant formats, so
  * each call is compiled for its layout. */
+/* Outputs per pass of group_pass: two groups where the wide step is built. */
+#define PASS_COLUMNS (WIDE ? 2 * COLUMNS : COLUMNS)
+
 static inline void group_pass(int64_t format, const BlockActivations* a, const uint8_t* w, int64_t group_bytes,
                               const float* bias, float* y, int64_t n, int64_t N, int64_t first, int64_t last) {
     const uint8_t* group = w + n / COLUMNS * group_bytes;
-#if WIDE_Q4_1
-    if (format == FORMAT_Q4_1 && n + COLUMNS < N) {
-        wide_group_columns(a, group, group_bytes, bias, y, n, N, first, last);
+#if WIDE
+    /* Two groups in one wide pass when there are two; but Q8_0 with few rows is bound by reading its
+     * weights, and there one stream (one group after the other) reads faster than two side by side. */
+    if (n + COLUMNS < N && (format == FORMAT_Q4_1 || last - first >= WIDE_Q8_0_MIN_ROWS)) {
+        if (format == FORMAT_Q4_1)
+            wide_group_columns(FORMAT_Q4_1, a, group, group_bytes, bias, y, n, N, first, last);
+        else
+            wide_group_columns(FORMAT_Q8_0, a, group, group_bytes, bias, y, n, N, first, last);
         return;
     }
 #endif
-    if (format == FORMAT_Q4_1)
-        group_columns(FORMAT_Q4_1, a, group, bias, y, n, N, first, last);
-    else
-        group_columns(FORMAT_Q8_0, a, group, bias, y, n, N, first, last);
+    for (int64_t g = n; g < n + PASS_COLUMNS && g < N; g += COLUMNS, group += group_bytes) {
+        if (format == FORMAT_Q4_1)
+            group_columns(FORMAT_Q4_1, a, group, bias, y, g, N, first, last);
+        else
+            group_columns(FORMAT_Q8_0, a, group, bias, y, g, N, first, last);
+    }
 }
-
-/* Outputs per pass of group_pass: two groups for Q4_1 where the wide step is built. */
-static inline int64_t pass_columns(int64_t format) { return WIDE_Q4_1 && format == FORMAT_Q4_1 ? 2 * COLUMNS : COLUMNS; }
 
 /* Bytes of one group of 8 packed weight rows of K features in `format`, or -1 for an unknown format. */
 int64_t tm_block_group_bytes(int64_t format, int64_t K) {
@@ -316,21 +355,23 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
     if (format != FORMAT_Q4_1 && format != FORMAT_Q8_0) return -2;
     const int64_t num_blocks = K / BLOCK, group_bytes = num_blocks * group_block_bytes(format);
     int8_t* xq = malloc((size_t)(2 * M * K));
-    float* xs = malloc((size_t)(2 * M * num_blocks) * sizeof(float));
+    float* xs = malloc((size_t)(3 * M * num_blocks) * sizeof(float)); /* scales, sums, integer sums */
     if (xq == NULL || xs == NULL) {
         free(xq);
         free(xs);
         return -1;
     }
-    const BlockActivations a = {xq, (const uint8_t*)(xq + M * K), xs, xs + M * num_blocks, K};
-    const int64_t step = pass_columns(format);
+    int32_t* qsum = (int32_t*)(xs + 2 * M * num_blocks);
+    const BlockActivations a = {xq, (const uint8_t*)(xq + M * K), xs, xs + M * num_blocks, qsum, K};
+    const int64_t step = PASS_COLUMNS;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * num_blocks; i++) {
             int8_t* q = xq + i * BLOCK;
             quantize_block(x + i * BLOCK, q, xs + i);
-            xs[M * num_blocks + i] = block_sum(q, xs[i]);
+            qsum[i] = block_sum(q);
+            xs[M * num_blocks + i] = xs[i] * (float)qsum[i];
             const __m256i v = _mm256_loadu_si256((const __m256i*)q);
             _mm256_storeu_si256((__m256i*)(xq + M * K + i * BLOCK), _mm256_sign_epi8(v, v));
         }
