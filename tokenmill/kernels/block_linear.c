@@ -65,6 +65,20 @@ typedef struct {
     const int32_t* qsum;
 } RowCursor;
 
+static inline RowCursor row_cursor(const BlockActivations* a, int64_t m) { /* row m at its first block */
+    const int64_t num_blocks = a->K / BLOCK;
+    return (RowCursor){a->xq + m * a->K, a->xa + m * a->K, a->xs + m * num_blocks, a->xsum + m * num_blocks,
+                       a->qsum + m * num_blocks};
+}
+
+static inline void next_block(RowCursor* row) {
+    row->q += BLOCK;
+    row->abs += BLOCK;
+    row->scale++;
+    row->sum++;
+    row->qsum++;
+}
+
 /* sum + maddubs(w, x's 4 bytes broadcast). The empty asm keeps each row's sum one chain in program order:
  * without it gcc re-associates the integer adds into a tree whose partial sums spill to the stack (the
  * kernel ran at 40% of the multiply-add throughput of the core). */
@@ -168,21 +182,14 @@ static inline __attribute__((always_inline)) void group_rows(int64_t format, con
     RowCursor row[ROWS];
     for (int j = 0; j < rows; j++) {
         acc[j] = _mm256_setzero_ps();
-        row[j] = (RowCursor){a->xq + (m + j) * a->K, a->xa + (m + j) * a->K, a->xs + (m + j) * num_blocks,
-                             a->xsum + (m + j) * num_blocks, a->qsum + (m + j) * num_blocks};
+        row[j] = row_cursor(a, m + j);
     }
     for (int64_t b = 0; b < num_blocks; b++) {
         if (rows == 1) /* a lone row does too little work per byte for the hardware prefetcher alone */
             for (int64_t line = 0; line < bytes; line += 64)
                 _mm_prefetch((const char*)(w + b * bytes + line + PREFETCH_BYTES), _MM_HINT_T0);
         block_step(format, w + b * bytes, row, rows, acc);
-        for (int j = 0; j < rows; j++) {
-            row[j].q += BLOCK;
-            row[j].abs += BLOCK;
-            row[j].scale++;
-            row[j].sum++;
-            row[j].qsum++;
-        }
+        for (int j = 0; j < rows; j++) next_block(&row[j]);
     }
     const int64_t valid = N - n < COLUMNS ? N - n : COLUMNS;
     for (int j = 0; j < rows; j++) {
@@ -265,8 +272,7 @@ static inline __attribute__((always_inline)) void wide_group_rows(int64_t format
     RowCursor row[ROWS];
     for (int j = 0; j < rows; j++) {
         acc[j] = _mm512_setzero_ps();
-        row[j] = (RowCursor){a->xq + (m + j) * a->K, a->xa + (m + j) * a->K, a->xs + (m + j) * num_blocks,
-                             a->xsum + (m + j) * num_blocks, a->qsum + (m + j) * num_blocks};
+        row[j] = row_cursor(a, m + j);
     }
     for (int64_t b = 0; b < num_blocks; b++) {
         const uint8_t *b0 = w + b * bytes, *b1 = b0 + group_bytes;
@@ -276,12 +282,7 @@ static inline __attribute__((always_inline)) void wide_group_rows(int64_t format
                 _mm_prefetch((const char*)(b1 + line + PREFETCH_BYTES), _MM_HINT_T0);
             }
         wide_block_step(format, b0, b1, row, rows, acc);
-        for (int j = 0; j < rows; j++) {
-            row[j].q += BLOCK;
-            row[j].scale++;
-            row[j].sum++;
-            row[j].qsum++;
-        }
+        for (int j = 0; j < rows; j++) next_block(&row[j]);
     }
     const int64_t valid = N - n < 2 * COLUMNS ? N - n : 2 * COLUMNS;
     for (int j = 0; j < rows; j++) {
