@@ -2,13 +2,17 @@
 
 The core is replaced by a fake client the test feeds `EngineCoreOutput`s through; one slow test starts
 the real core process with a model that does not exist and sees the load error come back; another stops a
-core spawned ahead of the server (as `tokenmill serve` does) before anything connected to it.
+core spawned ahead of the server (as `tokenmill serve` does) before anything connected to it, and one
+ends the spawning process without stopping the core.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -216,3 +220,40 @@ def wait_until_torch_is_loading(pid: int) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("the core never started loading torch")
+
+
+ESCAPES_AFTER_SPAWN = """
+import sys
+from tokenmill.config import EngineConfig
+from tokenmill.engine.core_client import EngineCoreClient
+
+if __name__ == "__main__":
+    core = EngineCoreClient(EngineConfig(device="cpu"))
+    core.spawn()
+    print(core.pid, flush=True)
+    {escape}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("escape", ["raise KeyboardInterrupt", "sys.exit(3)"])
+def test_an_exit_that_skips_shutdown_stops_the_core(escape: str, tmp_path: Any) -> None:
+    """Ctrl-C in the middle of `spawn()` (or any exception before the server owns the core) ends the API
+    process without `shutdown()`: its exit must stop the core, not wait on it while it loads and serves."""
+    script = tmp_path / "escape.py"
+    script.write_text(ESCAPES_AFTER_SPAWN.format(escape=escape))
+    command = [sys.executable, str(script)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert process.stdout is not None
+        core_pid = int(process.stdout.readline())
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(core_pid).wait(30)
+    assert not psutil.pid_exists(core_pid) or psutil.Process(core_pid).status() == psutil.STATUS_ZOMBIE

@@ -147,6 +147,7 @@ def test_ctrl_c_stops_the_server_without_a_traceback(when: str, tmp_path: Path) 
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait()  # reaped here, not left to warn in a later test
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive
     assert "Traceback" not in log.read_text()

@@ -172,6 +172,7 @@ class EngineCoreClient:
             target=run_engine_core,
             args=(self.config, core_inputs, core_outputs, os.getpid()),
             name="tokenmill-engine-core",
+            daemon=True,  # an exit that skips shutdown() (Ctrl-C mid-spawn) terminates it, not joins it
         )
         self._process.start()
         core_inputs.close()  # only the core holds these ends: its exit closes the pipes

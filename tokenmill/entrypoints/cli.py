@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # The core process starts loading the model now, while this one imports the server (~1 s).
         core = EngineCoreClient(serve_args.engine_args.create_engine_config())
-        core.spawn()
         try:
+            core.spawn()
             from tokenmill.entrypoints.openai.api_server import run_server
 
             return run_server(serve_args, client_factory=core.adopt)
