@@ -8,6 +8,7 @@ One library per text of the sources, flags and compiler, in `$TOKENMILL_CACHE_DI
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import platform
@@ -41,13 +42,14 @@ def cache_dir() -> Path:
     return Path(base) / "kernels"
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # asked a few times at start-up; /proc/cpuinfo is long on a many-core machine
+def cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
 
 
 def compile_flags() -> tuple[str, ...]:
