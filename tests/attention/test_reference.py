@@ -74,12 +74,12 @@ def test_sdpa_backend_plans_once_per_step() -> None:
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (6, 2), (4, 1), (2, 2), (8, 1)])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("head_dim", [16, 72])  # 72: two 32-feature passes of the weighted sum and a rest
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_c_attention_kernels_match_the_torch_path(
     case: str, num_heads: int, num_kv_heads: int, strided: bool, head_dim: int, cache_dtype: torch.dtype
 ) -> None:
     """The C decode kernel reads each sequence's blocks in place (and, in a decode-only step, writes the new
-    keys and values itself, rounding to float16 as torch does for a float16 cache); the torch path writes
+    keys and values itself, rounding to the cache's half type as torch does); the torch path writes
     with index_copy_, gathers the blocks and pads. Prefill rows take the C prefill kernel or SDPA."""
     torch.manual_seed(0)
     lengths = KERNEL_CASES[case] if case in KERNEL_CASES else CASES[case]
@@ -95,6 +95,26 @@ def test_c_attention_kernels_match_the_torch_path(
     ]
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
     assert torch.equal(caches[0], caches[1])
+
+
+@pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+def test_the_c_cache_write_rounds_as_torch_does(cache_dtype: torch.dtype) -> None:
+    """Ties (to even), the largest finite floats (overflowing to infinity), infinities, subnormals and signed
+    zeros, in both the 8-wide loop and the scalar rest: the kernel's half is torch's `.to()` bit for bit.
+    NaN stays NaN (torch's own bits for it differ between its vector and scalar conversions)."""
+    specials = [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, 3.4e38, -3.4e38, 65519.0, 65520.0]
+    specials += [math.inf, -math.inf, math.nan, 1e-40, -1e-40, 0.0, -0.0, 6e-8]
+    values = torch.tensor(specials + torch.randn(100).mul(1e3).tolist(), dtype=torch.float32)
+    for width in (4, 8):  # a row of 4 elements: the scalar rest only; of 8: the vector loop only
+        key = values[: len(values) // width * width].view(-1, 1, width)
+        kv_cache = torch.zeros(2, 1, key.shape[0], 1, width, dtype=cache_dtype)
+        cpu.write_kv_cache(cpu.kernel_library(), key, key.neg(), kv_cache, torch.arange(key.shape[0]))
+        for written, source in zip(kv_cache.flatten(1).unbind(), (key, key.neg()), strict=True):
+            expected = source.flatten().to(cache_dtype)
+            assert torch.equal(written.isnan(), expected.isnan())
+            finite = ~expected.isnan()
+            assert torch.equal(written[finite].view(torch.int16), expected[finite].view(torch.int16))
 
 
 def test_gather_matches_cpu_backend_on_a_permuted_table() -> None:
@@ -160,12 +180,12 @@ def _first_row_alone(metadata: AttentionMetadata) -> AttentionMetadata:
 
 @pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
 def test_a_bfloat16_models_attention_runs_in_float32_through_the_kernels() -> None:
-    """bfloat16 queries, keys and values over a float16 cache (auto for bfloat16 models on CPU) go to the C
+    """bfloat16 queries, keys and values over the bfloat16 cache (auto for bfloat16 models) go to the C
     kernels as float32; the output comes back in bfloat16."""
     torch.manual_seed(0)
     batch = random_paged_batch(CASES["prefix_hits_and_decode"], 4, 2, head_dim=16, block_size=8)
     half = [x.bfloat16() for x in (batch.query, batch.key, batch.value)]
-    cache = batch.kv_cache.to(torch.float16)
+    cache = batch.kv_cache.to(resolve_kv_cache_dtype("auto", torch.bfloat16, "cpu", None))
     backend = TorchSDPABackend()
     out = backend.forward(*half, cache.clone(), batch.metadata, batch.scale)
     upcast = backend.forward(*(x.float() for x in half), cache.clone(), batch.metadata, batch.scale)
@@ -174,8 +194,8 @@ def test_a_bfloat16_models_attention_runs_in_float32_through_the_kernels() -> No
 
 @pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
 def test_a_bfloat16_decode_rows_output_does_not_depend_on_its_batch() -> None:
-    """With the cache a bfloat16 model gets on CPU. The torch path pads a step's decode rows to its longest,
-    and in bfloat16 that changed a row's result (with its bfloat16 cache, auto before)."""
+    """With the cache a bfloat16 model gets on CPU (bfloat16). The torch path pads a step's decode rows to
+    its longest, and in bfloat16 that changed a row's result; the C kernel attends in float32."""
     torch.manual_seed(0)
     lengths = [(37, 1), (3, 1), (250, 1), (17, 1), (120, 1)]
     batch = random_paged_batch(lengths, 9, 3, head_dim=64, block_size=16)
@@ -212,16 +232,21 @@ def _prompt_in_two_chunks(metadata: AttentionMetadata, split: int) -> list[Atten
 @pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
 @pytest.mark.parametrize(
     ("model_dtype", "cache_dtype"),
-    [(torch.float32, torch.float16), (torch.bfloat16, None), (torch.float32, torch.float32)],
+    [
+        (torch.float32, torch.float16),
+        (torch.bfloat16, None),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float32),
+    ],
 )
 def test_a_chunked_prefill_attends_as_the_whole_one(
     model_dtype: torch.dtype, cache_dtype: torch.dtype | None
 ) -> None:
-    """A later chunk (or a prefix-cache hit) reads the first chunk's keys and values from the cache; a
-    whole prefill attends over its own, which must be rounded to the cache's dtype first: a float16 cache
-    (quantized float32 models, bfloat16 ones: None here, their auto) otherwise gave other outputs. (The
-    torch path, where the C kernels do not run, is close but not equal: SDPA blocks a 40-query prompt
-    differently from chunks of 17 and 23.)"""
+    """A later chunk (or a prefix-cache hit) reads the first chunk's keys and values from the cache; a whole
+    prefill attends over its own, which must be rounded to the cache's dtype first: a half cache (float16 for
+    quantized float32 models; bfloat16 models: None here, their auto) otherwise gave other outputs. (The torch
+    path, where the C kernels do not run, is close but not equal: SDPA blocks a 40-query prompt differently
+    from chunks of 17 and 23.)"""
     torch.manual_seed(0)
     batch = random_paged_batch([(0, 40)], 6, 2, head_dim=16, block_size=8)
     cache_dtype = cache_dtype or resolve_kv_cache_dtype("auto", model_dtype, "cpu", None)

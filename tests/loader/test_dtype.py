@@ -91,33 +91,20 @@ def test_cpu_flags_from_cpuinfo(
         ("auto", torch.float32, "cpu", None, torch.float32),  # float models match transformers exactly
         ("auto", torch.float32, "cpu", "gguf", torch.float16),  # quantized on CPU: half the bytes read
         ("auto", torch.float32, "cpu", "int8", torch.float16),
-        ("auto", torch.bfloat16, "cpu", None, torch.float16),  # the C kernels then attend (in float32)
-        ("auto", torch.bfloat16, "cpu", "int8", torch.float16),
+        ("auto", torch.bfloat16, "cpu", None, torch.bfloat16),  # the model's, as vLLM
+        ("auto", torch.bfloat16, "cpu", "int8", torch.bfloat16),
         ("auto", torch.bfloat16, "cuda", None, torch.bfloat16),
         ("float32", torch.float32, "cpu", "gguf", torch.float32),
         ("float16", torch.float32, "cpu", None, torch.float16),
         ("float16", torch.bfloat16, "cpu", None, torch.float16),
         ("bfloat16", torch.bfloat16, "cpu", None, torch.bfloat16),
+        ("bfloat16", torch.float32, "cpu", "gguf", torch.bfloat16),
     ],
 )
 def test_kv_cache_dtype(
-    monkeypatch: pytest.MonkeyPatch,
-    name: str,
-    model_dtype: torch.dtype,
-    device: str,
-    quantization: str | None,
-    expected: torch.dtype,
+    name: str, model_dtype: torch.dtype, device: str, quantization: str | None, expected: torch.dtype
 ) -> None:
-    monkeypatch.setattr(dtype_module, "cpu_kernels_run", lambda: True)
     assert resolve_kv_cache_dtype(name, model_dtype, device, quantization) == expected
-
-
-def test_a_bfloat16_model_keeps_its_cache_dtype_where_the_cpu_kernels_do_not_run(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(dtype_module, "cpu_kernels_run", lambda: False)
-    assert resolve_kv_cache_dtype("auto", torch.bfloat16, "cpu", None) == torch.bfloat16
-    assert resolve_kv_cache_dtype("auto", torch.float32, "cpu", "int8") == torch.float16
 
 
 def test_kv_cache_dtypes_the_kernels_do_not_read_are_refused() -> None:

@@ -21,7 +21,7 @@ requires_kernel = pytest.mark.skipif(
 PROMPTS = [f"Prompt {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 4 + 1) for i in range(10)]
 
 
-def quantized_llm(model: Path, quantization: str = "int8") -> LLM:
+def quantized_llm(model: Path, quantization: str = "int8", kv_cache_dtype: str = "auto") -> LLM:
     # No prefix caching: the second run of a prompt would prefill only its uncached tail, which rounds
     # differently from the first run's whole prefill; the comparison is of decode steps.
     return LLM(
@@ -30,6 +30,7 @@ def quantized_llm(model: Path, quantization: str = "int8") -> LLM:
         max_model_len=256,
         kv_cache_memory=16 << 20,
         quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
         enable_prefix_caching=False,
     )
 
@@ -37,18 +38,20 @@ def quantized_llm(model: Path, quantization: str = "int8") -> LLM:
 @requires_kernel
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q/k/v
 @pytest.mark.parametrize("quantization", ["int8", "gguf"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])  # auto: float16
 def test_fused_decode_is_bit_for_bit_the_modules(
     arch: str,
     quantization: str,
+    kv_cache_dtype: str,
     tiny_model_dir: Callable[[str], Path],
     tiny_gguf: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if quantization == "gguf":  # both of the kernel's block formats, one per architecture
         block_type = "Q4_1" if arch == "llama" else "Q8_0"
-        llm = quantized_llm(tiny_gguf(arch, block_type, with_tokenizer=True), "gguf")
+        llm = quantized_llm(tiny_gguf(arch, block_type, with_tokenizer=True), "gguf", kv_cache_dtype)
     else:
-        llm = quantized_llm(tiny_model_dir(arch))
+        llm = quantized_llm(tiny_model_dir(arch), kv_cache_dtype=kv_cache_dtype)
     model = llm.engine.core.runner.model.model
     fused = model.fused_decode
     assert fused is not None

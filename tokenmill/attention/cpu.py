@@ -1,13 +1,13 @@
 """Attention over the paged KV cache on CPU (any device works with the torch path).
 
-Decode rows (one query token, a generated one) go through our C kernel (kernels/paged_attention.c),
-which reads each sequence's blocks in place, where it runs (x86 with AVX2: float32 queries, which a
-bfloat16 model's become, over a float32 or float16 cache); otherwise they are gathered and computed as one
-padded SDPA batch (benchmarks/RESULTS.md has the kernel's end-to-end gains). In a decode-only step the
-kernel also writes the step's keys and values, one call per layer. Prefill rows (prompt tokens, possibly
-after cached context; a chunk of one token too, so that a prompt's tokens attend alike however its
-prefill is chunked) run one sequence at a time, causal with the context's offset: through our C kernel
-(kernels/prefill_attention.c) where it runs, else through SDPA.
+Decode rows (one query token, a generated one) go through our C kernel (kernels/paged_attention.c), which
+reads each sequence's blocks in place, where it runs (x86 with AVX2: float32 queries, which a bfloat16 model's
+become, over a float32, float16 or bfloat16 cache); otherwise they are gathered and computed as one padded
+SDPA batch (benchmarks/RESULTS.md has the kernel's end-to-end gains). In a decode-only step the kernel also
+writes the step's keys and values, one call per layer. Prefill rows (prompt tokens, possibly after cached
+context; a chunk of one token too, so that a prompt's tokens attend alike however its prefill is chunked) run
+one sequence at a time, causal with the context's offset: through our C kernel (kernels/prefill_attention.c)
+where it runs, else through SDPA.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.kernels import cpu as kernels
 from tokenmill.kernels.cpu import kernel_library, paged_decode_attention
 
-KERNEL_CACHE_DTYPES = (torch.float32, torch.float16)  # what the C kernels read and write (float32 queries)
+KERNEL_CACHE_DTYPES = tuple(kernels.KV_FORMATS)  # what the C kernels read and write (float32 queries)
 
 
 def write_kv_cache(

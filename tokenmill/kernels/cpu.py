@@ -63,7 +63,7 @@ SIGNATURES: dict[str, Signature] = {
         # query, its stride, k/v cache, tables, their stride, lengths, out, B, H, KV, D, block size, scale,
         # then the step's keys, their stride, values, their stride, slots
         [_POINTER, _SIZE, *[_POINTER] * 3, _SIZE, *[_POINTER] * 2, *[_SIZE] * 5, ctypes.c_float]
-        + [_POINTER, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_int],  # ..., the cache holds float16
+        + [_POINTER, _SIZE, _POINTER, _SIZE, _POINTER, ctypes.c_int],  # ..., KV_FORMATS[cache dtype]
         ctypes.c_int,
     ),
     # query, its row stride, keys, their row stride, values, their row stride, out, L, S, H, KV, D, scale
@@ -149,6 +149,10 @@ def heads_contiguous(x: torch.Tensor) -> bool:
     return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
+# The element types the decode kernel reads and writes in the cache, as paged_attention.c numbers them.
+KV_FORMATS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def cache_halves(kv_cache: torch.Tensor) -> tuple[int, int]:
     """Addresses of the keys and the values of `kv_cache` [2, ...] (no views made: this runs per layer)."""
     base = kv_cache.data_ptr()
@@ -159,7 +163,7 @@ def write_kv_cache(
     library: ctypes.CDLL, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """`key` and `value` [N, KV, D] float32 (heads contiguous) into `kv_cache` [2, num_blocks, block_size,
-    KV, D] (float32 or float16) at `slots` [N] int64 (contiguous)."""
+    KV, D] (a KV_FORMATS dtype) at `slots` [N] int64 (contiguous)."""
     assert heads_contiguous(key) and heads_contiguous(value) and slots.is_contiguous()
     keys, values = cache_halves(kv_cache)
     num_tokens, row = key.shape[0], key.shape[1] * key.shape[2]
@@ -173,7 +177,7 @@ def write_kv_cache(
         slots.data_ptr(),
         num_tokens,
         row,
-        kv_cache.dtype == torch.float16,
+        KV_FORMATS[kv_cache.dtype],
     )
 
 
@@ -190,7 +194,7 @@ def paged_decode_attention(
     new_kv: NewKV | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (`query` [B, H, D] float32; its rows may be strided, its heads must be
-    contiguous) over the paged `kv_cache` [2, num_blocks, block_size, KV, D] (float32 or float16), with
+    contiguous) over the paged `kv_cache` [2, num_blocks, block_size, KV, D] (a KV_FORMATS dtype), with
     `block_tables` [B, max_blocks] and `seq_lens` [B] int64 (contiguous): [B, H, D] float32. With `new_kv`
     (key and value [B, KV, D] laid out like `query`, slots [B] int64), the step's keys and values are
     written first."""
@@ -218,7 +222,7 @@ def paged_decode_attention(
         None if value is None else value.data_ptr(),
         0 if value is None else value.stride(0),
         None if slots is None else slots.data_ptr(),
-        kv_cache.dtype == torch.float16,
+        KV_FORMATS[kv_cache.dtype],
     )
     if status != 0:
         raise MemoryError("paged attention kernel could not allocate its scores")

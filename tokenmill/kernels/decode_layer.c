@@ -26,7 +26,7 @@ typedef struct {
     void *k_cache, *v_cache; /* [num_blocks, block_size, num_kv_heads, head_dim] each */
     int64_t num_heads, num_kv_heads, head_dim, block_size;
     float scale;
-    int kv_half; /* the caches hold float16, else float32 */
+    int kv_format; /* the caches' element type: KV_FLOAT32, KV_FLOAT16 or KV_BFLOAT16 */
 } DecoderLayer;
 
 typedef struct {
@@ -77,7 +77,7 @@ int tm_decode_layer(const DecoderLayer* layer, const DecodeStep* step, float* hi
     status |= tm_paged_decode_attention(qk, qk_width, layer->k_cache, layer->v_cache, step->block_tables,
                                         step->table_stride, step->seq_lens, attention, B, H, KV, D,
                                         layer->block_size, layer->scale, qk + H * D, qk_width, qkv + qk_width,
-                                        qkv_width, step->slots, layer->kv_half);
+                                        qkv_width, step->slots, layer->kv_format);
     status |= linear(&layer->o, attention, projected, B);
     tm_rms_norm(projected, residual, residual, layer->post_attention_norm, normed, B, hidden_size, layer->eps);
     status |= linear(&layer->gate_up, normed, gate_up, B);

@@ -34,7 +34,7 @@ class DecoderLayer(ctypes.Structure):
         ("head_dim", ctypes.c_int64),
         ("block_size", ctypes.c_int64),
         ("scale", ctypes.c_float),
-        ("kv_half", ctypes.c_int),
+        ("kv_format", ctypes.c_int),
     ]
 
 

@@ -70,14 +70,12 @@ def resolve_kv_cache_dtype(
 ) -> torch.dtype:
     """The KV cache's dtype for `name` (auto | float32 | bfloat16 | float16).
 
-    auto: the model's dtype, except float16 on CPU for a quantized float32 model (int8, gguf) and, where
-    the C attention kernels run (x86-64 with AVX2), for a bfloat16 one. Quantized: its numbers are
-    approximate already, and decode attention at large batches is bound by the bytes it reads per cached
-    token, which float16 halves (llama.cpp keeps its cache in float16 too). bfloat16: the same bytes and
-    more precision, and the kernels, which read float32 and float16 caches only, then attend in float32;
-    without them a decode row's result depended on the other rows of its batch (the torch path pads them
-    to one length). Elsewhere a dtype other than the model's is refused: the GPU kernels read the cache in
-    the model's dtype.
+    auto: the model's dtype (as vLLM), except float16 on CPU for a quantized float32 model (int8, gguf):
+    its numbers are approximate already, and decode attention at large batches is bound by the bytes it
+    reads per cached token, which float16 halves (llama.cpp keeps its cache in float16 too). On CPU a
+    float32 or bfloat16 model may also keep a half cache (float16 or bfloat16): the C kernels read and
+    write all three and attend in float32. Elsewhere a dtype other than the model's is refused: the GPU
+    kernels read the cache in the model's dtype.
     """
     if name != "auto" and name not in DTYPES_BY_NAME:
         choices = ", ".join(["auto", *DTYPES_BY_NAME])
@@ -85,21 +83,15 @@ def resolve_kv_cache_dtype(
     on_cpu = torch.device(device).type == "cpu"
     if name == "auto":
         quantized_float32 = quantization is not None and model_dtype == torch.float32
-        bfloat16_on_kernels = model_dtype == torch.bfloat16 and cpu_kernels_run()
-        return torch.float16 if on_cpu and (quantized_float32 or bfloat16_on_kernels) else model_dtype
+        return torch.float16 if on_cpu and quantized_float32 else model_dtype
     dtype = DTYPES_BY_NAME[name]
-    cpu_half = on_cpu and model_dtype in (torch.float32, torch.bfloat16) and dtype == torch.float16
+    half_dtypes = (torch.float16, torch.bfloat16)
+    cpu_half = on_cpu and model_dtype in (torch.float32, torch.bfloat16) and dtype in half_dtypes
     if dtype != model_dtype and not cpu_half:
         model = str(model_dtype).removeprefix("torch.")
         raise ValueError(
             f"kv_cache_dtype {name} with a {model} model is not supported on {torch.device(device).type}: "
-            "the attention kernels read float16 caches of float32 and bfloat16 models on CPU, and the "
-            "model's dtype elsewhere; pass --kv-cache-dtype auto"
+            "the attention kernels read float16 and bfloat16 caches of float32 and bfloat16 models on CPU, "
+            "and the model's dtype elsewhere; pass --kv-cache-dtype auto"
         )
     return dtype
-
-
-def cpu_kernels_run() -> bool:
-    from tokenmill.kernels.build import unavailable_reason  # no torch, no compile: checks only
-
-    return unavailable_reason() is None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.kernels.cpu import BLOCK_FORMATS, cache_halves, kernel_library
+from tokenmill.kernels.cpu import BLOCK_FORMATS, KV_FORMATS, cache_halves, kernel_library
 from tokenmill.kernels.decode_layer import FORMAT_INT8, DecoderLayer, DecodeStep, LayerWeight
 from tokenmill.model.layers.activation import SiluAndMul
 from tokenmill.model.layers.layernorm import RMSNorm
@@ -161,5 +161,5 @@ def _layer_struct(layer: LlamaDecoderLayer) -> DecoderLayer:
         attn.head_dim,
         attn.kv_cache.shape[2],
         attn.scale,
-        attn.kv_cache.dtype == torch.float16,
+        KV_FORMATS[attn.kv_cache.dtype],
     )
