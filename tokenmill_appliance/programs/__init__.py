@@ -7,6 +7,7 @@ crash exits non-zero so supervisord restarts it, the next start waiting out a gr
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -116,6 +117,17 @@ def run_provisioning(settings: Settings, tee: Tee, stop: StopFlag) -> int:
     return 0 if returncode == 0 else 1
 
 
+class TeeHandler(logging.Handler):
+    """The appliance's warnings and errors as lines of the program's log."""
+
+    def __init__(self, tee: Tee) -> None:
+        super().__init__(logging.WARNING)
+        self.tee = tee
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.tee.line(record.getMessage())
+
+
 def run_program(name: str, settings: Settings, tee: Tee, stop: StopFlag) -> int:
     if name == "provisioning":
         return run_provisioning(settings, tee, stop)
@@ -132,6 +144,10 @@ def run_program(name: str, settings: Settings, tee: Tee, stop: StopFlag) -> int:
             tee.line(launch.reason)
             return 0
         return run_launch(launch, backoff, tee, stop)
+    except SettingsError as exc:  # a malformed PORTAL_CONFIG or setting: its message says what to fix
+        failures = backoff.record_crash(0.0)
+        tee.line(f"configuration error (crash {failures}): {exc}")
+        return 1
     except Exception:
         # Counted like a crash, so a persistent error backs off instead of looping at full speed.
         failures = backoff.record_crash(0.0)
@@ -150,6 +166,7 @@ def main(argv: list[str]) -> int:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
     tee = Tee(name, settings.log_dir / f"{name}.log")
+    logging.getLogger("tokenmill_appliance").addHandler(TeeHandler(tee))  # e.g. "ignoring portal.yaml"
     try:
         with StopFlag().installed() as stop:
             return run_program(name, settings, tee, stop)
