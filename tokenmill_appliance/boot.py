@@ -134,7 +134,7 @@ def prepare_dirs(settings: Settings) -> None:
     # 1777 like /tmp: programs running as other users can add their logs, not remove others'.
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.log_dir, 0o1777)
-    run_state = settings.path("/var/run/tokenmill")
+    run_state = settings.run_state_dir
     shutil.rmtree(run_state, ignore_errors=True)
     run_state.mkdir(parents=True, exist_ok=True)
 

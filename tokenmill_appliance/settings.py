@@ -272,6 +272,16 @@ class Settings:
         return self.path("/var/log/portal")
 
     @property
+    def run_state_dir(self) -> Path:
+        """The wrappers' state (back-off counts, skip notes); boot empties it."""
+        return self.path("/var/run/tokenmill")
+
+    def skip_note(self, program: str) -> Path:
+        """Where `program`'s wrapper says why it did not start (its app is not in portal.yaml), so the
+        portal shows it as skipped, not as failed; removed when the program launches."""
+        return self.run_state_dir / f"{program}.skipped"
+
+    @property
     def supervisor_socket(self) -> Path:
         """The unix socket of supervisord's XML-RPC interface (boot writes it into supervisord.conf).
 

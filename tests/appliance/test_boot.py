@@ -24,6 +24,8 @@ import pytest
 import yaml
 
 from tokenmill_appliance.boot import parse_env_file
+from tokenmill_appliance.portal.services import describe
+from tokenmill_appliance.settings import Settings
 from tokenmill_appliance.supervisor import SupervisorClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,6 +165,11 @@ def test_unconfigured_programs_end_exited_with_their_log_line(
         assert appliance.client.process_info(name)["exitstatus"] == 0
         assert "is not in" in appliance.log(name) and appliance.log(name).count("\n") == 1
     assert "'vLLM API' is not in" in appliance.log("vllm")
+    # The Services tab shows them as skipped, with the reason, and the running portal as not.
+    skip_note = Settings.from_env({"TOKENMILL_ROOT": str(tmp_path)}).skip_note
+    shown = describe(appliance.client.process_info("jupyter"), skip_note)
+    assert shown["exit_status"] == 0 and "'Jupyter' is not in" in shown["skipped"]
+    assert describe(appliance.client.process_info("portal"), skip_note)["skipped"] is None
     status = appliance.ctl("status")
     assert "jupyter" in status.stdout and "EXITED" in status.stdout and "FATAL" not in status.stdout
     assert appliance.state("portal") == "RUNNING"

@@ -256,6 +256,8 @@ def test_wrapper_of_an_unconfigured_app_logs_one_line_and_exits_0(tmp_path: Path
     log = (tmp_path / "var/log/portal/jupyter.log").read_text()
     assert log.count("\n") == 1 and "'Jupyter' is not in" in log
     assert log in result.stdout
+    note = settings_for(tmp_path).skip_note("jupyter")  # the portal shows it as skipped, not failed
+    assert "'Jupyter' is not in" in note.read_text()
 
 
 def test_a_malformed_portal_config_is_one_line_in_the_log_not_a_traceback(tmp_path: Path) -> None:

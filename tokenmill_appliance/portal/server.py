@@ -119,7 +119,7 @@ class Portal:
             auth=auth,
             edge_secret=edge_secret,
             session=self._session,
-            supervisor=ProgramControl(settings.supervisor_socket),
+            supervisor=ProgramControl(settings.supervisor_socket, settings.skip_note),
             tunnels=self.tunnels,
             metrics=MetricsSampler(settings.workspace if settings.workspace.exists() else settings.root,
                                    self._engine_metrics_url(), self._session),

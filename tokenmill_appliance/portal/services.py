@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import xmlrpc.client
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ def program_name(info: dict[str, Any]) -> str:
     return name if group == name else f"{group}:{name}"
 
 
-def describe(info: dict[str, Any]) -> dict[str, Any]:
+def describe(info: dict[str, Any], skip_note: Callable[[str], Path] | None = None) -> dict[str, Any]:
+    """One program for the Services tab. `skipped`: why its wrapper exited without starting it (its app
+    is not configured), told by `skip_note(name)`'s file; None unless it has exited."""
     name = program_name(info)
     is_running = info["statename"] == "RUNNING"
     return {
@@ -44,16 +47,28 @@ def describe(info: dict[str, Any]) -> dict[str, Any]:
         "pid": info["pid"] or None,
         "uptime_s": max(0, info["now"] - info["start"]) if is_running and info["start"] else 0,
         "description": info.get("description", ""),
+        "exit_status": info.get("exitstatus") if info["statename"] == "EXITED" else None,
+        "skipped": skip_reason(info, skip_note),
         "is_protected": info["name"] in PROTECTED_PROGRAMS,
     }
+
+
+def skip_reason(info: dict[str, Any], skip_note: Callable[[str], Path] | None) -> str | None:
+    if skip_note is None or info["statename"] != "EXITED" or info.get("exitstatus") != 0:
+        return None
+    try:
+        return skip_note(info["name"]).read_text().strip() or None
+    except OSError:
+        return None
 
 
 class ProgramControl:
     """The portal's view of supervisord's programs, over the appliance's `SupervisorClient`: each call
     opens its own connection in a worker thread, and supervisord's faults become `SupervisorError`s."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, skip_note: Callable[[str], Path] | None = None) -> None:
         self.socket_path = socket_path
+        self.skip_note = skip_note
 
     def _call(self, method: str, *args: Any) -> Any:
         if not self.socket_path.exists():
@@ -70,7 +85,7 @@ class ProgramControl:
 
     async def programs(self) -> list[dict[str, Any]]:
         infos = await asyncio.to_thread(self._call, "getAllProcessInfo")
-        return [describe(info) for info in infos]
+        return [describe(info, self.skip_note) for info in infos]
 
     def _control(self, name: str, action: str) -> dict[str, Any]:
         if not name.isprintable() or any(c.isspace() for c in name):  # no program has such a name
@@ -84,7 +99,7 @@ class ProgramControl:
             self._call("stopProcess", name, True)
         if action == "restart" or (action == "start" and not is_active):
             self._call("startProcess", name, True)
-        return describe(self._call("getProcessInfo", name))
+        return describe(self._call("getProcessInfo", name), self.skip_note)
 
     async def control(self, name: str, action: str) -> dict[str, Any]:
         """Start, stop or restart program `name`; waits until supervisord reports the change."""

@@ -25,7 +25,7 @@ from tokenmill_appliance.programs.runner import (
     exit_status,
     run_child,
 )
-from tokenmill_appliance.settings import Settings, SettingsError
+from tokenmill_appliance.settings import Settings, SettingsError, atomic_write_text
 from tokenmill_appliance.venv_backup import BACKUP_INTERVAL_S, backup_venv
 
 PROVISIONING_POLL_S = 1.0
@@ -132,7 +132,7 @@ def run_program(name: str, settings: Settings, tee: Tee, stop: StopFlag) -> int:
     if name == "provisioning":
         return run_provisioning(settings, tee, stop)
     wait_for_provisioning(settings, tee, stop)
-    backoff = Backoff(settings.path(f"/var/run/tokenmill/{name}.backoff"))
+    backoff = Backoff(settings.run_state_dir / f"{name}.backoff")
     if stop.is_set or not wait_out_backoff(backoff, tee, stop):
         return 0
     try:
@@ -142,7 +142,9 @@ def run_program(name: str, settings: Settings, tee: Tee, stop: StopFlag) -> int:
         if isinstance(launch, Skip):
             backoff.clear()
             tee.line(launch.reason)
+            atomic_write_text(settings.skip_note(name), launch.reason + "\n")
             return 0
+        settings.skip_note(name).unlink(missing_ok=True)
         return run_launch(launch, backoff, tee, stop)
     except SettingsError as exc:  # a malformed PORTAL_CONFIG or setting: its message says what to fix
         failures = backoff.record_crash(0.0)

@@ -14,6 +14,7 @@ from tokenmill_appliance.portal.services import (
     ProtectedProgramError,
     SupervisorError,
     UnknownProgramError,
+    describe,
 )
 
 from .conftest import PASSWORD, TOKEN, StartPortal
@@ -121,3 +122,38 @@ async def test_services_api_with_auth_off_needs_no_header(
         assert "another site" in (await response.json())["error"]
     async with client.post(f"{base}/sleeper/stop", headers={"Origin": "https://evil.example"}) as response:
         assert response.status == 403
+
+
+def process_info(state: str, exit_status: int, name: str = "jupyter") -> dict[str, object]:
+    """What supervisord's getProcessInfo returns for a program that has exited (the fields used)."""
+    return {
+        "group": name,
+        "name": name,
+        "statename": state,
+        "pid": 0,
+        "now": 10,
+        "start": 5,
+        "exitstatus": exit_status,
+    }
+
+
+@pytest.mark.parametrize(
+    ("state", "exit_status", "noted", "skipped"),
+    [
+        ("EXITED", 0, True, "'Jupyter' is not in portal.yaml"),  # its wrapper skipped it
+        ("EXITED", 0, False, None),  # it ran and finished
+        ("EXITED", 1, True, None),  # it failed after an earlier skip
+        ("RUNNING", 0, True, None),  # configured since, and started
+    ],
+)
+async def test_a_skipped_program_is_told_from_a_failed_one(
+    tmp_path: Path, state: str, exit_status: int, noted: bool, skipped: str | None
+) -> None:
+    def skip_note(name: str) -> Path:
+        return tmp_path / f"{name}.skipped"
+
+    if noted:
+        skip_note("jupyter").write_text("'Jupyter' is not in portal.yaml\n")
+    shown = describe(process_info(state, exit_status), skip_note)
+    assert shown["skipped"] == skipped
+    assert shown["exit_status"] == (exit_status if state == "EXITED" else None)

@@ -119,11 +119,19 @@ refreshers.services = async () => {
       onclick: (event) => serviceAction(event.currentTarget, p.name, action),
     }));
     return el("tr", { "data-program": p.name },
-      el("td", { text: p.name }), el("td", {}, el("span", { class: `badge state ${p.state}`, text: p.state })),
+      el("td", { text: p.name }), el("td", {}, stateBadge(p)),
       el("td", { class: "pid", text: p.pid ?? "" }), el("td", { text: formatUptime(p.uptime_s) }),
       el("td", {}, ...buttons));
   }));
 };
+
+// A wrapper that found its app unconfigured exits 0 on purpose: skipped, not failed.
+function stateBadge(p) {
+  if (p.skipped) return el("span", { class: "badge state SKIPPED", text: "SKIPPED", title: p.skipped });
+  const failed = p.state === "EXITED" && p.exit_status !== 0;
+  const text = p.state === "EXITED" ? `EXITED (${p.exit_status})` : p.state;
+  return el("span", { class: `badge state ${p.state}${failed ? " failed" : ""}`, text });
+}
 
 // ---- logs
 const ANSI_SGR = /\x1b\[([0-9;]*)m/g;
