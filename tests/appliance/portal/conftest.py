@@ -234,6 +234,12 @@ stopwaitsecs=3
 command=sleep 600
 startsecs=0
 stopwaitsecs=3
+
+# Exits 0 at once, as a wrapper whose app is not configured does.
+[program:skipper]
+command=true
+startsecs=0
+autorestart=false
 """
 
 
@@ -244,12 +250,13 @@ def _all_running(socket_path: Path) -> bool:
         infos = ProgramControl(socket_path)._call("getAllProcessInfo")
     except SupervisorError:
         return False
-    return all(info["statename"] == "RUNNING" for info in infos)
+    return all(info["statename"] == ("EXITED" if info["name"] == "skipper" else "RUNNING") for info in infos)
 
 
 @pytest.fixture
 def supervisord(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
-    """Starts a real supervisord whose XML-RPC socket is at the given path (two `sleep` programs)."""
+    """Starts a real supervisord whose XML-RPC socket is at the given path (two `sleep` programs and one
+    that exits at once)."""
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(socket_path: Path) -> None:

@@ -35,6 +35,8 @@ async def test_dashboard_in_chromium(
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
     p = await start_portal()
     supervisord(p.settings.supervisor_socket)
+    p.settings.skip_note("skipper").parent.mkdir(parents=True, exist_ok=True)
+    p.settings.skip_note("skipper").write_text("'Skipper' is not in portal.yaml\n")
     log = p.settings.log_dir / "vllm.log"
     log.write_text("".join(f"startup line {i}\n" for i in range(20)))
     ARTIFACTS.mkdir(exist_ok=True)
@@ -101,6 +103,9 @@ async def restart_a_program(page: object) -> None:
     await page.click("#tabs button[data-tab=services]")  # type: ignore[attr-defined]
     row = page.locator('tr[data-program="sleeper"]')  # type: ignore[attr-defined]
     await row.locator(".state", has_text="RUNNING").wait_for()
+    skipped = page.locator('tr[data-program="skipper"] .state')  # type: ignore[attr-defined]
+    assert await skipped.inner_text() == "SKIPPED"
+    assert await skipped.get_attribute("title") == "'Skipper' is not in portal.yaml"
     pid_before = await row.locator(".pid").inner_text()
     assert pid_before
     protected = page.locator('tr[data-program="portal"] button[data-action=stop]')  # type: ignore[attr-defined]

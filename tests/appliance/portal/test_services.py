@@ -28,7 +28,8 @@ async def test_client_controls_programs(tmp_path: Path, supervisord: Callable[[P
     supervisord(socket_path)
     client = ProgramControl(socket_path)
     programs = {p["name"]: p for p in await client.programs()}
-    assert set(programs) == {"sleeper", "portal"}
+    assert set(programs) == {"sleeper", "portal", "skipper"}
+    assert programs["skipper"]["state"] == "EXITED" and programs["skipper"]["exit_status"] == 0
     assert programs["sleeper"]["state"] == "RUNNING" and programs["sleeper"]["pid"]
     assert programs["portal"]["is_protected"] and not programs["sleeper"]["is_protected"]
 
