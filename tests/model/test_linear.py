@@ -1,13 +1,26 @@
-"""The float linear layers: a row's result does not depend on the rows computed with it."""
+"""The float linear layers: a row's result does not depend on the rows computed with it, and packed
+half-precision weights change no number."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from tokenmill.model.layers.embedding import LMHead
-from tokenmill.model.layers.linear import ReplicatedLinear, linear
+from tokenmill import LLM, SamplingParams
+from tokenmill.engine import core
+from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
+from tokenmill.model.layers.linear import (
+    ReplicatedLinear,
+    can_pack_cpu_weights,
+    linear,
+    pack_cpu_half_weights,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -39,3 +52,64 @@ def test_the_layers_use_it_and_float32_is_plain_f_linear() -> None:
     half = x.bfloat16()
     assert torch.equal(layer.bfloat16()(half), F.linear(half.expand(2, -1), layer.weight, layer.bias)[:1])
     assert torch.equal(head.bfloat16()(half), F.linear(half.expand(2, -1), head.weight)[:1])
+
+
+needs_onednn = pytest.mark.skipif(not can_pack_cpu_weights(), reason="this torch has no oneDNN")
+
+
+class TinyModel(nn.Module):
+    """An embedding with the LM head tied to it, a projection with a bias and one in float32."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(2)
+        self.embed = VocabEmbedding(300, 96)
+        self.head = LMHead(300, 96, tied_to=self.embed)
+        self.proj = ReplicatedLinear(96, 1100, bias=True)
+        self.exact = ReplicatedLinear(96, 40)
+        for param in self.parameters():
+            param.data = torch.randn(param.shape, generator=generator).mul(0.1).to(dtype)
+        self.exact.float()
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_weights_give_f_linears_numbers_bit_for_bit(dtype: torch.dtype) -> None:
+    model = TinyModel(dtype)
+    rows = torch.randn(64, 96, generator=torch.Generator().manual_seed(3)).to(dtype)
+    inputs = [rows[:1], rows[:2], rows[:3], rows[:17], rows, rows.view(4, 16, 96), rows[:, :48].repeat(1, 2)]
+    expected = [(model.head(x), model.proj(x)) for x in inputs]
+    plain_proj, plain_head = model.proj.weight.data.clone(), model.head.weight
+
+    packed = pack_cpu_half_weights(model)  # float16: only where the CPU has AVX512-FP16 or AVX-NE-CONVERT
+    assert packed == 2 or (dtype == torch.float16 and packed == 0)  # the head and the projection
+    assert model.exact.packed_weight is None and model.exact.weight.numel() == 96 * 40  # float32: as it was
+    if packed:
+        assert model.proj.packed_weight is not None and model.head.packed_weight is not None
+        assert model.proj.weight.numel() == 0  # held once, packed: the plain copy is gone
+    assert model.head.weight is model.embed.weight and model.embed.weight.numel() == 300 * 96  # tied: kept
+    for x, (head, proj) in zip(inputs, expected, strict=True):
+        assert torch.equal(model.head(x), head) and torch.equal(model.proj(x), proj)
+    assert torch.equal(model.embed(torch.tensor([5, 7])), plain_head[[5, 7]])
+    assert torch.equal(F.linear(rows, plain_proj, model.proj.bias), model.proj(rows))
+
+
+@needs_onednn
+def test_a_bfloat16_model_on_cpu_decodes_the_same_with_its_weights_packed(
+    tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = [[1, 5, 9, 13], [2, 4, 6, 8, 10, 12, 14, 16, 18]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
+
+    def run() -> tuple[LLM, list[Any]]:
+        llm = LLM(str(tiny_model_dir("llama")), dtype="bfloat16", max_model_len=128, kv_cache_memory=4 << 20)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return llm, [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
+
+    packed_llm, packed = run()
+    down_proj = packed_llm.engine.core.runner.model.model.layers[0].mlp.down_proj
+    assert down_proj.packed_weight is not None and down_proj.weight.numel() == 0
+    monkeypatch.setattr(core, "pack_cpu_half_weights", lambda model: 0)
+    plain_llm, plain = run()
+    assert plain_llm.engine.core.runner.model.model.layers[0].mlp.down_proj.packed_weight is None
+    assert packed == plain  # token ids and logprobs, exact floats

@@ -24,6 +24,7 @@ class LMHead(nn.Module):
             self.weight = tied_to.weight
         else:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.packed_weight: torch.Tensor | None = None  # see pack_cpu_half_weights
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.weight)
+        return linear(hidden, self.weight, packed=self.packed_weight)
