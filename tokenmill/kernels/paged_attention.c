@@ -256,10 +256,10 @@ static inline __attribute__((always_inline)) int attend(const float* q, int64_t 
 
 /* q [B, H, D] with row stride q_stride (floats between sequences; heads are D apart), out [B, H, D]
  * contiguous, block_tables [B, table_stride] int64, seq_lens [B] int64 (counting this step's token); the
- * caches hold kv_format's elements (KV_FLOAT32, KV_FLOAT16 or KV_BFLOAT16). When key is not NULL, each sequence's new key and value
- * (key, value [B, KV, D] float32 with row strides key_stride and value_stride, heads contiguous) are first
- * written to its slot (slots [B] int64), by the task that reads them. Returns 0, or -1 if the scratch
- * memory could not be allocated. */
+ * caches hold kv_format's elements (KV_FLOAT32, KV_FLOAT16 or KV_BFLOAT16). When key is not NULL, each
+ * sequence's new key and value (key, value [B, KV, D] float32 with row strides key_stride and
+ * value_stride, heads contiguous) are first written to its slot (slots [B] int64), by the task that reads
+ * them. Returns 0, or -1 if the scratch memory could not be allocated. */
 int tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, void* v_cache,
                               const int64_t* block_tables, int64_t table_stride, const int64_t* seq_lens,
                               float* out, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t block_size,
@@ -273,18 +273,16 @@ int tm_paged_decode_attention(const float* q, int64_t q_stride, void* k_cache, v
     for (int64_t task = 0; task < B * tasks_per_seq; task++) {
         const int64_t b = task / tasks_per_seq, first_head = task % tasks_per_seq * heads_per_task;
         /* Constant element types, so each call is compiled for its own. */
+#define ATTEND_AS(format)                                                                                           \
+    attend(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, b, first_head, heads_per_task, \
+           H, KV, D, block_size, scale, key, key_stride, value, value_stride, slots, format)
         if (kv_format == KV_FLOAT16)
-            failed |= attend(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, b, first_head,
-                             heads_per_task, H, KV, D, block_size, scale, key, key_stride, value, value_stride, slots,
-                             KV_FLOAT16);
+            failed |= ATTEND_AS(KV_FLOAT16);
         else if (kv_format == KV_BFLOAT16)
-            failed |= attend(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, b, first_head,
-                             heads_per_task, H, KV, D, block_size, scale, key, key_stride, value, value_stride, slots,
-                             KV_BFLOAT16);
+            failed |= ATTEND_AS(KV_BFLOAT16);
         else
-            failed |= attend(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, b, first_head,
-                             heads_per_task, H, KV, D, block_size, scale, key, key_stride, value, value_stride, slots,
-                             KV_FLOAT32);
+            failed |= ATTEND_AS(KV_FLOAT32);
+#undef ATTEND_AS
     }
     return failed ? -1 : 0;
 }
