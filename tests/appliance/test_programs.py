@@ -243,15 +243,15 @@ def test_vllm_builder_runs_tokenmill_serve(tmp_path: Path) -> None:
     assert launch.command[-3:] == ["serve", "--port", "18000"]
 
 
+def run_wrapper(program: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`tokenmill-appliance program PROGRAM` as supervisord runs it."""
+    command = [sys.executable, "-m", "tokenmill_appliance.cli", "program", program]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_wrapper_of_an_unconfigured_app_logs_one_line_and_exits_0(tmp_path: Path) -> None:
     env = program_env(tmp_path, PORTAL_CONFIG="localhost:1111:11111:/:Instance Portal")
-    result = subprocess.run(
-        [sys.executable, "-m", "tokenmill_appliance.cli", "program", "jupyter"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_wrapper("jupyter", env)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "var/log/portal/jupyter.log").read_text()
     assert log.count("\n") == 1 and "'Jupyter' is not in" in log
@@ -262,13 +262,7 @@ def test_wrapper_of_an_unconfigured_app_logs_one_line_and_exits_0(tmp_path: Path
 
 def test_a_malformed_portal_config_is_one_line_in_the_log_not_a_traceback(tmp_path: Path) -> None:
     env = program_env(tmp_path, PORTAL_CONFIG="localhost:abc:1:/:Instance Portal")
-    result = subprocess.run(
-        [sys.executable, "-m", "tokenmill_appliance.cli", "program", "vllm"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_wrapper("vllm", env)
     assert result.returncode == 1, result.stderr
     log = (tmp_path / "var/log/portal/vllm.log").read_text()
     assert log.count("\n") == 1 and "configuration error (crash 1)" in log and "abc" in log, log
@@ -279,13 +273,7 @@ def test_an_invalid_portal_yaml_is_reported_in_the_programs_log(tmp_path: Path) 
     env = program_env(tmp_path, PORTAL_CONFIG="localhost:1111:11111:/:Instance Portal")
     (tmp_path / "etc").mkdir(exist_ok=True)
     (tmp_path / "etc/portal.yaml").write_text("applications: [not, a, mapping\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "tokenmill_appliance.cli", "program", "jupyter"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_wrapper("jupyter", env)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "var/log/portal/jupyter.log").read_text()
     assert "ignoring" in log and "portal.yaml" in log and "using PORTAL_CONFIG" in log, log
@@ -293,13 +281,7 @@ def test_an_invalid_portal_yaml_is_reported_in_the_programs_log(tmp_path: Path) 
 
 
 def test_wrapper_rejects_an_unknown_program(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "tokenmill_appliance.cli", "program", "nope"],
-        env=program_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_wrapper("nope", program_env(tmp_path))
     assert result.returncode == 2 and "usage" in result.stderr
 
 
