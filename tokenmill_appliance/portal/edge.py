@@ -101,10 +101,14 @@ class EdgeHandler:
         cookie = without_cookie("; ".join(request.headers.getall("Cookie", [])), self.auth.cookie_name)
         if cookie:
             headers["Cookie"] = cookie
-        if proxy.is_websocket(request):
-            return await proxy.proxy_websocket(request, self.session, self.base_url + path_qs, headers)
         set_cookie = [("Set-Cookie", self.auth.cookie_header(request.secure))] if result.set_cookie else []
-        return await proxy.proxy_http(request, self.session, self.base_url + path_qs, headers, set_cookie)
+        url = self.base_url + path_qs
+        if proxy.is_websocket(request):
+            return await proxy.proxy_websocket(request, self.session, url, headers, set_cookie)
+        # The dashboard is the portal itself, ready whenever it answers: its 503s (supervisord out of
+        # reach) are its API's answers, not a backend starting up.
+        starting_503 = self.edge_secret is None
+        return await proxy.proxy_http(request, self.session, url, headers, set_cookie, starting_503)
 
     def _withholds_credential(self, request: web.Request, result: AuthResult) -> bool:
         """Whether the portal's own credential (a Bearer token, the basic-auth login) stops here: the app

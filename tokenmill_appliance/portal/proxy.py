@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Iterable
 
@@ -11,8 +12,6 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
-
-from tokenmill_appliance.portal.auth import is_browser_navigation
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +44,8 @@ FORWARDED = frozenset(
     h.lower() for h in ("Forwarded", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
 )
 """Set by the edge alone (the X- ones) or not at all (RFC 7239's): a client's own would be believed."""
+BUSY_CODES = frozenset({"server_overloaded"})
+"""Error codes of a 503 from a backend that is ready but full (tokenmill's queue limit)."""
 
 PLACEHOLDER_HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
@@ -129,8 +130,10 @@ async def proxy_http(
     url: str,
     headers: CIMultiDict[str],
     on_response: list[tuple[str, str]] | None = None,
+    starting_503: bool = True,
 ) -> web.StreamResponse:
-    """Forward one request to `url` and stream the answer back as it arrives."""
+    """Forward one request to `url` and stream the answer back as it arrives. With `starting_503` a 503
+    other than a full queue's means the backend is not ready yet: the placeholder answers instead."""
     body = request.content if request.body_exists else None
     try:
         upstream = await session.request(
@@ -138,17 +141,23 @@ async def proxy_http(
         )
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return placeholder(f"{without_query(url)}: {exc}")
-    if upstream.status == 503 and is_browser_navigation(request):
-        # Up but not ready (the model server answers 503 while it loads): a person gets the page that
-        # retries by itself; API clients get the backend's own answer (its Retry-After, its error body).
-        upstream.release()
-        return placeholder(f"{without_query(url)}: 503 {upstream.reason}")
+    busy_body = b""
+    if upstream.status == 503 and starting_503:
+        # Up but not ready (the model server answers 503 while it loads, or once its engine died): the
+        # page that retries by itself, for every client, as for a backend that is down. Only a full
+        # queue's 503 is the backend's to give: it is ready, and its Retry-After says when to come back.
+        busy_body = await busy_answer(upstream)
+        if not busy_body:
+            upstream.release()
+            return placeholder(f"{without_query(url)}: 503 {upstream.reason}")
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(upstream.headers))
     for name, value in on_response or []:
         response.headers.add(name, value)
     try:
         await response.prepare(request)
+        if busy_body:
+            await response.write(busy_body)
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
         await response.write_eof()
@@ -178,8 +187,26 @@ async def _pump_to_client(client: web.WebSocketResponse, upstream: aiohttp.Clien
     await client.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
 
 
+async def busy_answer(upstream: aiohttp.ClientResponse) -> bytes:
+    """The body of a 503 that says the backend's queue is full (an OpenAI-style error whose code is in
+    BUSY_CODES), else b"". Only a small JSON body with a declared length is read."""
+    length = upstream.content_length
+    if upstream.content_type != "application/json" or length is None or length > 65536:
+        return b""
+    body = await upstream.read()
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return b""
+    return body if isinstance(error, dict) and error.get("code") in BUSY_CODES else b""
+
+
 async def proxy_websocket(
-    request: web.Request, session: aiohttp.ClientSession, url: str, headers: CIMultiDict[str]
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: CIMultiDict[str],
+    on_response: list[tuple[str, str]] | None = None,
 ) -> web.StreamResponse:
     """Open the backend WebSocket first (502 page if it refuses), then relay frames both ways."""
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
@@ -201,6 +228,8 @@ async def proxy_websocket(
     client = web.WebSocketResponse(
         protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=0, autoping=True
     )
+    for name, value in on_response or []:
+        client.headers.add(name, value)  # sent with the 101 that accepts the upgrade
     try:
         await client.prepare(request)
         tasks = [

@@ -102,15 +102,25 @@ async def prometheus(request: web.Request) -> web.Response:
     return web.Response(text=text)
 
 
+def unavailable(message: str, code: str) -> web.Response:
+    body = {"error": {"message": message, "type": "service_unavailable", "param": None, "code": code}}
+    return web.json_response(body, status=503, headers={"Retry-After": "5"})
+
+
 async def loading(request: web.Request) -> web.Response:
     """What `tokenmill serve` answers while its model loads."""
-    body = {"error": {"message": "the model is still loading", "type": "service_unavailable", "code": 503}}
-    return web.json_response(body, status=503, headers={"Retry-After": "5"})
+    return unavailable("the model is still loading", "engine_unavailable")
+
+
+async def queue_full(request: web.Request) -> web.Response:
+    """What `tokenmill serve` answers, ready, when its queue is full."""
+    return unavailable("the server is at its limit of waiting requests", "server_overloaded")
 
 
 def upstream_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/loading", loading)
+    app.router.add_get("/queue-full", queue_full)
     app.router.add_get("/sse", sse)
     app.router.add_get("/ws", ws_echo)
     app.router.add_get("/health", health)

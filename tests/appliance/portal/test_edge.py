@@ -165,16 +165,19 @@ async def test_placeholder_on_a_dead_upstream(
     assert "Starting up" in body and "location.reload" in body
 
 
-async def test_placeholder_for_a_person_while_the_backend_is_not_ready(
+async def test_placeholder_while_the_backend_is_not_ready(
     start_portal: StartPortal, client: aiohttp.ClientSession
 ) -> None:
     p = await start_portal()
     page = {**BEARER, "Accept": "text/html,application/xhtml+xml"}
-    status, headers, body = await get(client, p.url(p.api_port, "/loading"), headers=page)
-    assert status == 502 and headers["X-Portal-Placeholder"] == "true" and "Starting up" in body
-    # An API client gets the backend's own answer, with its retry hint.
-    status, headers, body = await get(client, p.url(p.api_port, "/loading"), headers=BEARER)
-    assert status == 503 and headers["Retry-After"] == "5" and "still loading" in body
+    for headers in (page, BEARER):  # a person and an API client alike
+        status, answer, body = await get(client, p.url(p.api_port, "/loading"), headers=headers)
+        assert status == 502 and answer["X-Portal-Placeholder"] == "true" and "Starting up" in body
+        assert answer["Cache-Control"] == "no-store"
+    # A ready backend's full queue is its own answer to give, with its retry hint and error body.
+    status, headers, body = await get(client, p.url(p.api_port, "/queue-full"), headers=BEARER)
+    assert status == 503 and headers["Retry-After"] == "5"
+    assert json.loads(body)["error"]["code"] == "server_overloaded"
     assert "X-Portal-Placeholder" not in headers
 
 
@@ -279,6 +282,11 @@ async def test_websocket_echo_through_the_edge(
         async with client.ws_connect(url):
             pass
     assert refused.value.status == 401
+    # A right ?token= on the upgrade is let in, and the 101 carries the auth cookie as any answer would.
+    async with client.ws_connect(f"{url}?token={TOKEN}") as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=5)).data == "echo: hi"
+        assert ws._response.headers["Set-Cookie"].startswith(f"portal_auth_token={TOKEN};")
 
 
 async def test_tokens_never_logged(
