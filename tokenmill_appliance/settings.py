@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenmill_appliance import shell_words
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORTAL_CONFIG = (
@@ -73,14 +75,6 @@ def default_vllm_args(workspace: Path) -> str:
     return (
         f"--max-model-len 32768 --enforce-eager --download-dir {download_dir} --host 127.0.0.1 --port 18000"
     )
-
-
-def shell_words(text: str) -> list[str]:
-    """`text` split into words by the shell's rules, nothing expanded or run. An unquoted `;`, `&&` or `|`
-    ends a word as in the shell (`"a b";` is `a b` then `;`) and is a word of its own."""
-    lexer = shlex.shlex(text, posix=True, punctuation_chars=";&|")
-    lexer.whitespace_split = True
-    return list(lexer)
 
 
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -238,7 +232,7 @@ class Settings:
     def vllm_argv(self) -> list[str]:
         """VLLM_ARGS split with shell-like rules (never evaluated)."""
         try:
-            return shell_words(self.vllm_args)
+            return shell_words.split(self.vllm_args)
         except ValueError as exc:
             raise SettingsError(f"VLLM_ARGS cannot be split ({exc}): check its quotes") from None
 

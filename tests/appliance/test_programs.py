@@ -102,14 +102,26 @@ def test_vllm_args_split_with_quotes_and_a_semicolon_is_a_literal_word(tmp_path:
 
 def test_vllm_args_expand_env_vars_only(tmp_path: Path) -> None:
     assert split_args(
-        "--download-dir $WORKSPACE/models --x ${UNSET_VAR} '$(rm -rf /)'", {"WORKSPACE": "/w"}
-    ) == [
-        "--download-dir",
-        "/w/models",
-        "--x",
-        "${UNSET_VAR}",
-        "$(rm -rf /)",
-    ]
+        "--download-dir $WORKSPACE/models --x ${UNSET_VAR} '$(rm -rf /)' $(id) `id` *", {"WORKSPACE": "/w"}
+    ) == ["--download-dir", "/w/models", "--x", "$(rm -rf /)", "$(id)", "`id`", "*"]
+
+
+@pytest.mark.parametrize(
+    ("vllm_args", "words"),
+    [
+        ("'$W' \\$W \"$W\" x${W}y", ["$W", "$W", "/w", "x/wy"]),  # no expansion in '...' or after \\
+        ('"a\\$b" "a\\nb"', ["a$b", "a\\nb"]),  # in "...", \\ escapes only $ ` " \\ and newline
+        # An unquoted value splits at its whitespace, quotes and all, as in sh.
+        ("--x $EXTRA --y", ["--x", "--a", "1", "--b", "'two", "words'", "--y"]),
+        ('--x "$EXTRA"', ["--x", "--a 1 --b 'two words'"]),  # a quoted one stays one word
+        ("--x $EMPTY $UNSET \"$EMPTY\" ''", ["--x", "", ""]),  # empty unquoted words vanish
+        ("--chat-template '{{ messages }}' a\\ b", ["--chat-template", "{{ messages }}", "a b"]),
+        ("a;b && c", ["a", ";", "b", "&&", "c"]),  # operators are words, never run
+    ],
+)
+def test_vllm_args_follow_sh_rules(vllm_args: str, words: list[str]) -> None:
+    env = {"W": "/w", "EXTRA": "--a 1 --b 'two words'", "EMPTY": ""}
+    assert split_args(vllm_args, env) == words
 
 
 def test_default_model_gives_no_model_argument(tmp_path: Path) -> None:

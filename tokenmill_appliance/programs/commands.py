@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenmill_appliance import shell_words
 from tokenmill_appliance.portal_apps import API_APP_NAME, RAY_APP_NAME, PortalApp, find_app
-from tokenmill_appliance.settings import DEFAULT_RAY_ARGS, Settings, default_vllm_args, shell_words
+from tokenmill_appliance.settings import DEFAULT_RAY_ARGS, Settings, default_vllm_args
 
 _PARALLEL_FLAGS = re.compile(
     r"^(--tensor-parallel-size|-tp|--pipeline-parallel-size|-pp|--data-parallel-size|-dp)(=.*)?$"
@@ -61,20 +62,9 @@ def tokenmill_command() -> list[str]:
 
 
 def split_args(text: str, env: Mapping[str, str] | None = None) -> list[str]:
-    """Split with shell rules and expand `$VAR`/`${VAR}` in each word; nothing is ever executed.
-
-    A `;`, `&&` or `$(...)` stays a literal word (`settings.shell_words`), handed to the server.
-    """
-    env = os.environ if env is None else env
-    return [_expand(word, env) for word in shell_words(text)]
-
-
-def _expand(word: str, env: Mapping[str, str]) -> str:
-    def sub(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        return env.get(name, match.group(0))
-
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, word)
+    """Split and expand `$VAR`/`${VAR}` as sh does (`shell_words`); nothing is ever executed: a `;`,
+    `&&` or `$(...)` stays a literal word, handed to the server."""
+    return shell_words.split(text, os.environ if env is None else env)
 
 
 def has_parallel_size(args: list[str]) -> bool:
