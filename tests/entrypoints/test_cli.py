@@ -3,6 +3,7 @@ that cannot load, a port in use, Ctrl-C)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import psutil
 import pytest
 
 from tokenmill.entrypoints.cli import main, omp_wait_policy
+
+from .conftest import free_port, kill_engine_core, stop
 
 
 def tokenmill(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
@@ -153,6 +156,25 @@ def test_ctrl_c_stops_the_server_without_a_traceback(when: str, tmp_path: Path) 
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.slow
+def test_a_server_kept_alive_answers_503_after_its_engine_dies(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--port", str(port)]
+    env = {**os.environ, "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"}
+    with log.open("wb") as sink:
+        process = subprocess.Popen([*command, "--max-model-len", "2048"], stdout=sink, stderr=sink, env=env)
+    try:
+        wait_until(lambda: healthy(port))
+        kill_engine_core(process)
+        wait_until(lambda: health_status(port) == 503)
+        answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+        assert "exited" in answer["error"]["message"]
+        assert process.poll() is None  # still up, still answering
+    finally:
+        stop(process)
+
+
 def wait_until(condition: Callable[[], bool]) -> None:
     for _ in range(3000):
         if condition():
@@ -166,10 +188,14 @@ def the_engine_core_runs(process: subprocess.Popen[bytes]) -> bool:
 
 
 def healthy(port: int) -> bool:
+    return health_status(port) == 200
+
+
+def health_status(port: int) -> int | None:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code
     except httpx.HTTPError:
-        return False
+        return None
 
 
 def test_bench_lists_its_benchmarks_and_refuses_others(capsys: pytest.CaptureFixture[str]) -> None:

@@ -76,8 +76,11 @@ class AsyncLLM:
         max_logprobs: int = 20,
         stat_loggers: Sequence[StatLogger] = (),
         client_factory: Callable[[EngineConfig, Callable[[CoreMessage], None]], Any] = EngineCoreClient,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_failure` is called, on the event loop, with the reason when the core fails or dies."""
         self.config = config
+        self.on_failure = on_failure
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_logprobs = max_logprobs
@@ -257,6 +260,8 @@ class AsyncLLM:
             output_queue.put_nowait(error)
         if self._ready_future is not None and not self._ready_future.done():
             self._ready_future.set_exception(error)
+        if self.on_failure is not None:
+            self.on_failure(message.message)
 
     def _process_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         self._record_timings(outputs)

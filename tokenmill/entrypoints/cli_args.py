@@ -1,7 +1,8 @@
 """Flags with vLLM's names: `tokenmill serve`'s, and the offline benchmarks' engine flags, generated from
 the `EngineArgs` fields; the server adds its own.
 
-This is where the entrypoints read the environment (`VLLM_API_KEY`, `TOKENMILL_API_KEY`). Numbers accept
+This is where the entrypoints read the environment (`VLLM_API_KEY`, `TOKENMILL_API_KEY`,
+`VLLM_KEEP_ALIVE_ON_ENGINE_DEATH`). Numbers accept
 vLLM's suffixes: lowercase k/m/g are decimal (32k = 32000), uppercase K/M/G binary (32K = 32768), and
 byte sizes also take KB/MB/GB (decimal) or KiB/MiB/GiB (binary).
 """
@@ -31,6 +32,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_REQUEST_BODY_SIZE = 16 << 20
 API_KEY_ENV_VARS = ("VLLM_API_KEY", "TOKENMILL_API_KEY")
+KEEP_ALIVE_ENV_VAR = "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH"
 
 
 def parse_human_int(value: str) -> int:
@@ -296,6 +298,9 @@ class ServeArgs:
     uvicorn_log_level: str = "warning"
     enable_log_requests: bool = False
     disable_fastapi_docs: bool = False
+    keep_alive_on_engine_death: bool = False
+    """Stay up answering 503 after the engine core dies, instead of exiting for a supervisor to restart
+    it (vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)."""
 
 
 def api_key_from_env(environ: Mapping[str, str] | None = None) -> str | None:
@@ -321,7 +326,8 @@ def parse_serve_args(
     if ns.generation_config not in ("auto", "vllm") and not Path(ns.generation_config).is_dir():
         fail(f"--generation-config {ns.generation_config!r} is not auto, vllm or a directory")
     check_generation_overrides(ns.override_generation_config, fail)
-    api_key = ns.api_key or api_key_from_env(environ)
+    env = os.environ if environ is None else environ
+    api_key = ns.api_key or api_key_from_env(env)
     return ServeArgs(
         engine_args=engine_args,
         served_model_names=names,
@@ -339,6 +345,7 @@ def parse_serve_args(
         uvicorn_log_level=ns.uvicorn_log_level,
         enable_log_requests=ns.enable_log_requests and not ns.disable_log_requests,
         disable_fastapi_docs=ns.disable_fastapi_docs,
+        keep_alive_on_engine_death=env.get(KEEP_ALIVE_ENV_VAR, "").strip().lower() in ("1", "true", "yes"),
     )
 
 

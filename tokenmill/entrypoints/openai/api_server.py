@@ -150,8 +150,9 @@ def configure_logging(args: ServeArgs) -> None:
 
 
 def run_server(args: ServeArgs, client_factory: Any = EngineCoreClient) -> int:
-    """Serves until SIGINT/SIGTERM; 1 when the model could not be loaded. `client_factory` makes the
-    engine core's client (`EngineCoreClient.adopt` hands over a core spawned earlier)."""
+    """Serves until SIGINT/SIGTERM; 1 when the model could not be loaded or the engine died.
+    `client_factory` makes the engine core's client (`EngineCoreClient.adopt` hands over a core spawned
+    earlier)."""
     configure_logging(args)
     state = ServerState(args, client_factory)
     config = uvicorn.Config(
@@ -166,5 +167,7 @@ def run_server(args: ServeArgs, client_factory: Any = EngineCoreClient) -> int:
     server.run()
     if state.load_error is not None:
         print(f"tokenmill serve: {state.load_error}", file=sys.stderr)
+        return 1
+    if state.engine_death is not None:
         return 1
     return 0 if server.started else 1

@@ -49,6 +49,8 @@ class ServerState:
         self.model_names = args.served_model_names or [self.model_root]
         self.engine: AsyncLLM | None = None
         self.load_error: str | None = None
+        self.engine_death: str | None = None
+        """Why the engine core died after the model loaded, when the server stopped for it."""
         self.server: Any = None  # the uvicorn.Server, stopped when the model cannot load
         self._servers: Servers | None = None
         self.metrics = PrometheusMetrics(self.model_names[0], self._stats)
@@ -84,6 +86,7 @@ class ServerState:
                 max_logprobs=self.args.max_logprobs,
                 stat_loggers=[self.metrics],
                 client_factory=self.client_factory,
+                on_failure=self._on_engine_failure,
             )
             self.engine.launch()  # the core loads the model while this process loads the tokenizer
             loaded = await asyncio.to_thread(self._load_tokenizer)
@@ -114,6 +117,18 @@ class ServerState:
             OpenAIServingCompletion(ctx), OpenAIServingChat(ctx), OpenAIServingTokenization(ctx)
         )
         await self._announce()
+
+    def _on_engine_failure(self, reason: str) -> None:
+        """The core died. While loading, `load()` reports it; once serving, the server stops (exit 1) so
+        that its supervisor starts a fresh one, as vLLM's does; a server kept alive answers 503."""
+        if self._servers is None or self.args.keep_alive_on_engine_death:
+            return
+        logger.error(
+            "the engine core died (%s): stopping the server, for its supervisor to restart it", reason
+        )
+        self.engine_death = reason
+        if self.server is not None:
+            self.server.should_exit = True
 
     def _load_tokenizer(self) -> LoadedModel:
         from tokenmill.loader import ModelSource, resolve_model, resolve_tokenizer
