@@ -135,9 +135,14 @@ def kill_engine_core(process: subprocess.Popen[bytes]) -> None:
 
 
 def check_exit_after_core_dies(live: LiveServer) -> None:
-    """Last, with no test left to serve: kill the engine core; the server stops with exit status 1 and
-    says why, so that a supervisor (autorestart=unexpected) starts a fresh one, as vLLM's does."""
+    """Last, with no test left to serve: kill the engine core. /health turns 503 and says why; then the
+    server stops with exit status 1, so that a supervisor (autorestart=unexpected) starts a fresh one."""
     kill_engine_core(live.process)
+    deadline = time.monotonic() + 60
+    while (health := httpx.get(f"{live.url}/health", timeout=10)).status_code != 503:
+        assert time.monotonic() < deadline, "/health stayed 200 after the engine core died"
+        time.sleep(0.2)
+    assert "exited" in health.json()["error"]["message"]
     assert live.process.wait(60) == 1
     assert "the engine core died" in live.log.read_text()
 

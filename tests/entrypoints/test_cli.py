@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -171,6 +172,37 @@ def test_a_server_kept_alive_answers_503_after_its_engine_dies(tmp_path: Path) -
         answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
         assert "exited" in answer["error"]["message"]
         assert process.poll() is None  # still up, still answering
+    finally:
+        stop(process)
+
+
+@pytest.mark.slow
+def test_https_and_a_root_path_as_vllm_flags(tmp_path: Path) -> None:
+    from tokenmill_appliance.portal.tls import generate_self_signed
+
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    generate_self_signed(cert, key, ["127.0.0.1"])
+    port = free_port()
+    log = tmp_path / "serve.log"
+    flags = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--root-path", "/llm"]
+    command = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--port", str(port), *flags]
+    with log.open("wb") as sink:
+        process = subprocess.Popen([*command, "--max-model-len", "2048"], stdout=sink, stderr=sink)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=cert), timeout=10) as client:
+
+            def https_healthy() -> bool:
+                try:
+                    return client.get(f"{url}/health").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(https_healthy)
+            # The API description names the prefix a proxy strips, so /docs works behind it.
+            assert client.get(f"{url}/openapi.json").json()["servers"] == [{"url": "/llm"}]
+            reply = client.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
     finally:
         stop(process)
 

@@ -203,3 +203,45 @@ def test_help_lists_flags_without_importing_torch() -> None:
     )
     assert "--max-model-len" in result.stdout and "--enable-prefix-caching" in result.stdout
     assert result.returncode == 0, "serve --help imported torch"
+
+
+def test_vllm_server_flags_that_change_nothing_here_are_accepted() -> None:
+    args = parse_serve_args(
+        [
+            "--disable-frontend-multiprocessing",
+            "--max-log-len",
+            "10",
+            "--tokenizer-mode",
+            "auto",
+            "--chat-template-content-format",
+            "string",
+            "--disable-uvicorn-access-log",
+        ],
+        environ={},
+    )
+    assert args.access_log is False
+
+
+def test_https_needs_both_files(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--ssl-keyfile", "k.pem"], environ={})
+    assert "--ssl-certfile" in capsys.readouterr().err
+    args = parse_serve_args(["--ssl-keyfile", "k", "--ssl-certfile", "c", "--root-path", "/x"], environ={})
+    assert (args.ssl_keyfile, args.ssl_certfile, args.root_path) == ("k", "c", "/x")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--guided-decoding-backend", "xgrammar"], ["--response-role", "bot"], ["--config", "c.yaml"]],
+)
+def test_vllm_flags_of_missing_features_are_refused_with_the_reason(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_serve_args(flags, environ={})
+    assert f"{flags[0]} is not supported:" in capsys.readouterr().err
+
+
+def test_the_keep_alive_variable_is_vllms() -> None:
+    assert not parse_serve_args([], environ={}).keep_alive_on_engine_death
+    assert parse_serve_args([], environ={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"}).keep_alive_on_engine_death

@@ -99,5 +99,5 @@ class InputProcessor:
             raise ValueError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the request "
                 f"needs {len(token_ids) + max_tokens} ({len(token_ids)} in the prompt, {max_tokens} to "
-                "generate): shorten the prompt or lower max_tokens"
+                "generate): shorten the prompt or ask for fewer tokens (max_tokens, max_completion_tokens)"
             )

@@ -169,6 +169,18 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--enable-log-requests", action="store_true", help="log one line per request")
     add("--disable-log-requests", action="store_true", help="do not log requests (the default)")
+    add("--ssl-keyfile", default=None, help="serve HTTPS with this private key (with --ssl-certfile)")
+    add("--ssl-certfile", default=None, help="serve HTTPS with this certificate (with --ssl-keyfile)")
+    add(
+        "--root-path",
+        default=None,
+        help="the path prefix a proxy in front of the server strips (ASGI root_path)",
+    )
+    add(
+        "--disable-uvicorn-access-log",
+        action="store_true",
+        help="no line per HTTP request, even with --uvicorn-log-level info",
+    )
     # Accepted so vLLM command lines work unchanged; neither changes what tokenmill does.
     add(
         "--trust-remote-code",
@@ -199,6 +211,29 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="accepted for vLLM compatibility (one device: no workers to distribute)",
     )
+    add(
+        "--disable-frontend-multiprocessing",
+        action="store_true",
+        help="accepted for vLLM compatibility (the engine core always runs in its own process)",
+    )
+    add(
+        "--max-log-len",
+        type=int,
+        default=None,
+        help="accepted for vLLM compatibility (request log lines never hold prompts)",
+    )
+    add(
+        "--tokenizer-mode",
+        choices=("auto", "hf"),
+        default="auto",
+        help="accepted for vLLM compatibility: the Hugging Face tokenizer (vLLM's auto and hf)",
+    )
+    add(
+        "--chat-template-content-format",
+        choices=("auto", "string"),
+        default="auto",
+        help="accepted for vLLM compatibility: text content parts reach the template joined as a string",
+    )
 
 
 def _origins(value: str) -> list[str]:
@@ -214,6 +249,7 @@ def _origins(value: str) -> list[str]:
 # vLLM flags for what tokenmill does not do: refused with the reason, not with a look-alike flag.
 _TOOLS = "tool calling is not supported yet (requests that bring tools get a 400)"
 _ONE_DEVICE = "tokenmill runs a model on one device"
+_STRUCTURED = "structured output (guided decoding, response_format json) is not supported yet"
 UNSUPPORTED_VLLM_FLAGS = {
     "--enable-auto-tool-choice": _TOOLS,
     "--tool-call-parser": _TOOLS,
@@ -226,6 +262,14 @@ UNSUPPORTED_VLLM_FLAGS = {
     "--lora-modules": "LoRA adapters are not supported yet",
     "--speculative-config": "speculative decoding is not supported yet",
     "--limit-mm-per-prompt": "tokenmill serves text-only models",
+    "--guided-decoding-backend": _STRUCTURED,
+    "--structured-outputs-config": _STRUCTURED,
+    "--return-tokens-as-token-ids": "logprobs name tokens by their text",
+    "--enable-prompt-tokens-details": "usage has no prompt_tokens_details yet",
+    "--enable-force-include-usage": "usage is sent when a request asks for it (stream_options)",
+    "--middleware": "the server loads no code named on its command line",
+    "--config": "flags are given on the command line (or VLLM_ARGS in the appliance)",
+    "--response-role": "chat answers come from the assistant role",
 }
 
 
@@ -298,6 +342,10 @@ class ServeArgs:
     uvicorn_log_level: str = "warning"
     enable_log_requests: bool = False
     disable_fastapi_docs: bool = False
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    root_path: str | None = None
+    access_log: bool = True
     keep_alive_on_engine_death: bool = False
     """Stay up answering 503 after the engine core dies, instead of exiting for a supervisor to restart
     it (vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)."""
@@ -326,6 +374,8 @@ def parse_serve_args(
     if ns.generation_config not in ("auto", "vllm") and not Path(ns.generation_config).is_dir():
         fail(f"--generation-config {ns.generation_config!r} is not auto, vllm or a directory")
     check_generation_overrides(ns.override_generation_config, fail)
+    if (ns.ssl_keyfile is None) != (ns.ssl_certfile is None):
+        fail("HTTPS needs both --ssl-keyfile and --ssl-certfile")
     env = os.environ if environ is None else environ
     api_key = ns.api_key or api_key_from_env(env)
     return ServeArgs(
@@ -345,6 +395,10 @@ def parse_serve_args(
         uvicorn_log_level=ns.uvicorn_log_level,
         enable_log_requests=ns.enable_log_requests and not ns.disable_log_requests,
         disable_fastapi_docs=ns.disable_fastapi_docs,
+        ssl_keyfile=ns.ssl_keyfile,
+        ssl_certfile=ns.ssl_certfile,
+        root_path=ns.root_path,
+        access_log=not ns.disable_uvicorn_access_log,
         keep_alive_on_engine_death=env.get(KEEP_ALIVE_ENV_VAR, "").strip().lower() in ("1", "true", "yes"),
     )
 

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -113,6 +114,26 @@ def test_loading_then_ready_then_dead(app_client: TestClient) -> None:
     response = app_client.post("/v1/chat/completions", json=HI)
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert "exit code -9" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_an_engine_death_stops_the_server_unless_it_is_kept_alive(
+    make_app: Callable[..., TestClient], keep_alive: bool
+) -> None:
+    environ = {"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"} if keep_alive else {}
+    state = ServerState(parse_serve_args([], environ=environ), client_factory=ScriptedCore)
+    state.server = SimpleNamespace(should_exit=False)  # what uvicorn watches
+    state.engine_death_grace_s = 0.5
+    with TestClient(build_app(state)) as client:
+        ScriptedCore.ready.set()
+        wait_status(client, 200)
+        ScriptedCore.instances[-1].on_message(CoreFailed("the engine core process exited (exit code -9)"))
+        wait_status(client, 503)  # first it says why
+        assert "exit code -9" in client.get("/health").json()["error"]["message"]
+        assert not state.server.should_exit
+        time.sleep(1.0)
+        assert state.server.should_exit is not keep_alive  # then it stops, unless kept alive
+        assert (state.engine_death is None) is keep_alive
 
 
 def test_reasoning_content(app_client: TestClient) -> None:

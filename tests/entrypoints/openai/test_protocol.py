@@ -106,3 +106,71 @@ def test_completion_mistakes_are_value_errors() -> None:
         CompletionRequest.model_validate({"prompt": "a", "suffix": "b"}).to_sampling_params({})
     with pytest.raises(ValueError, match="empty"):
         CompletionRequest.model_validate({"prompt": []}).prompts()
+
+
+def test_null_means_not_given_where_a_field_cannot_be_null() -> None:
+    """Clients that send every unset field as null get the defaults, as from vLLM."""
+    nulls = {"n": None, "stream": None, "presence_penalty": None, "frequency_penalty": None}
+    chat = ChatCompletionRequest.model_validate({"messages": HI, **nulls, "logprobs": None})
+    params = chat.to_sampling_params({})
+    assert (params.n, params.presence_penalty, params.logprobs) == (1, 0.0, None)
+    assert not chat.stream
+    completion = CompletionRequest.model_validate({"prompt": "a", "echo": None, **nulls})
+    assert completion.echo is False and completion.max_tokens == 16
+    # A field that can be null keeps it: a completion's max_tokens null is no limit.
+    unlimited = CompletionRequest.model_validate({"prompt": "a", "max_tokens": None})
+    assert unlimited.to_sampling_params({}).max_tokens is None
+    with pytest.raises(ValueError, match="messages"):  # a required field is still required
+        ChatCompletionRequest.model_validate({"messages": None})
+
+
+def test_stream_options_ask_for_usage_unless_told_not_to() -> None:
+    def include_usage(options: dict[str, object]) -> bool:
+        request = ChatCompletionRequest.model_validate(
+            {"messages": HI, "stream": True, "stream_options": options}
+        )
+        assert request.stream_options is not None
+        return request.stream_options.include_usage
+
+    assert include_usage({}) and not include_usage({"include_usage": False})
+
+
+def test_top_logprobs_zero_needs_no_logprobs() -> None:
+    for logprobs in (False, None):
+        body = {"messages": HI, "top_logprobs": 0, "logprobs": logprobs}
+        assert ChatCompletionRequest.model_validate(body).to_sampling_params({}).logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("guided_choice", ["yes", "no"]),
+        ("guided_json", {"type": "object"}),
+        ("structured_outputs", {"regex": "a+"}),
+        ("allowed_token_ids", [28]),
+        ("truncate_prompt_tokens", 2),
+        ("use_beam_search", True),
+        ("return_tokens_as_token_ids", True),
+    ],
+)
+def test_vllm_extras_this_server_lacks_are_refused_not_ignored(field: str, value: object) -> None:
+    for request in (
+        ChatCompletionRequest.model_validate({"messages": HI, field: value}),
+        CompletionRequest.model_validate({"prompt": "a", field: value}),
+    ):
+        with pytest.raises(InvalidParameterError, match="not supported") as refused:
+            request.to_sampling_params({})
+        assert refused.value.param == field
+    # Their unset values, and vendor extras this server has never heard of, pass.
+    unset = {"use_beam_search": False, "guided_json": None, "allowed_token_ids": [], "my_vendor_field": 1}
+    ChatCompletionRequest.model_validate({"messages": HI, **unset}).to_sampling_params({})
+
+
+def test_completions_refuse_a_response_format_too() -> None:
+    request = CompletionRequest.model_validate({"prompt": "a", "response_format": {"type": "json_object"}})
+    with pytest.raises(InvalidParameterError, match="not supported yet") as refused:
+        request.to_sampling_params({})
+    assert refused.value.param == "response_format"
+    CompletionRequest.model_validate({"prompt": "a", "response_format": {"type": "text"}}).to_sampling_params(
+        {}
+    )

@@ -160,6 +160,10 @@ def run_server(args: ServeArgs, client_factory: Any = EngineCoreClient) -> int:
         host=args.host,
         port=args.port,
         log_level=args.uvicorn_log_level,
+        access_log=args.access_log,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        root_path=args.root_path or "",
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.content_parts import TEXT_PART_TYPES
 from tokenmill.sampling_params import (
@@ -27,6 +27,24 @@ def random_id(prefix: str) -> str:
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class RequestModel(OpenAIBaseModel):
+    """A request body, where an explicit null means "not given" for fields that cannot be null (`"n": null`
+    is n's default), as in vLLM, whose fields are Optional: many clients send every unset field as null.
+    Fields that can be null keep it (a completion's `"max_tokens": null` is no limit)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None or cls._may_be_null(key)}
+
+    @classmethod
+    def _may_be_null(cls, name: str) -> bool:
+        field = cls.model_fields.get(name)
+        return field is None or field.is_required() or type(None) in get_args(field.annotation)
 
 
 # --- errors and models -----------------------------------------------------------------------------
@@ -61,12 +79,33 @@ class ModelList(OpenAIBaseModel):
 # --- shared request fields ---------------------------------------------------------------------------
 
 
-class StreamOptions(OpenAIBaseModel):
-    include_usage: bool = False
+class StreamOptions(RequestModel):
+    include_usage: bool = True  # as in vLLM: `stream_options: {}` asks for the usage chunk
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(OpenAIBaseModel):
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+UNSUPPORTED_VLLM_FIELDS: dict[str, Any] = {
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "structured_outputs": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "truncate_prompt_tokens": None,
+    "logits_processors": None,
+    "use_beam_search": False,
+    "return_tokens_as_token_ids": False,
+}
+"""vLLM's request extras this server does not implement, with their unset values: any other value is
+refused with a 400, not ignored (the answer would silently not be what was asked for)."""
+
+
+class SamplingFields(RequestModel):
     """The sampling fields completions and chat share (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
@@ -92,10 +131,12 @@ class SamplingFields(OpenAIBaseModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
 
     def _build_params(
         self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any], max_logprobs: int
     ) -> SamplingParams:
+        self._refuse_unsupported()
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if self.prompt_logprobs is not None and self.stream:
@@ -105,6 +146,15 @@ class SamplingFields(OpenAIBaseModel):
         params = self._sampling_params(max_tokens, logprobs, defaults)
         params.validate(max_logprobs)  # the server's --max-logprobs, not the default 20
         return params
+
+    def _refuse_unsupported(self) -> None:
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidParameterError(
+                "response_format", f"{self.response_format.type!r} is not supported yet; use 'text'"
+            )
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED_VLLM_FIELDS and value not in (UNSUPPORTED_VLLM_FIELDS[name], None, []):
+                raise InvalidParameterError(name, "is not supported by this server yet")
 
     def _sampling_params(
         self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any]
@@ -229,12 +279,12 @@ class CompletionResponse(OpenAIBaseModel):
 # --- chat completions --------------------------------------------------------------------------------
 
 
-class ContentPart(OpenAIBaseModel):
+class ContentPart(RequestModel):
     type: str
     text: str | None = None
 
 
-class ChatMessage(OpenAIBaseModel):
+class ChatMessage(RequestModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -254,17 +304,12 @@ class ChatMessage(OpenAIBaseModel):
         return "\n".join(parts)
 
 
-class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     logprobs: bool = False
     top_logprobs: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -297,10 +342,6 @@ class ChatCompletionRequest(SamplingFields):
     def to_sampling_params(
         self, defaults: dict[str, Any], max_logprobs: int = MAX_TOP_LOGPROBS
     ) -> SamplingParams:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(
-                f"response_format {self.response_format.type!r} is not supported yet; use 'text'"
-            )
         self.check_template_flags()
         if self.tools and self.tool_choice != "none":
             # vLLM too refuses tool calls unless started with a tool-call parser; a silent plain-text
@@ -308,7 +349,7 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidParameterError(
                 "tools", "are not supported by this server yet: send no tools, or tool_choice 'none'"
             )
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
@@ -390,7 +431,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 # --- tokenization ------------------------------------------------------------------------------------
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -408,7 +449,7 @@ class TokenizeResponse(OpenAIBaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 

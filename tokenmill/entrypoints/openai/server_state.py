@@ -22,6 +22,8 @@ from tokenmill.sampling_params import from_generation_config
 
 logger = logging.getLogger("tokenmill.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+ENGINE_DEATH_GRACE_S = 10.0
+"""How long a server whose engine core died answers 503 (saying why) before it exits."""
 
 
 @dataclass
@@ -50,7 +52,8 @@ class ServerState:
         self.engine: AsyncLLM | None = None
         self.load_error: str | None = None
         self.engine_death: str | None = None
-        """Why the engine core died after the model loaded, when the server stopped for it."""
+        """Why the engine core died after the model loaded, when the server stops for it."""
+        self.engine_death_grace_s = ENGINE_DEATH_GRACE_S
         self.server: Any = None  # the uvicorn.Server, stopped when the model cannot load
         self._servers: Servers | None = None
         self.metrics = PrometheusMetrics(self.model_names[0], self._stats)
@@ -119,14 +122,20 @@ class ServerState:
         await self._announce()
 
     def _on_engine_failure(self, reason: str) -> None:
-        """The core died. While loading, `load()` reports it; once serving, the server stops (exit 1) so
-        that its supervisor starts a fresh one, as vLLM's does; a server kept alive answers 503."""
+        """The core died. While loading, `load()` reports it. Once serving, /health and every request say
+        why with a 503 for `engine_death_grace_s`, then the server stops with exit status 1 so that its
+        supervisor starts a fresh one, as vLLM's does; one kept alive goes on answering 503."""
         if self._servers is None or self.args.keep_alive_on_engine_death:
             return
         logger.error(
-            "the engine core died (%s): stopping the server, for its supervisor to restart it", reason
+            "the engine core died (%s): the server stops in %.0f s, for its supervisor to restart it",
+            reason,
+            self.engine_death_grace_s,
         )
         self.engine_death = reason
+        asyncio.get_running_loop().call_later(self.engine_death_grace_s, self._stop_serving)
+
+    def _stop_serving(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
 
