@@ -14,6 +14,7 @@ from torch import nn
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine import core
+from tokenmill.model.layers import linear as linear_module
 from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.linear import (
     ReplicatedLinear,
@@ -37,6 +38,35 @@ def test_a_lone_half_precision_row_gets_what_it_gets_in_a_batch(
     batched = linear(x, weight)
     alone = torch.cat([linear(x[i : i + 1], weight) for i in range(0, 512, 4)])
     assert torch.equal(alone, batched[::4])
+
+
+ROW_COUNTS = (1, 2, 3, 16, 31, 32, 33, 47, 64, 65, 100, 200)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_no_row_count_changes_a_rows_result(
+    packed: bool, padded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding alone, in a batch, and a prefill in chunks of any size call the same layer with other row
+    counts. On an AMX CPU oneDNN's kernels for 33-512 rows summed a few rows otherwise than those for
+    2-32 (SmolLM2's shapes): rows go in blocks of 32, and a shape whose 2-32 rows disagreed would be
+    padded to whole blocks (`padded` stands that in, on any CPU)."""
+    if packed and not can_pack_cpu_weights():
+        pytest.skip("this torch has no oneDNN")
+    if padded:
+        monkeypatch.setattr(linear_module, "amx_row_blocks", lambda: True)
+        monkeypatch.setattr(linear_module, "_blocks_agree", lambda *args: False)
+    generator = torch.Generator().manual_seed(4)
+    for out_features, in_features in ((960, 576), (576, 1536), (4096, 576)):
+        weight = (torch.randn(out_features, in_features, generator=generator) * 0.05).bfloat16()
+        packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 2) if packed else None
+        x = torch.randn(512, in_features, generator=generator).bfloat16()
+        every_row = linear(x, weight, packed=packed_weight)
+        for rows in ROW_COUNTS:
+            start = rows % 7  # the rows at other places in the call, beside other rows
+            some = linear(x[start : start + rows], weight, packed=packed_weight)
+            assert torch.equal(some, every_row[start : start + rows]), (out_features, in_features, rows)
 
 
 def test_the_layers_use_it_and_float32_is_plain_f_linear() -> None:

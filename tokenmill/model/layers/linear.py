@@ -7,9 +7,13 @@ slice so tensor parallelism can be added without touching the models; today both
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill.loader.dtype import cpu_flags
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -20,17 +24,80 @@ def linear(
     bias: torch.Tensor | None = None,
     packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`F.linear`, with each row's result independent of the rows beside it, as far as torch allows. A
-    lone half-precision row on CPU goes in as two: oneDNN takes a matrix-vector routine for one row, whose
-    sums over more than about 1024 inputs round differently from its matrix routine (SmolLM2's down
-    projection: 10 bfloat16 rows of 128 differed), so a sequence alone decoded other tokens than in a
-    batch. From two rows on, its rows agreed with a 512-row call (5 shapes, 128 rows each). The extra
-    row costs a few percent (SmolLM2's 121 linear calls of a token: 11.1-13.3 vs 11.3-12.8 ms).
+    """`F.linear`, with each row's result independent of the rows beside it, so that a sequence decodes
+    the same tokens alone as in any batch, and after a chunked prefill. On CPU, oneDNN picks its
+    half-precision kernel by the row count, and its kernels sum in different orders:
+
+    - A lone row takes a matrix-vector routine whose sums over more than about 1024 inputs round
+      otherwise (SmolLM2's down projection: 10 bfloat16 rows of 128 differed): it goes in as two (a few
+      percent: SmolLM2's 121 calls of a token, 11.1-13.3 vs 11.3-12.8 ms). Without AMX, rows agreed from
+      two rows on with a 512-row call (5 shapes, 128 rows each).
+    - With AMX, calls of 2-32 rows agree with each other, and more rows do not (a few rows of every
+      shape differ at 33-512 rows): there, a call of more rows runs in blocks of `AMX_ROW_BLOCK`
+      (`_in_row_blocks`), which costs prefill ~1.2-1.4x and decoding nothing.
 
     `packed`: `weight` in oneDNN's own layout (`pack_cpu_half_weights`), which F.linear would otherwise
     make anew on every call; the same results bit for bit."""
-    if x.dim() == 2 and x.shape[0] == 1 and x.device.type == "cpu" and x.dtype in HALF_DTYPES:
-        return linear(x.expand(2, -1), weight, bias, packed)[:1]
+    if x.dim() == 2 and x.device.type == "cpu" and x.dtype in HALF_DTYPES:
+        if amx_row_blocks() and (
+            x.shape[0] > AMX_ROW_BLOCK or not _blocks_agree(weight, bias, packed, x.shape[1])
+        ):
+            return _in_row_blocks(x, weight, bias, packed)
+        if x.shape[0] == 1:
+            return _linear(x.expand(2, -1), weight, bias, packed)[:1]
+    return _linear(x, weight, bias, packed)
+
+
+AMX_ROW_BLOCK = 32
+"""The most rows of one oneDNN call on an AMX CPU: two 16-row tiles, the rows its kernels for 2-32 rows
+compute alike."""
+
+
+@cache
+def amx_row_blocks() -> bool:
+    """Whether half-precision CPU linears of many rows run in row blocks: on CPUs with AMX tiles."""
+    return bool(cpu_flags() & {"amx_bf16", "amx_fp16"})
+
+
+def _in_row_blocks(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
+) -> torch.Tensor:
+    """`x`'s rows in blocks of AMX_ROW_BLOCK, the last one with the rest (a lone row padded to two). For
+    a shape whose calls of 2-32 rows this CPU does not compute alike (`_blocks_agree`), every call is
+    padded to whole blocks: one kernel for every row, at the padding's cost."""
+    rows = x.shape[0]
+    pad_to = AMX_ROW_BLOCK if not _blocks_agree(weight, bias, packed, x.shape[1]) else 2
+    padding = max(0, pad_to - (rows - 1) % AMX_ROW_BLOCK - 1)
+    if padding:
+        x = torch.cat([x, x.new_zeros(padding, x.shape[1])])
+    blocks = [_linear(block, weight, bias, packed) for block in x.split(AMX_ROW_BLOCK)]
+    return torch.cat(blocks)[:rows]
+
+
+_AGREEING_SHAPES: dict[tuple[object, ...], bool] = {}
+
+
+def _blocks_agree(
+    weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None, in_features: int
+) -> bool:
+    """Whether calls of 2-32 rows give each row the same result here, checked once per shape on random
+    rows with the layer's own operands (oneDNN picks kernels by shape, dtype and thread count)."""
+    operand = packed if packed is not None else weight
+    key = (tuple(operand.shape), operand.dtype, packed is not None, bias is not None, torch.get_num_threads())
+    if key not in _AGREEING_SHAPES:
+        x = torch.randn(AMX_ROW_BLOCK, in_features, generator=torch.Generator().manual_seed(0))
+        x = x.to(operand.dtype)
+        full = _linear(x, weight, bias, packed)
+        _AGREEING_SHAPES[key] = all(
+            torch.equal(_linear(x[:rows], weight, bias, packed), full[:rows])
+            for rows in (2, 3, 7, 16, 17, 31)
+        )
+    return _AGREEING_SHAPES[key]
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
+) -> torch.Tensor:
     if packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
