@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tokenmill.kernels import build
 from tokenmill.loader import dtype as dtype_module
 from tokenmill.loader import resolve_dtype
 from tokenmill.loader.dtype import resolve_kv_cache_dtype
@@ -77,12 +78,12 @@ def test_cpu_flags_from_cpuinfo(
 ) -> None:
     fake = tmp_path / "cpuinfo"
     fake.write_text(cpuinfo)
-    monkeypatch.setattr(dtype_module, "_CPUINFO", fake)
-    dtype_module.cpu_flags.cache_clear()
+    monkeypatch.setattr(build, "CPUINFO", fake)
+    build.cpu_flags.cache_clear()
     try:
-        assert dtype_module.cpu_flags() == expected
+        assert build.cpu_flags() == expected
     finally:
-        dtype_module.cpu_flags.cache_clear()
+        build.cpu_flags.cache_clear()
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ VNNI_FLAGS = ("-mavx512vnni", "-mavx512vl", "-mavx512bw", "-mprefer-vector-width
 VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx512vl", "avx512bw"})
 DISABLE_ENV = "TOKENMILL_CPU_KERNELS"
 VNNI_ENV = "TOKENMILL_CPU_VNNI"
+CPUINFO = Path("/proc/cpuinfo")
 
 _locks: dict[Path, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -44,12 +45,16 @@ def cache_dir() -> Path:
 
 @functools.cache  # asked a few times at start-up; /proc/cpuinfo is long on a many-core machine
 def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (x86 `flags`, aarch64 `Features`); empty elsewhere."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = CPUINFO.read_text()
     except OSError:
         return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
 
 
 def compile_flags() -> tuple[str, ...]:

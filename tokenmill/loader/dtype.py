@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
-
 import torch
+
+from tokenmill.kernels.build import cpu_flags
 
 DTYPES_BY_NAME: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -18,21 +17,6 @@ DTYPES_BY_NAME: dict[str, torch.dtype] = {
 # x86: AVX512-BF16 or AMX-BF16 compute bf16 natively; aarch64: the BF16 extension (e.g. Graviton 3).
 # Without them torch emulates bf16 matmuls, which is slower than float32.
 _NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-_CPUINFO = Path("/proc/cpuinfo")
-
-
-@cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags Linux reports (x86 `flags`, aarch64 `Features`); empty elsewhere."""
-    try:
-        text = _CPUINFO.read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:

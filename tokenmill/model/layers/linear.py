@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.loader.dtype import cpu_flags
+from tokenmill.kernels.build import cpu_flags
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
