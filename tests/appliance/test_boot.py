@@ -453,3 +453,19 @@ def test_tokenmill_boot_is_the_same_entrypoint(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "supervisor.supervisord -n -c" in result.stdout
     assert (tmp_path / "etc/supervisor/supervisord.conf").exists()
+
+
+@pytest.mark.slow
+def test_a_dead_engine_core_gets_its_model_server_restarted(served: tuple[Appliance, int, int]) -> None:
+    """The model server whose engine core died answers 503 a while, then exits 1, and supervisord starts
+    a fresh one (spec §7: supervisor restarts a dead one)."""
+    appliance, api_port, _ = served
+    wait_for_api(appliance, api_port)
+    wrapper_pid = appliance.client.process_info("vllm")["pid"]
+    (server,) = psutil.Process(wrapper_pid).children()
+    (core,) = [c for c in server.children() if "multiprocessing.spawn" in " ".join(c.cmdline())]
+    core.kill()
+    wait_for(lambda: appliance.client.process_info("vllm")["pid"] != wrapper_pid, 90, "supervisord's restart")
+    assert "the engine core died" in appliance.log("vllm")
+    wait_for_api(appliance, api_port)
+    assert complete(api_port).status_code == 200
