@@ -232,7 +232,7 @@ def test_https_needs_both_files(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize(
     "flags",
-    [["--guided-decoding-backend", "xgrammar"], ["--response-role", "bot"], ["--config", "c.yaml"]],
+    [["--guided-decoding-backend", "xgrammar"], ["--response-role", "bot"], ["--return-tokens-as-token-ids"]],
 )
 def test_vllm_flags_of_missing_features_are_refused_with_the_reason(
     flags: list[str], capsys: pytest.CaptureFixture[str]
@@ -245,3 +245,36 @@ def test_vllm_flags_of_missing_features_are_refused_with_the_reason(
 def test_the_keep_alive_variable_is_vllms() -> None:
     assert not parse_serve_args([], environ={}).keep_alive_on_engine_death
     assert parse_serve_args([], environ={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"}).keep_alive_on_engine_death
+
+
+def test_a_config_file_gives_flags_that_the_command_line_overrides(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "max_model_len: 4k\nmax-num-seqs: 8\nenable_prefix_caching: false\ntrust_remote_code: true\n"
+        "served_model_name: [a, b]\noverride_generation_config: {temperature: 0.5}\nport: 9000\n"
+    )
+    args = parse_serve_args(["--config", str(config), "--port", "9100"], environ={})
+    assert (args.port, args.served_model_names) == (9100, ["a", "b"])
+    engine = args.engine_args
+    assert (engine.max_model_len, engine.max_num_seqs, engine.enable_prefix_caching) == (4000, 8, False)
+    assert args.override_generation_config == {"temperature": 0.5}
+    assert parse_serve_args([f"--config={config}"], environ={}).port == 9000
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "No such file"),
+        ("- a\n", "expected a mapping"),
+        ("max_modl_len: 3\n", "did you mean --max-model-len"),
+    ],
+)
+def test_a_bad_config_file_is_a_clear_error(
+    text: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "serve.yaml"
+    if text is not None:
+        config.write_text(text)
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--config", str(config)], environ={})
+    assert message in capsys.readouterr().err

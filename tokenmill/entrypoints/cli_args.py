@@ -169,6 +169,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--enable-log-requests", action="store_true", help="log one line per request")
     add("--disable-log-requests", action="store_true", help="do not log requests (the default)")
+    add("--config", default=None, help="a YAML file of flags (`max_model_len: 8k`); flags after it win")
     add("--ssl-keyfile", default=None, help="serve HTTPS with this private key (with --ssl-certfile)")
     add("--ssl-certfile", default=None, help="serve HTTPS with this certificate (with --ssl-keyfile)")
     add(
@@ -268,7 +269,6 @@ UNSUPPORTED_VLLM_FLAGS = {
     "--enable-prompt-tokens-details": "usage has no prompt_tokens_details yet",
     "--enable-force-include-usage": "usage is sent when a request asks for it (stream_options)",
     "--middleware": "the server loads no code named on its command line",
-    "--config": "flags are given on the command line (or VLLM_ARGS in the appliance)",
     "--response-role": "chat answers come from the assistant role",
 }
 
@@ -286,7 +286,7 @@ class VllmArgumentParser(argparse.ArgumentParser):
     known one."""
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        args = [dashed_flag(arg) for arg in (sys.argv[1:] if args is None else args)]
+        args = self.with_config_file([dashed_flag(arg) for arg in (sys.argv[1:] if args is None else args)])
         parsed, unknown = self.parse_known_args(args, namespace)
         for item in unknown:
             if item.startswith("-"):
@@ -294,6 +294,42 @@ class VllmArgumentParser(argparse.ArgumentParser):
         if unknown:
             self.error(f"unexpected argument {unknown[0]!r}")
         return parsed
+
+    def with_config_file(self, args: list[str]) -> list[str]:
+        """`--config FILE` (vLLM's): the YAML mapping's flags in its place, so that flags given after it
+        on the command line win. `key: true` is the flag alone, `key: false` its `--no-` form (or nothing,
+        for a plain switch), a list gives the flag its values."""
+        for i, arg in enumerate(args):
+            if arg == "--config" or arg.startswith("--config="):
+                path = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+                rest = args[i + (1 if "=" in arg else 2) :]
+                return [*args[:i], *self.config_file_flags(path), *self.with_config_file(rest)]
+        return args
+
+    def config_file_flags(self, path: str) -> list[str]:
+        import yaml  # only for --config
+
+        if not path:
+            self.error("--config needs a YAML file")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            self.error(f"--config {path}: {exc}")
+        if not isinstance(loaded, dict):
+            self.error(f"--config {path}: expected a mapping of flag names to values")
+        flags: list[str] = []
+        for key, value in loaded.items():
+            flag = "--" + str(key).replace("_", "-")
+            if value is True:
+                flags.append(flag)
+            elif value is False:
+                negated = "--no-" + flag[2:]  # --no-enable-prefix-caching; a plain switch stays off
+                flags += [negated] if negated in self._option_string_actions else []
+            elif isinstance(value, list):
+                flags += [flag, *(str(item) for item in value)]
+            elif value is not None:
+                flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+        return flags
 
     def unknown_flag_message(self, flag: str) -> str:
         if flag in UNSUPPORTED_VLLM_FLAGS:
