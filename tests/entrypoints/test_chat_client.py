@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from unittest import mock
 
@@ -77,6 +79,32 @@ def test_unreachable_server() -> None:
     result = tokenmill("complete", "--url", f"http://127.0.0.1:{port}/v1", "-q", "Once", timeout=60)
     assert result.returncode == 1 and "cannot reach a server" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_portals_starting_up_page_is_one_clear_line() -> None:
+    """Behind the appliance's portal, a server that is still loading answers with its 502 page."""
+    from tokenmill_appliance.portal.proxy import PLACEHOLDER_HTML
+
+    class Placeholder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = PLACEHOLDER_HTML.encode()
+            self.send_response(502)
+            self.send_header("X-Portal-Placeholder", "true")
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Placeholder) as portal:
+        threading.Thread(target=portal.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{portal.server_address[1]}/v1"
+        result = tokenmill("chat", "--url", url, "-q", "hi", timeout=120)
+        portal.shutdown()
+    assert result.returncode == 1 and "not ready yet (502 from the portal)" in result.stderr
+    assert "<html" not in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

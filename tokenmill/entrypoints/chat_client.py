@@ -74,6 +74,8 @@ def describe(err: Any) -> str:
     import openai
 
     if isinstance(err, openai.APIStatusError):
+        if err.response.headers.get("X-Portal-Placeholder") == "true":
+            return f"the server is not ready yet ({err.status_code} from the portal): try again in a moment"
         return f"the server answered {err.status_code}: {_error_message(err)}"
     return f"the server reported an error: {err.message}"
 
