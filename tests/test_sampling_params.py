@@ -70,6 +70,10 @@ from tokenmill.sampling_params import RequestOutputKind, SamplingParams
         ("stop", [f"s{i}" for i in range(1025)]),
         ("stop", ["x" * 4097]),
         ("stop_token_ids", list(range(1025))),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [-1]),
+        ("allowed_token_ids", ["a"]),
+        ("allowed_token_ids", 5),
     ],
 )
 def test_invalid_value_raises_naming_the_field(field: str, value: Any) -> None:
@@ -105,6 +109,9 @@ def test_token_ids_checked_against_the_vocabulary() -> None:
         SamplingParams(logit_bias={100: 1.0}).validate_token_ids(100)
     with pytest.raises(ValueError, match="^stop_token_ids .*100"):
         SamplingParams(stop_token_ids=[100]).validate_token_ids(100)
+    with pytest.raises(ValueError, match="^allowed_token_ids .*100"):
+        SamplingParams(allowed_token_ids=[5, 100]).validate_token_ids(100)
+    assert SamplingParams(allowed_token_ids=(5, 6)).allowed_token_ids == [5, 6]
 
 
 def test_normalizations() -> None:

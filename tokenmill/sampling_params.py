@@ -54,6 +54,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these can be sampled
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -74,6 +75,10 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
+        if self.allowed_token_ids is not None:  # None: every token; [] is refused
+            self.allowed_token_ids = _as_list(
+                self.allowed_token_ids, "allowed_token_ids", "a list of token ids"
+            )
         if self.top_k == -1:
             self.top_k = 0
         # Logprobs unbounded here: the engine's limit (--max-logprobs, 20 by default) is applied when the
@@ -136,6 +141,10 @@ class SamplingParams:
             f"may hold at most {MAX_STOP_ENTRIES} ids",
         )
         _check(all(t >= 0 for t in self.stop_token_ids or []), "stop_token_ids", "must be non-negative")
+        if self.allowed_token_ids is not None:
+            allowed = self.allowed_token_ids
+            _check(bool(allowed), "allowed_token_ids", "must hold at least one token id")
+            _check(all(t >= 0 for t in allowed), "allowed_token_ids", "must be non-negative")
         for token_id, bias in (self.logit_bias or {}).items():
             _check(
                 _is_integer(token_id) and token_id >= 0,
@@ -158,8 +167,9 @@ class SamplingParams:
             _check(_is_number(value), name, f"must be a number, got {value!r}")
             # nan fails every range check, but inf passes the open-ended ones (temperature, repetition).
             _check(not math.isinf(value), name, f"must be finite, got {value!r}")
-        ids = self.stop_token_ids or []
-        _check(all(_is_integer(t) for t in ids), "stop_token_ids", f"must be integers, got {ids!r}")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            ids = getattr(self, name) or []
+            _check(all(_is_integer(t) for t in ids), name, f"must be integers, got {ids!r}")
         _check(
             self.logit_bias is None or isinstance(self.logit_bias, Mapping),
             "logit_bias",
@@ -177,10 +187,12 @@ class SamplingParams:
         )
 
     def validate_token_ids(self, vocab_size: int) -> None:
-        """Check the token ids in logit_bias and stop_token_ids against the model's vocabulary."""
+        """Check the token ids in logit_bias, stop_token_ids and allowed_token_ids against the model's
+        vocabulary."""
         for name, ids in (
             ("logit_bias", self.logit_bias or {}),
             ("stop_token_ids", self.stop_token_ids or []),
+            ("allowed_token_ids", self.allowed_token_ids or []),
         ):
             bad = [t for t in ids if t >= vocab_size]
             _check(not bad, name, f"has token ids {bad} outside the vocabulary (size {vocab_size})")

@@ -230,6 +230,23 @@ def test_logit_bias_forces_a_token() -> None:
     assert tokens[3] != weakest[3]
 
 
+def test_allowed_token_ids_are_all_a_row_can_sample() -> None:
+    logits = random_logits(4)
+    weakest = logits.argmin(dim=-1)
+    allowed = [[int(weakest[0])], [3, 5, 9], [3, 5, 9], None]
+    temperatures = [0, 1, 0, 1]
+    params = [
+        SamplingParams(temperature=t, allowed_token_ids=a) for t, a in zip(temperatures, allowed, strict=True)
+    ]
+    for _ in range(20):
+        tokens = run(logits, params).sampled_token_ids.tolist()
+        assert tokens[0] == int(weakest[0]) and tokens[1] in (3, 5, 9)
+        assert tokens[2] == max((3, 5, 9), key=lambda t: logits[2, t])  # greedy: the best allowed
+    # The unrestricted row is left alone: over 20 draws it leaves the three tokens.
+    draws = {run(logits, params).sampled_token_ids[3].item() for _ in range(20)}
+    assert draws - {3, 5, 9}
+
+
 def test_min_tokens_masks_stop_tokens_until_reached() -> None:
     logits = torch.zeros(4, 8)
     logits[:, 7], logits[:, 6], logits[:, 3] = 5.0, 4.0, 3.0  # 7 = eos, 6 = a stop token id

@@ -34,6 +34,27 @@ class SparseLogits:
 
 
 @dataclass
+class AllowedTokens:
+    """The rows that may sample only some tokens (allowed_token_ids), and those tokens."""
+
+    rows: torch.Tensor  # [num_restricted] int64
+    allowed: SparseLogits  # (row, token id) of every allowed token, values unused
+
+    @classmethod
+    def build(
+        cls, params: list[SamplingParams], vocab_size: int, device: torch.device
+    ) -> AllowedTokens | None:
+        entries = [
+            (row, token_id, 0.0) for row, p in enumerate(params) for token_id in p.allowed_token_ids or []
+        ]
+        allowed = SparseLogits.build(entries, vocab_size, device)
+        if allowed is None:
+            return None
+        rows = [row for row, p in enumerate(params) if p.allowed_token_ids]
+        return cls(to_device(torch.tensor(rows, dtype=torch.int64), device), allowed)
+
+
+@dataclass
 class TopK:
     """The top_k of each row of a batch in which some random row has one."""
 
@@ -79,6 +100,7 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded random rows)
     default_generator: torch.Generator | None  # the other random rows' (the engine's seed); None: torch's
     logit_bias: SparseLogits | None  # added to the logits
+    allowed_tokens: AllowedTokens | None  # every other token of those rows masked (-inf)
     min_tokens_mask: SparseLogits | None  # stop token ids masked (-inf) while output < min_tokens
     penalties: PenaltyTensors | None
     max_num_logprobs: int | None  # widest top-k logprobs any row wants; None: no row wants logprobs
@@ -105,8 +127,13 @@ class SamplingMetadata:
 
     @property
     def no_logits_processing(self) -> bool:
-        """True when the logits go to sampling unchanged by bias, min_tokens or penalties."""
-        return self.logit_bias is None and self.min_tokens_mask is None and self.penalties is None
+        """True when the logits go to sampling unchanged by bias, allowed tokens, min_tokens or penalties."""
+        return (
+            self.logit_bias is None
+            and self.allowed_tokens is None
+            and self.min_tokens_mask is None
+            and self.penalties is None
+        )
 
     @classmethod
     def build(
@@ -148,6 +175,7 @@ class SamplingMetadata:
             generators={i: gen for i, gen in enumerate(generators) if gen is not None and not greedy[i]},
             default_generator=default_generator,
             logit_bias=SparseLogits.build(_logit_bias_entries(params), vocab_size, device),
+            allowed_tokens=AllowedTokens.build(params, vocab_size, device),
             min_tokens_mask=SparseLogits.build(
                 _min_tokens_entries(params, output_token_ids), vocab_size, device
             ),

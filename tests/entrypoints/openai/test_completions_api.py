@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -136,3 +137,26 @@ def test_streamed_logprobs_with_held_back_text_match_the_whole_answer(server) ->
     chunks = [c.choices[0].logprobs for c in client.completions.create(**args, stream=True) if c.choices]
     assert full is not None
     assert [o for lp in chunks if lp for o in lp.text_offset or []] == full.text_offset
+
+
+def test_allowed_token_ids_limit_what_is_generated(server) -> None:
+    """vLLM's extra: only these tokens can be sampled (a classifier's labels, say)."""
+    client = server.client()
+    with server.http() as http:
+        allowed = http.post("/tokenize", json={"prompt": " yes no maybe"}).json()["tokens"]
+        texts = {http.post("/detokenize", json={"tokens": [t]}).json()["prompt"] for t in allowed}
+    for temperature in (0, 1.0):
+        reply = client.completions.create(
+            model="smol",
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=temperature,
+            logprobs=0,
+            extra_body={"allowed_token_ids": allowed, "ignore_eos": True},
+        )
+        logprobs = reply.choices[0].logprobs
+        assert logprobs is not None and logprobs.tokens and set(logprobs.tokens) <= texts, logprobs.tokens
+    with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
+        client.completions.create(
+            model="smol", prompt=PROMPT, max_tokens=2, extra_body={"allowed_token_ids": [10**9]}
+        )

@@ -147,7 +147,6 @@ def test_top_logprobs_zero_needs_no_logprobs() -> None:
         ("guided_choice", ["yes", "no"]),
         ("guided_json", {"type": "object"}),
         ("structured_outputs", {"regex": "a+"}),
-        ("allowed_token_ids", [28]),
         ("truncate_prompt_tokens", 2),
         ("use_beam_search", True),
         ("return_tokens_as_token_ids", True),
@@ -162,7 +161,7 @@ def test_vllm_extras_this_server_lacks_are_refused_not_ignored(field: str, value
             request.to_sampling_params({})
         assert refused.value.param == field
     # Their unset values, and vendor extras this server has never heard of, pass.
-    unset = {"use_beam_search": False, "guided_json": None, "allowed_token_ids": [], "my_vendor_field": 1}
+    unset = {"use_beam_search": False, "guided_json": None, "bad_words": [], "my_vendor_field": 1}
     ChatCompletionRequest.model_validate({"messages": HI, **unset}).to_sampling_params({})
 
 
@@ -174,3 +173,10 @@ def test_completions_refuse_a_response_format_too() -> None:
     CompletionRequest.model_validate({"prompt": "a", "response_format": {"type": "text"}}).to_sampling_params(
         {}
     )
+
+
+def test_allowed_token_ids_reach_the_sampling_params() -> None:
+    chat = ChatCompletionRequest.model_validate({"messages": HI, "allowed_token_ids": [3, 5]})
+    assert chat.to_sampling_params({}).allowed_token_ids == [3, 5]
+    with pytest.raises(InvalidParameterError, match="at least one"):
+        CompletionRequest.model_validate({"prompt": "a", "allowed_token_ids": []}).to_sampling_params({})

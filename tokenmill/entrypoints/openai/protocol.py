@@ -94,7 +94,6 @@ UNSUPPORTED_VLLM_FIELDS: dict[str, Any] = {
     "guided_choice": None,
     "guided_grammar": None,
     "structured_outputs": None,
-    "allowed_token_ids": None,
     "bad_words": None,
     "truncate_prompt_tokens": None,
     "logits_processors": None,
@@ -131,6 +130,7 @@ class SamplingFields(RequestModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
     response_format: ResponseFormat | None = None
 
     def _build_params(
@@ -175,6 +175,7 @@ class SamplingFields(RequestModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=_logit_bias(self.logit_bias),
+            allowed_token_ids=self.allowed_token_ids,
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
