@@ -232,7 +232,7 @@ def test_https_needs_both_files(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize(
     "flags",
-    [["--guided-decoding-backend", "xgrammar"], ["--response-role", "bot"], ["--return-tokens-as-token-ids"]],
+    [["--guided-decoding-backend", "xgrammar"], ["--response-role", "bot"], ["--middleware", "m.Mw"]],
 )
 def test_vllm_flags_of_missing_features_are_refused_with_the_reason(
     flags: list[str], capsys: pytest.CaptureFixture[str]

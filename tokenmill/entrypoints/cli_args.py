@@ -169,6 +169,11 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--enable-log-requests", action="store_true", help="log one line per request")
     add("--disable-log-requests", action="store_true", help="do not log requests (the default)")
+    add(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help="logprobs name their tokens `token_id:N` (a request can ask so itself)",
+    )
     add("--config", default=None, help="a YAML file of flags (`max_model_len: 8k`); flags after it win")
     add("--ssl-keyfile", default=None, help="serve HTTPS with this private key (with --ssl-certfile)")
     add("--ssl-certfile", default=None, help="serve HTTPS with this certificate (with --ssl-keyfile)")
@@ -265,7 +270,6 @@ UNSUPPORTED_VLLM_FLAGS = {
     "--limit-mm-per-prompt": "tokenmill serves text-only models",
     "--guided-decoding-backend": _STRUCTURED,
     "--structured-outputs-config": _STRUCTURED,
-    "--return-tokens-as-token-ids": "logprobs name tokens by their text",
     "--enable-prompt-tokens-details": "usage has no prompt_tokens_details yet",
     "--enable-force-include-usage": "usage is sent when a request asks for it (stream_options)",
     "--middleware": "the server loads no code named on its command line",
@@ -382,6 +386,7 @@ class ServeArgs:
     ssl_certfile: str | None = None
     root_path: str | None = None
     access_log: bool = True
+    return_tokens_as_token_ids: bool = False
     keep_alive_on_engine_death: bool = False
     """Stay up answering 503 after the engine core dies, instead of exiting for a supervisor to restart
     it (vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)."""
@@ -435,6 +440,7 @@ def parse_serve_args(
         ssl_certfile=ns.ssl_certfile,
         root_path=ns.root_path,
         access_log=not ns.disable_uvicorn_access_log,
+        return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
         keep_alive_on_engine_death=env.get(KEEP_ALIVE_ENV_VAR, "").strip().lower() in ("1", "true", "yes"),
     )
 

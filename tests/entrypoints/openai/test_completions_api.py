@@ -160,3 +160,29 @@ def test_allowed_token_ids_limit_what_is_generated(server) -> None:
         client.completions.create(
             model="smol", prompt=PROMPT, max_tokens=2, extra_body={"allowed_token_ids": [10**9]}
         )
+
+
+def test_tokens_as_token_ids_in_logprobs(server) -> None:
+    client = server.client()
+    extra = {"return_tokens_as_token_ids": True}
+    plain = client.completions.create(model="smol", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2)
+    named = client.completions.create(
+        model="smol", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, extra_body=extra
+    )
+    assert named.choices[0].text == plain.choices[0].text
+    tokens = named.choices[0].logprobs.tokens if named.choices[0].logprobs else None
+    assert tokens and all(t.startswith("token_id:") for t in tokens)
+    with server.http() as http:
+        ids = [int(t.removeprefix("token_id:")) for t in tokens]
+        assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == plain.choices[0].text
+    chat = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body=extra,
+    )
+    content = chat.choices[0].logprobs.content if chat.choices[0].logprobs else None
+    assert content and all(e.token.startswith("token_id:") for e in content)
+    assert all(top.token.startswith("token_id:") for e in content for top in e.top_logprobs)

@@ -149,7 +149,6 @@ def test_top_logprobs_zero_needs_no_logprobs() -> None:
         ("structured_outputs", {"regex": "a+"}),
         ("truncate_prompt_tokens", 2),
         ("use_beam_search", True),
-        ("return_tokens_as_token_ids", True),
     ],
 )
 def test_vllm_extras_this_server_lacks_are_refused_not_ignored(field: str, value: object) -> None:

@@ -98,7 +98,6 @@ UNSUPPORTED_VLLM_FIELDS: dict[str, Any] = {
     "truncate_prompt_tokens": None,
     "logits_processors": None,
     "use_beam_search": False,
-    "return_tokens_as_token_ids": False,
 }
 """vLLM's request extras this server does not implement, with their unset values: any other value is
 refused with a 400, not ignored (the answer would silently not be what was asked for)."""
@@ -131,6 +130,7 @@ class SamplingFields(RequestModel):
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
     allowed_token_ids: list[int] | None = None
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens `token_id:N` (vLLM's)
     response_format: ResponseFormat | None = None
 
     def _build_params(

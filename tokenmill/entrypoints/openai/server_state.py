@@ -115,6 +115,7 @@ class ServerState:
             log_requests=self.args.enable_log_requests,
             max_token_bytes=loaded.max_token_bytes,
             max_logprobs=self.args.max_logprobs,
+            return_tokens_as_token_ids=self.args.return_tokens_as_token_ids,
         )
         self._servers = Servers(
             OpenAIServingCompletion(ctx), OpenAIServingChat(ctx), OpenAIServingTokenization(ctx)

@@ -139,17 +139,20 @@ class OpenAIServingChat:
         if not request.logprobs:
             return None
         content = []
+        as_ids = self.ctx.tokens_as_ids(request)
         for token_id, step in zip(out.token_ids, out.logprobs or [], strict=False):
-            content.append(self._token_logprob(token_id, step, request.top_logprobs or 0))
+            content.append(self._token_logprob(token_id, step, request.top_logprobs or 0, as_ids))
         return ChatCompletionLogProbs(content=content)
 
-    def _token_logprob(self, token_id: int, step: dict[int, Logprob], num_top: int) -> ChatCompletionLogProb:
+    def _token_logprob(
+        self, token_id: int, step: dict[int, Logprob], num_top: int, as_ids: bool
+    ) -> ChatCompletionLogProb:
         tokenizer = self.ctx.tokenizer
         chosen = step.get(token_id)
-        token = decoded_token(tokenizer, token_id, chosen)
+        token = decoded_token(tokenizer, token_id, chosen, as_ids)
         top = [
             TopLogprob(
-                token=(t := decoded_token(tokenizer, tid, lp)),
+                token=(t := decoded_token(tokenizer, tid, lp, as_ids)),
                 logprob=clamp_logprob(lp.logprob),
                 bytes=list(t.encode("utf-8", errors="replace")),
             )

@@ -129,7 +129,9 @@ class OpenAIServingCompletion:
             steps: list[dict[int, Logprob] | None] = list(out.logprobs or [])
             if request.echo:
                 token_ids, steps = with_prompt(final, token_ids, steps)
-            logprobs = self._logprobs(token_ids, steps, request.logprobs)
+            logprobs = self._logprobs(
+                token_ids, steps, request.logprobs, as_ids=self.ctx.tokens_as_ids(request)
+            )
         return CompletionResponseChoice(
             index=index,
             text=text,
@@ -142,12 +144,17 @@ class OpenAIServingCompletion:
         )
 
     def _logprobs(
-        self, token_ids: list[int], steps: Sequence[dict[int, Logprob] | None], num_top: int, offset: int = 0
+        self,
+        token_ids: list[int],
+        steps: Sequence[dict[int, Logprob] | None],
+        num_top: int,
+        offset: int = 0,
+        as_ids: bool = False,
     ) -> CompletionLogProbs:
         result = CompletionLogProbs()
         for token_id, step in zip(token_ids, steps, strict=False):
             chosen = step.get(token_id) if step else None
-            token = decoded_token(self.ctx.tokenizer, token_id, chosen)
+            token = decoded_token(self.ctx.tokenizer, token_id, chosen, as_ids)
             result.tokens.append(token)
             result.text_offset.append(offset)
             offset += len(token)
@@ -159,7 +166,7 @@ class OpenAIServingCompletion:
                 continue
             result.token_logprobs.append(clamp_logprob(chosen.logprob))
             top = {
-                decoded_token(self.ctx.tokenizer, tid, lp): clamp_logprob(lp.logprob)
+                decoded_token(self.ctx.tokenizer, tid, lp, as_ids): clamp_logprob(lp.logprob)
                 for tid, lp in top_entries(step, num_top)
             }
             top.setdefault(token, clamp_logprob(chosen.logprob))
@@ -196,7 +203,8 @@ class OpenAIServingCompletion:
                         token_ids, steps = with_prompt(output, token_ids, steps)
                     offset = offsets.get(index, 0)
                     if request.logprobs is not None:
-                        logprobs = self._logprobs(token_ids, steps, request.logprobs, offset)
+                        as_ids = self.ctx.tokens_as_ids(request)
+                        logprobs = self._logprobs(token_ids, steps, request.logprobs, offset, as_ids)
                         offset += sum(map(len, logprobs.tokens))
                     offsets[index] = offset
                     usage.completion_tokens += len(out.token_ids)

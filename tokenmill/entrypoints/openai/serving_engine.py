@@ -40,6 +40,11 @@ class ServingContext:
     log_requests: bool = False
     max_token_bytes: int | None = None  # `longest_token_bytes` of the tokenizer; None: no bound
     max_logprobs: int = MAX_TOP_LOGPROBS  # --max-logprobs; -1: no limit
+    return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids
+
+    def tokens_as_ids(self, request: Any) -> bool:
+        """Whether logprobs name tokens by id for this request (its own field, or the server's flag)."""
+        return self.return_tokens_as_token_ids or bool(getattr(request, "return_tokens_as_token_ids", False))
 
     @property
     def model_name(self) -> str:
@@ -232,7 +237,11 @@ def clamp_logprob(value: float) -> float:
     return max(value, MIN_LOGPROB)
 
 
-def decoded_token(tokenizer: Any, token_id: int, logprob: Logprob | None) -> str:
+def decoded_token(tokenizer: Any, token_id: int, logprob: Logprob | None, as_id: bool = False) -> str:
+    """A logprob entry's token: its text, or `token_id:N` (vLLM's return_tokens_as_token_ids), which
+    names tokens whose bytes are no whole character."""
+    if as_id:
+        return f"token_id:{token_id}"
     if logprob is not None and logprob.decoded_token is not None:
         return logprob.decoded_token
     return str(tokenizer.decode([token_id]))
