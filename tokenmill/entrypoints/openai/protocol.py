@@ -1,7 +1,9 @@
 """Every request and response model of the OpenAI-compatible API, with vLLM's extra sampling fields.
 
-Requests accept unknown fields (clients send vendor extras); `to_sampling_params()` turns a request into
-`SamplingParams`, raising ValueError (mapped to 400) for values the engine cannot honour.
+Requests accept unknown fields (clients send vendor extras), except vLLM's extras for features this server
+lacks (`UNSUPPORTED_VLLM_FIELDS`), and take an explicit null as "not given" (`RequestModel`).
+`to_sampling_params()` turns a request into `SamplingParams`, raising ValueError (mapped to 400) for values
+the engine cannot honour.
 """
 
 from __future__ import annotations

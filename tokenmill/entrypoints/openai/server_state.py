@@ -126,7 +126,7 @@ class ServerState:
         """The core died. While loading, `load()` reports it. Once serving, /health and every request say
         why with a 503 for `engine_death_grace_s`, then the server stops with exit status 1 so that its
         supervisor starts a fresh one, as vLLM's does; one kept alive goes on answering 503."""
-        if self._servers is None or self.args.keep_alive_on_engine_death:
+        if self._servers is None or self.args.keep_alive_on_engine_death or self.engine_death is not None:
             return
         logger.error(
             "the engine core died (%s): the server stops in %.0f s, for its supervisor to restart it",
