@@ -186,3 +186,31 @@ def test_tokens_as_token_ids_in_logprobs(server) -> None:
     content = chat.choices[0].logprobs.content if chat.choices[0].logprobs else None
     assert content and all(e.token.startswith("token_id:") for e in content)
     assert all(top.token.startswith("token_id:") for e in content for top in e.top_logprobs)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(server) -> None:
+    client = server.client()
+    with server.http() as http:
+        ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+        kept_text = http.post("/detokenize", json={"tokens": ids[-3:]}).json()["prompt"]
+    for prompt in (PROMPT, ids):
+        reply = client.completions.create(
+            model="smol",
+            prompt=prompt,
+            max_tokens=1,
+            echo=True,
+            extra_body={"truncate_prompt_tokens": 3},
+        )
+        assert reply.usage is not None and reply.usage.prompt_tokens == 3
+        assert reply.choices[0].text.startswith(kept_text)
+    chat = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=1,
+        extra_body={"truncate_prompt_tokens": 5},
+    )
+    assert chat.usage is not None and chat.usage.prompt_tokens == 5
+    with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens"):
+        client.completions.create(
+            model="smol", prompt=PROMPT, max_tokens=1, extra_body={"truncate_prompt_tokens": 0}
+        )

@@ -147,7 +147,6 @@ def test_top_logprobs_zero_needs_no_logprobs() -> None:
         ("guided_choice", ["yes", "no"]),
         ("guided_json", {"type": "object"}),
         ("structured_outputs", {"regex": "a+"}),
-        ("truncate_prompt_tokens", 2),
         ("use_beam_search", True),
     ],
 )

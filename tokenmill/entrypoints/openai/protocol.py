@@ -97,7 +97,6 @@ UNSUPPORTED_VLLM_FIELDS: dict[str, Any] = {
     "guided_grammar": None,
     "structured_outputs": None,
     "bad_words": None,
-    "truncate_prompt_tokens": None,
     "logits_processors": None,
     "use_beam_search": False,
 }
@@ -133,6 +132,7 @@ class SamplingFields(RequestModel):
     prompt_logprobs: int | None = None
     allowed_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool = False  # logprobs name tokens `token_id:N` (vLLM's)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens; -1: the context's worth
     response_format: ResponseFormat | None = None
 
     def _build_params(
@@ -148,6 +148,17 @@ class SamplingFields(RequestModel):
         params = self._sampling_params(max_tokens, logprobs, defaults)
         params.validate(max_logprobs)  # the server's --max-logprobs, not the default 20
         return params
+
+    def kept_prompt_tokens(self, max_model_len: int) -> int | None:
+        """How many of the prompt's last tokens truncate_prompt_tokens keeps; None: all of them."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return None
+        if keep == -1:
+            return max_model_len
+        if keep < 1:
+            raise InvalidParameterError("truncate_prompt_tokens", f"must be -1 or at least 1, got {keep}")
+        return keep
 
     def _refuse_unsupported(self) -> None:
         if self.response_format is not None and self.response_format.type != "text":

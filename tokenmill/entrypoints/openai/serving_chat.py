@@ -81,7 +81,10 @@ class OpenAIServingChat:
             params = request.to_sampling_params(self.ctx.default_sampling, self.ctx.max_logprobs)
             conversation = request.conversation()
             text = await engine.run_in_executor(render_chat_prompt, self.ctx, request, conversation)
-            token_ids = await self.ctx.encode(text, request.add_special_tokens)
+            keep = request.kept_prompt_tokens(engine.max_model_len)
+            token_ids = await self.ctx.encode(text, request.add_special_tokens, keep)
+            if keep is not None:
+                text = await engine.run_in_executor(self.ctx.tokenizer.decode, token_ids)
             is_explicit = request.requested_max_tokens is not None
             params = self.ctx.fit_default_max_tokens(params, is_explicit, len(token_ids))
         except ValueError as err:

@@ -75,20 +75,24 @@ class OpenAIServingCompletion:
             )
 
     async def _tokenize(self, request: CompletionRequest) -> list[tuple[str, list[int]]]:
+        """(text, token ids) per prompt; a truncated prompt's text is that of the tokens it keeps."""
         tokenizer = self.ctx.tokenizer
+        keep = request.kept_prompt_tokens(self.ctx.engine.max_model_len)
         results = []
         for prompt in request.prompts():
             if isinstance(prompt, str):
                 if not prompt:
                     raise ValueError("prompt must not be empty")
-                ids = await self.ctx.encode(prompt, request.add_special_tokens)
-                results.append((prompt, ids))
+                ids = await self.ctx.encode(prompt, request.add_special_tokens, keep)
+                if keep is None:
+                    results.append((prompt, ids))
+                    continue
             else:
-                self.ctx.check_prompt_length(len(prompt))
-                if any(not 0 <= t < len(tokenizer) for t in prompt):
+                ids = list(prompt) if keep is None else list(prompt[-keep:])
+                self.ctx.check_prompt_length(len(ids))
+                if any(not 0 <= t < len(tokenizer) for t in ids):
                     raise ValueError(f"prompt token ids must be between 0 and {len(tokenizer) - 1}")
-                text = await self.ctx.engine.run_in_executor(tokenizer.decode, prompt)
-                results.append((text, list(prompt)))
+            results.append((await self.ctx.engine.run_in_executor(tokenizer.decode, ids), ids))
         return results
 
     async def _collect(

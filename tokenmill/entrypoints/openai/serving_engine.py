@@ -63,17 +63,20 @@ class ServingContext:
             )
         return name
 
-    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool, keep: int | None = None) -> list[int]:
         """The token ids of a prompt's text, on the tokenizer thread; a text too long for any prompt is
-        refused before tokenizing it (a few MB of text hold the thread for seconds)."""
+        refused before tokenizing it (a few MB of text hold the thread for seconds), unless only its last
+        `keep` tokens are wanted (truncate_prompt_tokens; the request body's limit bounds it then)."""
         max_len, num_bytes = self.engine.max_model_len, len(text.encode("utf-8"))
-        if self.max_token_bytes is not None and num_bytes > max_len * self.max_token_bytes:
+        too_long = self.max_token_bytes is not None and num_bytes > max_len * self.max_token_bytes
+        if too_long and keep is None:
             raise ValueError(
                 f"the prompt is {num_bytes} bytes, more than this model's maximum context length of "
                 f"{max_len} tokens can hold (a token covers at most {self.max_token_bytes} bytes): "
                 "shorten the prompt"
             )
-        return await self.engine.run_in_executor(encode, self.tokenizer, text, add_special_tokens)
+        ids = await self.engine.run_in_executor(encode, self.tokenizer, text, add_special_tokens)
+        return ids if keep is None else ids[-keep:]
 
     def check_prompt_length(self, num_tokens: int) -> None:
         """Refuses a token-id prompt longer than the context before any work is done on it."""
