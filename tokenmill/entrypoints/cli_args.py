@@ -174,6 +174,16 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="logprobs name their tokens `token_id:N` (a request can ask so itself)",
     )
+    add(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="usage says how many prompt tokens came from the prefix cache (prompt_tokens_details)",
+    )
+    add(
+        "--enable-force-include-usage",
+        action="store_true",
+        help="every stream ends with a usage chunk, asked for or not",
+    )
     add("--config", default=None, help="a YAML file of flags (`max_model_len: 8k`); flags after it win")
     add("--ssl-keyfile", default=None, help="serve HTTPS with this private key (with --ssl-certfile)")
     add("--ssl-certfile", default=None, help="serve HTTPS with this certificate (with --ssl-keyfile)")
@@ -270,8 +280,6 @@ UNSUPPORTED_VLLM_FLAGS = {
     "--limit-mm-per-prompt": "tokenmill serves text-only models",
     "--guided-decoding-backend": _STRUCTURED,
     "--structured-outputs-config": _STRUCTURED,
-    "--enable-prompt-tokens-details": "usage has no prompt_tokens_details yet",
-    "--enable-force-include-usage": "usage is sent when a request asks for it (stream_options)",
     "--middleware": "the server loads no code named on its command line",
     "--response-role": "chat answers come from the assistant role",
 }
@@ -387,6 +395,8 @@ class ServeArgs:
     root_path: str | None = None
     access_log: bool = True
     return_tokens_as_token_ids: bool = False
+    enable_prompt_tokens_details: bool = False
+    enable_force_include_usage: bool = False
     keep_alive_on_engine_death: bool = False
     """Stay up answering 503 after the engine core dies, instead of exiting for a supervisor to restart
     it (vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)."""
@@ -441,6 +451,8 @@ def parse_serve_args(
         root_path=ns.root_path,
         access_log=not ns.disable_uvicorn_access_log,
         return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
+        enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+        enable_force_include_usage=ns.enable_force_include_usage,
         keep_alive_on_engine_death=env.get(KEEP_ALIVE_ENV_VAR, "").strip().lower() in ("1", "true", "yes"),
     )
 

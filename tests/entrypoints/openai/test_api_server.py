@@ -23,6 +23,7 @@ from tokenmill.entrypoints.openai.server_state import ServerState
 from tokenmill.metrics.stats import SchedulerStats
 
 REPLY = "<think>plan it</think>The answer."
+CACHED = 16  # prompt tokens each request finds in the prefix cache
 HI = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -56,7 +57,8 @@ class ScriptedCore:
     def answer(self, request_id: str) -> None:
         for i, token_id in enumerate(self.token_ids):
             finish = FinishReason.LENGTH if i == len(self.token_ids) - 1 else None
-            self.on_message(CoreOutputs([EngineCoreOutput(request_id, [token_id], finish_reason=finish)]))
+            output = EngineCoreOutput(request_id, [token_id], finish_reason=finish, num_cached_tokens=CACHED)
+            self.on_message(CoreOutputs([output]))
 
     def release(self) -> None:
         for request_id in self.held:
@@ -134,6 +136,34 @@ def test_an_engine_death_stops_the_server_unless_it_is_kept_alive(
         time.sleep(1.0)
         assert state.server.should_exit is not keep_alive  # then it stops, unless kept alive
         assert (state.engine_death is None) is keep_alive
+
+
+def stream_lines(client: TestClient, path: str, body: dict[str, Any]) -> list[str]:
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
+        return [line for line in response.iter_lines() if line]
+
+
+def test_usage_details_and_forced_usage_chunks(make_app: Callable[..., TestClient]) -> None:
+    prompt = {"model": "SmolLM2-135M-Instruct", "prompt": "hi", "max_tokens": 5}
+    default = make_app()
+    ScriptedCore.ready.set()
+    wait_status(default, 200)
+    assert default.post("/v1/chat/completions", json=HI).json()["usage"]["prompt_tokens_details"] is None
+    last = json.loads(stream_lines(default, "/v1/chat/completions", HI)[-2].removeprefix("data: "))
+    assert last["choices"] and last.get("usage") is None  # no usage chunk: not asked for
+    flagged = make_app("--enable-prompt-tokens-details", "--enable-force-include-usage")
+    wait_status(flagged, 200)
+    for path, body in (("/v1/chat/completions", HI), ("/v1/completions", prompt)):
+        usage = flagged.post(path, json=body).json()["usage"]
+        assert usage["prompt_tokens_details"] == {"cached_tokens": CACHED}
+        lines = stream_lines(flagged, path, body)
+        assert lines[-1] == "data: [DONE]"
+        last = json.loads(lines[-2].removeprefix("data: "))
+        assert last["choices"] == [] and last["usage"]["prompt_tokens_details"] == {"cached_tokens": CACHED}
+        assert (
+            last["usage"]["total_tokens"]
+            == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+        )
 
 
 def test_reasoning_content(app_client: TestClient) -> None:

@@ -116,6 +116,8 @@ class ServerState:
             max_token_bytes=loaded.max_token_bytes,
             max_logprobs=self.args.max_logprobs,
             return_tokens_as_token_ids=self.args.return_tokens_as_token_ids,
+            enable_prompt_tokens_details=self.args.enable_prompt_tokens_details,
+            enable_force_include_usage=self.args.enable_force_include_usage,
         )
         self._servers = Servers(
             OpenAIServingCompletion(ctx), OpenAIServingChat(ctx), OpenAIServingTokenization(ctx)

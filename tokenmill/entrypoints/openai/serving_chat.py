@@ -126,9 +126,7 @@ class OpenAIServingChat:
             )
         num_prompt = len(final.prompt_token_ids)
         num_generated = sum(len(out.token_ids) for out in final.outputs)
-        usage = UsageInfo(
-            prompt_tokens=num_prompt, completion_tokens=num_generated, total_tokens=num_prompt + num_generated
-        )
+        usage = self.ctx.usage(num_prompt, num_generated, final.num_cached_tokens)
         prompt_logprobs = (
             prompt_logprobs_json(final.prompt_logprobs) if request.prompt_logprobs is not None else None
         )
@@ -182,18 +180,20 @@ class OpenAIServingChat:
             {i: self.reasoning.stream() for i in range(n)} if self.reasoning else {}
         )
         usage = UsageInfo(prompt_tokens=num_prompt_tokens)  # the role chunk's usage counts the prompt
+        num_cached = 0
         continuous = request.stream_options is not None and request.stream_options.continuous_usage_stats
 
         def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
             body = ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices)
             if continuous:
-                body.usage = _total(usage)
+                body.usage = self.ctx.usage(usage.prompt_tokens, usage.completion_tokens, num_cached)
             return sse(body)
 
         role = DeltaMessage(role="assistant", content="")
         yield chunk([ChatCompletionStreamChoice(index=i, delta=role) for i in range(n)])
         try:
             async for output in generator:
+                num_cached = output.num_cached_tokens
                 for out in output.outputs:
                     usage.completion_tokens += len(out.token_ids)
                     choice = self._delta_choice(request, out, streams.get(out.index))
@@ -201,9 +201,10 @@ class OpenAIServingChat:
                         yield chunk([choice])
         finally:
             await generator.aclose()
-        if request.stream_options is not None and request.stream_options.include_usage:
+        if self.ctx.streams_usage(request):
+            totals = self.ctx.usage(usage.prompt_tokens, usage.completion_tokens, num_cached)
             body = ChatCompletionStreamResponse(
-                id=request_id, created=created, model=model, choices=[], usage=_total(usage)
+                id=request_id, created=created, model=model, choices=[], usage=totals
             )
             yield sse(body)
 
@@ -227,11 +228,3 @@ class OpenAIServingChat:
             finish_reason=out.finish_reason,
             stop_reason=out.stop_reason,
         )
-
-
-def _total(usage: UsageInfo) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.prompt_tokens + usage.completion_tokens,
-    )

@@ -106,15 +106,16 @@ class OpenAIServingCompletion:
         finals: dict[int, RequestOutput] = {}
         async for index, output in merged:
             finals[index] = output
-        choices, usage = [], UsageInfo()
+        choices, num_prompt, num_generated, num_cached = [], 0, 0, 0
         for prompt_index in sorted(finals):
             final = finals[prompt_index]
-            usage.prompt_tokens += len(final.prompt_token_ids)
+            num_prompt += len(final.prompt_token_ids)
+            num_cached += final.num_cached_tokens
             for out in sorted(final.outputs, key=lambda o: o.index):
                 out = generated(request, out)
-                usage.completion_tokens += len(out.token_ids)
+                num_generated += len(out.token_ids)
                 choices.append(self._choice(request, params, final, out, prompt_index * params.n + out.index))
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        usage = self.ctx.usage(num_prompt, num_generated, num_cached)
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
 
     def _choice(
@@ -187,7 +188,7 @@ class OpenAIServingCompletion:
         num_prompts: int,
     ) -> AsyncGenerator[str, None]:
         created = int(time.time())
-        usage = UsageInfo()
+        usage, num_cached = UsageInfo(), 0
         echoed: set[int] = set()
         # Per choice: where its next logprob token starts in its text. Counted over the tokens, not the
         # text sent so far, which lags while text is held back (a possible stop string).
@@ -197,6 +198,7 @@ class OpenAIServingCompletion:
                 if prompt_index not in echoed:
                     echoed.add(prompt_index)
                     usage.prompt_tokens += len(output.prompt_token_ids)
+                    num_cached += output.num_cached_tokens
                 for out in (generated(request, o) for o in output.outputs):
                     index = prompt_index * params.n + out.index
                     text, logprobs = out.text, None
@@ -221,12 +223,14 @@ class OpenAIServingCompletion:
                     )
                     chunk = _chunk(request_id, created, model, [choice])
                     if _continuous_usage(request):
-                        chunk["usage"] = _usage(usage).model_dump()
+                        totals = self.ctx.usage(usage.prompt_tokens, usage.completion_tokens, num_cached)
+                        chunk["usage"] = totals.model_dump()
                     yield sse(chunk)
         finally:
             await merged.aclose()
-        if request.stream_options is not None and request.stream_options.include_usage:
-            yield sse(_chunk(request_id, created, model, [], usage=_usage(usage)))
+        if self.ctx.streams_usage(request):
+            totals = self.ctx.usage(usage.prompt_tokens, usage.completion_tokens, num_cached)
+            yield sse(_chunk(request_id, created, model, [], usage=totals))
 
 
 def generated(request: CompletionRequest, out: CompletionOutput) -> CompletionOutput:
@@ -242,14 +246,6 @@ def with_prompt(
     """The prompt's tokens and logprob steps ahead of the generated ones (echo)."""
     prompt_steps = output.prompt_logprobs or [None] * len(output.prompt_token_ids)
     return list(output.prompt_token_ids) + token_ids, list(prompt_steps) + steps
-
-
-def _usage(usage: UsageInfo) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.prompt_tokens + usage.completion_tokens,
-    )
 
 
 def _continuous_usage(request: CompletionRequest) -> bool:

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
 from tokenmill.engine.outputs import Logprob, PromptLogprobs
 from tokenmill.entrypoints.openai.errors import APIError, error_body
+from tokenmill.entrypoints.openai.protocol import PromptTokensDetails, UsageInfo
 from tokenmill.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,24 @@ class ServingContext:
     max_token_bytes: int | None = None  # `longest_token_bytes` of the tokenizer; None: no bound
     max_logprobs: int = MAX_TOP_LOGPROBS  # --max-logprobs; -1: no limit
     return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids
+    enable_prompt_tokens_details: bool = False  # --enable-prompt-tokens-details
+    enable_force_include_usage: bool = False  # --enable-force-include-usage
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+        details = (
+            PromptTokensDetails(cached_tokens=cached_tokens) if self.enable_prompt_tokens_details else None
+        )
+        return UsageInfo(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=details,
+        )
+
+    def streams_usage(self, request: Any) -> bool:
+        """Whether a stream ends with a usage chunk: asked for (stream_options), or always (the flag)."""
+        options = request.stream_options
+        return self.enable_force_include_usage or (options is not None and options.include_usage)
 
     def tokens_as_ids(self, request: Any) -> bool:
         """Whether logprobs name tokens by id for this request (its own field, or the server's flag)."""
