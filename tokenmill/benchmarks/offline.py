@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.engine.arg_utils import EngineArgs
-from tokenmill.entrypoints.cli_args import VllmArgumentParser, add_engine_flags, engine_args_from
+from tokenmill.entrypoints.cli_args import add_engine_flags, engine_args_from
+from tokenmill.entrypoints.vllm_parser import VllmArgumentParser
 
 # Token ids below this are left out of random prompts: most vocabularies put their special tokens there.
 FIRST_PROMPT_ID = 100
