@@ -14,12 +14,13 @@ from collections.abc import Mapping
 
 _NAME = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*)")
 _OPERATORS = ";&|"
+_SPECIAL_PARAMETERS = "$?#@*!-0123456789"
 _ESCAPED_IN_DOUBLE_QUOTES = '$`"\\\n'
 
 
 def split(text: str, env: Mapping[str, str] | None = None) -> list[str]:
     """`text`'s words; `$` expansions from `env`, or none at all (every `$` literal) when it is None.
-    Raises ValueError on an unclosed quote or a trailing backslash."""
+    Raises ValueError on an unclosed quote."""
     return _Splitter(text, env).words()
 
 
@@ -67,7 +68,7 @@ class _Splitter:
 
     def escaped(self, backslash: str) -> str:
         if self.i >= len(self.text):
-            raise ValueError("No escaped character")
+            return backslash  # a trailing backslash stays, as in bash
         ch = self.text[self.i]
         self.i += 1
         return "" if ch == "\n" else ch
@@ -96,6 +97,9 @@ class _Splitter:
     def expansion(self) -> str:
         """The value of the `$NAME`/`${NAME}` at the cursor, or a literal `$` where no name follows."""
         env = self.env
+        if self.i < len(self.text) and self.text[self.i] in _SPECIAL_PARAMETERS:
+            self.i += 1  # `$$`, `$1`, `$?`...: sh's own, never expanded here
+            return "$" + self.text[self.i - 1]
         if env is None or (match := _NAME.match(self.text, self.i)) is None:
             return "$"
         self.i = match.end()

@@ -117,6 +117,7 @@ def test_vllm_args_expand_env_vars_only(tmp_path: Path) -> None:
         ("--x $EMPTY $UNSET \"$EMPTY\" ''", ["--x", "", ""]),  # empty unquoted words vanish
         ("--chat-template '{{ messages }}' a\\ b", ["--chat-template", "{{ messages }}", "a b"]),
         ("a;b && c", ["a", ";", "b", "&&", "c"]),  # operators are words, never run
+        ("--x $$ $1 a\\", ["--x", "$$", "$1", "a\\"]),  # special parameters stay; a trailing \\ too
     ],
 )
 def test_vllm_args_follow_sh_rules(vllm_args: str, words: list[str]) -> None:
