@@ -202,6 +202,21 @@ def test_an_api_key_goes_through_the_environment(tmp_path: Path, given: str) -> 
     assert launch.env == {"VLLM_API_KEY": "sk-secret"}
 
 
+def test_several_api_keys_go_through_the_environment_one_a_line(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, VLLM_ARGS="--api-key sk-a sk-b --max-num-seqs 4 --api_key=sk-c")
+    launch = vllm(settings, parse_portal_config("localhost:8000:18000:/docs:vLLM API"))
+    assert isinstance(launch, Launch) and launch.env == {"VLLM_API_KEY": "sk-c"}  # the last flag wins
+    settings = settings_for(tmp_path, VLLM_ARGS="--max-num-seqs 4 --api-key sk-a sk-b")
+    launch = vllm(settings, parse_portal_config("localhost:8000:18000:/docs:vLLM API"))
+    assert isinstance(launch, Launch) and launch.env == {"VLLM_API_KEY": "sk-a\nsk-b"}
+    assert "sk-" not in " ".join(launch.command) and launch.command[-3:] == ["4", "--port", "18000"]
+    assert engine_api_key(settings, {}) == "sk-a"
+    # And `tokenmill serve` takes each line as a key.
+    from tokenmill.entrypoints.cli_args import parse_serve_args
+
+    assert parse_serve_args([], environ=launch.env).api_keys == ["sk-a", "sk-b"]
+
+
 def test_engine_api_key_is_the_one_the_server_requires(tmp_path: Path) -> None:
     """The portal asks the engine for its model name with this key."""
     keyed = settings_for(tmp_path, VLLM_ARGS="--port 18000 --api-key=sk-args")

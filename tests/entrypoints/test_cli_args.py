@@ -278,3 +278,10 @@ def test_a_bad_config_file_is_a_clear_error(
     with pytest.raises(SystemExit):
         parse_serve_args(["--config", str(config)], environ={})
     assert message in capsys.readouterr().err
+
+
+def test_several_api_keys_as_in_vllm() -> None:
+    args = parse_serve_args(["--api-key", "a", "b"], environ={"VLLM_API_KEY": "env"})
+    assert args.api_keys == ["a", "b"] and args.api_key == "a"  # the flag wins over the environment
+    assert parse_serve_args([], environ={"VLLM_API_KEY": "env"}).api_keys == ["env"]
+    assert parse_serve_args([], environ={}).api_keys == []

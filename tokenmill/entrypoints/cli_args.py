@@ -115,8 +115,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     add("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})")
     add(
         "--api-key",
+        nargs="+",
         default=None,
-        help="require this bearer key on the API (also VLLM_API_KEY, TOKENMILL_API_KEY)",
+        help="require one of these bearer keys on the API (also VLLM_API_KEY, TOKENMILL_API_KEY)",
     )
     add("--chat-template", default=None, help="a Jinja chat template: a file path or the template itself")
     add(
@@ -287,7 +288,7 @@ class ServeArgs:
     served_model_names: list[str]
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    api_key: str | None = None
+    api_keys: list[str] = field(default_factory=list)  # any one of them lets a request in; none: open
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     generation_config: str = "auto"
@@ -310,10 +311,22 @@ class ServeArgs:
     """Stay up answering 503 after the engine core dies, instead of exiting for a supervisor to restart
     it (vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)."""
 
+    @property
+    def api_key(self) -> str | None:
+        """The first key (the only one, usually)."""
+        return self.api_keys[0] if self.api_keys else None
+
+
+def api_keys_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The keys in VLLM_API_KEY (else TOKENMILL_API_KEY): one, as in vLLM, or several, one a line (how
+    the appliance passes VLLM_ARGS' `--api-key a b`; no key can hold a newline)."""
+    env = os.environ if environ is None else environ
+    value = next((env[name] for name in API_KEY_ENV_VARS if env.get(name)), "")
+    return [key for key in value.splitlines() if key]
+
 
 def api_key_from_env(environ: Mapping[str, str] | None = None) -> str | None:
-    env = os.environ if environ is None else environ
-    return next((env[name] for name in API_KEY_ENV_VARS if env.get(name)), None)
+    return next(iter(api_keys_from_env(environ)), None)
 
 
 def parse_serve_args(
@@ -337,13 +350,13 @@ def parse_serve_args(
     if (ns.ssl_keyfile is None) != (ns.ssl_certfile is None):
         fail("HTTPS needs both --ssl-keyfile and --ssl-certfile")
     env = os.environ if environ is None else environ
-    api_key = ns.api_key or api_key_from_env(env)
+    api_keys = ns.api_key or api_keys_from_env(env)
     return ServeArgs(
         engine_args=engine_args,
         served_model_names=names,
         host=ns.host,
         port=ns.port,
-        api_key=api_key,
+        api_keys=api_keys,
         chat_template=load_chat_template(ns.chat_template, fail),
         trust_request_chat_template=ns.trust_request_chat_template,
         generation_config=ns.generation_config,

@@ -132,28 +132,32 @@ def has_option(args: list[str], flag: str) -> bool:
     return any(dashed(arg) == flag or dashed(arg).startswith(f"{flag}=") for arg in args)
 
 
-def option_value(args: list[str], flag: str) -> str | None:
-    """The value of the last `flag VALUE` or `flag=VALUE` in `args`."""
-    value = None
-    for arg, following in zip(args, [*args[1:], None], strict=True):
-        if dashed(arg) == flag and following is not None:
-            value = following
+def option_values(args: list[str], flag: str) -> list[str]:
+    """The values of the last `flag V1 V2 ...` (every word up to the next flag) or `flag=V` in `args`."""
+    values: list[str] = []
+    for i, arg in enumerate(args):
+        if dashed(arg) == flag:
+            following = args[i + 1 :]
+            end = next((j for j, word in enumerate(following) if word.startswith("-")), len(following))
+            values = following[:end]
         elif dashed(arg).startswith(f"{flag}="):
-            value = arg.partition("=")[2]
-    return value
+            values = [arg.partition("=")[2]]
+    return values
 
 
-def without_option(args: list[str], flag: str) -> list[str]:
-    """`args` without `flag VALUE` and `flag=VALUE`."""
+def without_option(args: list[str], flag: str, many: bool = False) -> list[str]:
+    """`args` without `flag VALUE` and `flag=VALUE`; `many`: without every value up to the next flag."""
     kept: list[str] = []
-    skip_value = False
+    skipping = skip_one = False
     for arg in args:
-        if skip_value:
-            skip_value = False
+        if skip_one or (skipping and not arg.startswith("-")):
+            skip_one = False
         elif dashed(arg) == flag:
-            skip_value = True
-        elif not dashed(arg).startswith(f"{flag}="):
-            kept.append(arg)
+            skipping, skip_one = many, True
+        else:
+            skipping = False
+            if not dashed(arg).startswith(f"{flag}="):
+                kept.append(arg)
     return kept
 
 
@@ -166,8 +170,9 @@ def engine_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> 
     """The key the `vllm` program's server requires: `--api-key` in VLLM_ARGS, else the environment
     variables `tokenmill serve` reads (VLLM_API_KEY, TOKENMILL_API_KEY); None when it requires none."""
     env = os.environ if env is None else env
-    key = option_value(split_args(settings.vllm_args, env), "--api-key")
-    return key or env.get("VLLM_API_KEY") or env.get("TOKENMILL_API_KEY") or None
+    keys = option_values(split_args(settings.vllm_args, env), "--api-key")
+    from_env = env.get("VLLM_API_KEY") or env.get("TOKENMILL_API_KEY") or ""
+    return next(iter(keys or from_env.splitlines()), None)  # the first, where several are given
 
 
 def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
@@ -182,12 +187,14 @@ def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
             f"AUTO_PARALLEL added --tensor-parallel-size {size} (the GPU count), but tokenmill serves a "
             "model on one GPU: set AUTO_PARALLEL=false or GPU_COUNT=1 to serve on the first one",
         )
-    api_key = option_value(argv, "--api-key")
-    if api_key is None:
+    api_keys = option_values(argv, "--api-key")
+    if not api_keys:
         return Launch([*tokenmill_command(), *argv], cwd=settings.workspace, notes=notes)
-    # Through the environment, which `ps` does not show to other users, not on the command line.
-    argv = without_option(argv, "--api-key")
-    env = {"VLLM_API_KEY": api_key}
+    # Through the environment, which `ps` does not show to other users, not on the command line (nor in
+    # the "starting:" log line). Several keys go one a line: no key can hold a newline (an HTTP header
+    # cannot), and `tokenmill serve` reads each line as a key.
+    argv = without_option(argv, "--api-key", many=True)
+    env = {"VLLM_API_KEY": "\n".join(api_keys)}
     return Launch([*tokenmill_command(), *argv], cwd=settings.workspace, env=env, notes=notes)
 
 

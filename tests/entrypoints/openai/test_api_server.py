@@ -210,6 +210,15 @@ def test_auth_and_cors(app_client: TestClient) -> None:
     )
 
 
+def test_any_of_several_api_keys_lets_a_request_in(make_app: Callable[..., TestClient]) -> None:
+    """vLLM's `--api-key` takes several keys (one per client, say)."""
+    client = make_app("--api-key", "k", "second")
+    ScriptedCore.ready.set()
+    wait_status(client, 200)
+    for key, status in (("k", 200), ("second", 200), ("secon", 401), ("k second", 401)):
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == status
+
+
 def test_the_api_description_is_served_without_the_key_unless_disabled(
     make_app: Callable[..., TestClient],
 ) -> None:

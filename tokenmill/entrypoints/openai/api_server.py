@@ -70,7 +70,7 @@ def build_app(state: ServerState) -> FastAPI:
             "/detokenize": DetokenizeRequest,
         },
     )
-    app.add_middleware(APIKeyMiddleware, api_key=state.args.api_key)
+    app.add_middleware(APIKeyMiddleware, api_keys=state.args.api_keys)
     if state.args.allowed_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=state.args.allowed_origins, allow_methods=["*"], allow_headers=["*"]

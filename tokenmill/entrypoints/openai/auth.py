@@ -15,18 +15,19 @@ OPEN_PATHS = frozenset(
 
 
 class APIKeyMiddleware:
-    """Rejects requests without `Authorization: Bearer <api_key>` with 401 (when a key is set)."""
+    """Rejects requests without `Authorization: Bearer <one of the keys>` with 401 (when keys are set)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = [f"Bearer {key}".encode() for key in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or not self._needs_key(scope):
+        if not self.expected or scope["type"] != "http" or not self._needs_key(scope):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        # Every key compared (no early exit), so that timing says nothing about which one matched.
+        if any([hmac.compare_digest(given, expected) for expected in self.expected]):
             await self.app(scope, receive, send)
             return
         error = APIError(
