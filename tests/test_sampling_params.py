@@ -74,6 +74,9 @@ from tokenmill.sampling_params import RequestOutputKind, SamplingParams
         ("allowed_token_ids", [-1]),
         ("allowed_token_ids", ["a"]),
         ("allowed_token_ids", 5),
+        ("bad_words", ["ok", " "]),
+        ("bad_words", "word"),
+        ("bad_words", [3]),
     ],
 )
 def test_invalid_value_raises_naming_the_field(field: str, value: Any) -> None:

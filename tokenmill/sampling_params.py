@@ -55,6 +55,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None  # vLLM's: only these can be sampled
+    bad_words: list[str] | None = None  # vLLM's: never generated (their last token is banned after the rest)
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -69,12 +70,15 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the tokenizer and generation config: the ids that end a request.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # Filled by the engine from bad_words: each word's token ids, with and without a leading space.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
+        self.bad_words = _as_list(self.bad_words, "bad_words", "a list of strings")
         if self.allowed_token_ids is not None:  # None: every token; [] is refused
             self.allowed_token_ids = _as_list(
                 self.allowed_token_ids, "allowed_token_ids", "a list of token ids"
@@ -127,6 +131,11 @@ class SamplingParams:
                     f"must be between 0 and {max_logprobs}, got {value}",
                 )
         _check(all(isinstance(s, str) and s for s in self.stop or []), "stop", "must be non-empty strings")
+        _check(
+            all(isinstance(w, str) and w.strip() for w in self.bad_words or []),
+            "bad_words",
+            "must be non-empty strings",
+        )
         _check(
             len(self.stop or []) <= MAX_STOP_ENTRIES, "stop", f"may hold at most {MAX_STOP_ENTRIES} strings"
         )

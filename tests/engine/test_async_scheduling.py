@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,7 +52,7 @@ def generate(
 
 @pytest.mark.parametrize("max_num_seqs", [8, 3])  # 3: requests wait for seats
 def test_async_scheduling_keeps_every_output(
-    tiny_model_dir: Callable[[str], Path], max_num_seqs: int
+    tiny_model_dir: Callable[[str], Path], max_num_seqs: int, smollm2_tokenizer: Any
 ) -> None:
     model = tiny_model_dir("llama")
     greedy = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * len(PROMPTS)
@@ -69,6 +70,8 @@ def test_async_scheduling_keeps_every_output(
         SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
         SamplingParams(temperature=0.5, seed=7, max_tokens=40, ignore_eos=True),
     ]
+    # A bad word of the greedy output's tokens 2-3: its last token is banned right after the first.
+    params[6].bad_words = [smollm2_tokenizer.decode([token_at(6, 2), token_at(6, 3)])]
     expected, _ = generate(model, params, async_scheduling=False, max_num_seqs=max_num_seqs)
     actual, num_early = generate(model, params, async_scheduling=True, max_num_seqs=max_num_seqs)
     assert actual == expected

@@ -247,6 +247,15 @@ def test_allowed_token_ids_are_all_a_row_can_sample() -> None:
     assert draws - {3, 5, 9}
 
 
+def test_bad_words_never_complete() -> None:
+    logits = torch.zeros(3, 8)
+    logits[:, 5], logits[:, 4], logits[:, 3] = 5.0, 4.0, 3.0  # greedy: 5, then 4, then 3
+    words = [[5], [2, 3, 4]]  # a one-token word (always banned), and one whose last token is 4
+    params = [SamplingParams(temperature=0.0, bad_words_token_ids=words) for _ in range(3)]
+    tokens = run(logits, params, outputs=[[1], [2, 3], [3, 2]]).sampled_token_ids
+    assert tokens.tolist() == [4, 3, 4]  # 5 never; 4 not right after 2, 3
+
+
 def test_min_tokens_masks_stop_tokens_until_reached() -> None:
     logits = torch.zeros(4, 8)
     logits[:, 7], logits[:, 6], logits[:, 3] = 5.0, 4.0, 3.0  # 7 = eos, 6 = a stop token id
@@ -344,6 +353,6 @@ def test_low_precision_logits(dtype: torch.dtype) -> None:
 def test_build_drops_out_of_vocab_ids_and_checks_lengths() -> None:
     params = [SamplingParams(logit_bias={VOCAB + 5: 10.0}, min_tokens=3, stop_token_ids=[VOCAB + 1])]
     metadata = SamplingMetadata.build(params, [[VOCAB + 2]], [[]], [None], VOCAB, CPU)
-    assert metadata.logit_bias is None and metadata.min_tokens_mask is None
+    assert metadata.logit_bias is None and metadata.banned_tokens is None
     with pytest.raises(ValueError, match="differ in length"):
         SamplingMetadata.build(params, [[]], [[], []], [None], VOCAB, CPU)

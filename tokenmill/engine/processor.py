@@ -68,7 +68,12 @@ class InputProcessor:
         text, token_ids = self.tokenize(prompt)
         self._validate(token_ids, params)
         max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
-        params = dataclasses.replace(params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
+        params = dataclasses.replace(
+            params,
+            max_tokens=max_tokens,
+            eos_token_ids=self.eos_token_ids,
+            bad_words_token_ids=self._bad_words_token_ids(params.bad_words or []),
+        )
         children = [
             EngineCoreRequest(
                 child_request_id(i, request_id),
@@ -79,6 +84,18 @@ class InputProcessor:
             for i in range(params.n)
         ]
         return ProcessedRequest(text, token_ids, children)
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word's tokens as it starts a text and after a space (" word" is often one other token),
+        as vLLM's; the spaced form only where it differs and has as many tokens."""
+        found: list[list[int]] = []
+        for word in words:
+            alone = list(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = list(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            found += [alone] if alone else []
+            if spaced and alone and spaced[0] != alone[0] and len(spaced) == len(alone):
+                found.append(spaced)
+        return found
 
     @staticmethod
     def _child_params(params: SamplingParams, index: int) -> SamplingParams:

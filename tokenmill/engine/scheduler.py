@@ -260,6 +260,12 @@ class Scheduler:
 
 def _samples_without_own_outputs(request: Request) -> bool:
     """Whether the request's next sampling ignores its output tokens so far (they lag a step when the step
-    is scheduled early): no penalties, and min_tokens is not crossed by the token in flight."""
+    is scheduled early): no penalties, no bad word of several tokens, and min_tokens is not crossed by the
+    token in flight."""
     params, num_output = request.sampling_params, request.num_output_tokens
-    return not has_penalties(params) and not num_output < params.min_tokens <= num_output + 1
+    multi_token_bad_word = any(len(word) > 1 for word in params.bad_words_token_ids)
+    return (
+        not has_penalties(params)
+        and not multi_token_bad_word
+        and not num_output < params.min_tokens <= num_output + 1
+    )

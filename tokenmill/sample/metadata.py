@@ -101,7 +101,7 @@ class SamplingMetadata:
     default_generator: torch.Generator | None  # the other random rows' (the engine's seed); None: torch's
     logit_bias: SparseLogits | None  # added to the logits
     allowed_tokens: AllowedTokens | None  # every other token of those rows masked (-inf)
-    min_tokens_mask: SparseLogits | None  # stop token ids masked (-inf) while output < min_tokens
+    banned_tokens: SparseLogits | None  # masked (-inf): stop ids under min_tokens, bad words' next tokens
     penalties: PenaltyTensors | None
     max_num_logprobs: int | None  # widest top-k logprobs any row wants; None: no row wants logprobs
 
@@ -131,7 +131,7 @@ class SamplingMetadata:
         return (
             self.logit_bias is None
             and self.allowed_tokens is None
-            and self.min_tokens_mask is None
+            and self.banned_tokens is None
             and self.penalties is None
         )
 
@@ -176,8 +176,10 @@ class SamplingMetadata:
             default_generator=default_generator,
             logit_bias=SparseLogits.build(_logit_bias_entries(params), vocab_size, device),
             allowed_tokens=AllowedTokens.build(params, vocab_size, device),
-            min_tokens_mask=SparseLogits.build(
-                _min_tokens_entries(params, output_token_ids), vocab_size, device
+            banned_tokens=SparseLogits.build(
+                _min_tokens_entries(params, output_token_ids) + _bad_words_entries(params, output_token_ids),
+                vocab_size,
+                device,
             ),
             penalties=PenaltyTensors.build(params, prompt_token_ids, output_token_ids, vocab_size, device),
             max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
@@ -212,3 +214,17 @@ def _min_tokens_entries(
         if len(output) < p.min_tokens
         for token_id in sorted(p.all_stop_token_ids)
     ]
+
+
+def _bad_words_entries(
+    params: list[SamplingParams], output_token_ids: Sequence[TokenIds]
+) -> list[tuple[int, int, float]]:
+    """(row, token id, -inf) for each bad word whose last token would complete it now: a one-token word
+    always, a longer one when the output ends with all of its tokens but the last."""
+    entries = []
+    for row, (p, output) in enumerate(zip(params, output_token_ids, strict=True)):
+        for word in p.bad_words_token_ids:
+            prefix = word[:-1]
+            if not prefix or (len(output) >= len(prefix) and list(output[-len(prefix) :]) == prefix):
+                entries.append((row, word[-1], float("-inf")))
+    return entries

@@ -1,10 +1,10 @@
 """The batched sampler: one step's logits -> one token per row, on the logits' device.
 
-Order, as in vLLM: logprobs of the raw logits; logit_bias; allowed_token_ids; min_tokens masking;
-penalties; greedy argmax for temperature-0 rows; temperature; top_k, top_p, min_p; then random rows
-sample with the exponential-race trick, argmax(probs / q) with q ~ Exponential(1). A seeded row draws
-its q from its own generator only, and how many it draws depends on its own row alone, so its tokens do
-not depend on the other rows of the batch and reruns reproduce them.
+Order, as in vLLM: logprobs of the raw logits; logit_bias; allowed_token_ids; min_tokens and bad_words
+masking; penalties; greedy argmax for temperature-0 rows; temperature; top_k, top_p, min_p; then random
+rows sample with the exponential-race trick, argmax(probs / q) with q ~ Exponential(1). A seeded row
+draws its q from its own generator only, and how many it draws depends on its own row alone, so its
+tokens do not depend on the other rows of the batch and reruns reproduce them.
 
 CPU fast paths (a vocabulary sort and a vocabulary of Exponential draws per row dominate a CPU decode
 step): top_p looks for the nucleus in each row's FAST_PATH_CANDIDATES most likely tokens and sorts only
@@ -67,7 +67,7 @@ class Sampler(torch.nn.Module):
 
 
 def apply_logits_processing(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """logit_bias, allowed_token_ids, min_tokens masking and penalties, in place on float32 `logits`
+    """logit_bias, allowed_token_ids, min_tokens and bad_words masking and penalties, in place on `logits`
     [num_rows, vocab]."""
     if metadata.logit_bias is not None:
         bias = metadata.logit_bias
@@ -77,9 +77,9 @@ def apply_logits_processing(logits: torch.Tensor, metadata: SamplingMetadata) ->
         kept = logits[allowed.rows, allowed.token_ids]
         logits.index_fill_(0, metadata.allowed_tokens.rows, float("-inf"))
         logits.index_put_((allowed.rows, allowed.token_ids), kept)
-    if metadata.min_tokens_mask is not None:
-        mask = metadata.min_tokens_mask
-        logits.index_put_((mask.rows, mask.token_ids), mask.values)
+    if metadata.banned_tokens is not None:
+        banned = metadata.banned_tokens
+        logits.index_put_((banned.rows, banned.token_ids), banned.values)
     if metadata.penalties is not None:
         apply_penalties(logits, metadata.penalties)
     return logits

@@ -214,3 +214,15 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(server) -> None:
         client.completions.create(
             model="smol", prompt=PROMPT, max_tokens=1, extra_body={"truncate_prompt_tokens": 0}
         )
+
+
+def test_bad_words_are_never_generated(server) -> None:
+    client = server.client()
+    plain = client.completions.create(model="smol", prompt=PROMPT, max_tokens=8, temperature=0)
+    word = plain.choices[0].text.split()[1]  # a word greedy decoding writes, after a space
+    banned = client.completions.create(
+        model="smol", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"bad_words": [word]}
+    )
+    assert word in plain.choices[0].text.split() and word not in banned.choices[0].text.split()
+    with pytest.raises(openai.BadRequestError, match="bad_words"):
+        client.completions.create(model="smol", prompt=PROMPT, max_tokens=2, extra_body={"bad_words": [" "]})

@@ -159,7 +159,7 @@ def test_vllm_extras_this_server_lacks_are_refused_not_ignored(field: str, value
             request.to_sampling_params({})
         assert refused.value.param == field
     # Their unset values, and vendor extras this server has never heard of, pass.
-    unset = {"use_beam_search": False, "guided_json": None, "bad_words": [], "my_vendor_field": 1}
+    unset = {"use_beam_search": False, "guided_json": None, "logits_processors": [], "my_vendor_field": 1}
     ChatCompletionRequest.model_validate({"messages": HI, **unset}).to_sampling_params({})
 
 

@@ -96,7 +96,6 @@ UNSUPPORTED_VLLM_FIELDS: dict[str, Any] = {
     "guided_choice": None,
     "guided_grammar": None,
     "structured_outputs": None,
-    "bad_words": None,
     "logits_processors": None,
     "use_beam_search": False,
 }
@@ -131,6 +130,7 @@ class SamplingFields(RequestModel):
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     return_tokens_as_token_ids: bool = False  # logprobs name tokens `token_id:N` (vLLM's)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens; -1: the context's worth
     response_format: ResponseFormat | None = None
@@ -189,6 +189,7 @@ class SamplingFields(RequestModel):
             frequency_penalty=self.frequency_penalty,
             logit_bias=_logit_bias(self.logit_bias),
             allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
