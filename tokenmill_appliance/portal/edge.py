@@ -65,15 +65,15 @@ class EdgeHandler:
         auth: Authenticator,
         session: aiohttp.ClientSession,
         edge_secret: EdgeSecret | None = None,
-        backend_key: str | None = None,
+        backend_keys: list[str] | None = None,
     ) -> None:
-        """`edge_secret` is given only for the dashboard's own port; `backend_key` is the API key the app
-        itself requires (the engine's), when the portal's token may also be it."""
+        """`edge_secret` is given only for the dashboard's own port; `backend_keys` are the API keys the
+        app itself takes (the engine's), of which the portal's token may be one."""
         self.app = app
         self.auth = auth
         self.session = session
         self.edge_secret = edge_secret
-        self.backend_key = backend_key
+        self.backend_keys = [key.encode() for key in backend_keys or []]
         self.base_url = f"http://{app.hostname}:{app.internal_port}"
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
@@ -119,7 +119,8 @@ class EdgeHandler:
         if not self.auth.has_own_credential(request):
             return False
         bearer = request.headers.get("Authorization", "").strip().partition(" ")[2].strip()
-        return self.backend_key is None or not hmac.compare_digest(bearer.encode(), self.backend_key.encode())
+        # Every key compared (no early exit), so that timing says nothing about which one matched.
+        return not any([hmac.compare_digest(bearer.encode(), key) for key in self.backend_keys])
 
 
 def build_edge_app(handler: EdgeHandler) -> web.Application:

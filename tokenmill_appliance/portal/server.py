@@ -28,7 +28,7 @@ from tokenmill_appliance.portal.state import PortalState
 from tokenmill_appliance.portal.tunnels import TunnelManager
 from tokenmill_appliance.portal.ui import build_ui_app
 from tokenmill_appliance.portal_apps import API_APP_NAME, PORTAL_APP_NAME, PortalApp, find_app
-from tokenmill_appliance.programs.commands import engine_api_key
+from tokenmill_appliance.programs.commands import engine_api_keys
 from tokenmill_appliance.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -164,8 +164,8 @@ class Portal:
             if not app.is_proxied:
                 continue
             secret = edge_secret if app is self.portal_app else None
-            backend_key = engine_api_key(self.settings) if app is find_app(self.apps, API_APP_NAME) else None
-            edge_app = build_edge_app(EdgeHandler(app, auth, self._session, secret, backend_key))
+            backend_keys = engine_api_keys(self.settings) if app is find_app(self.apps, API_APP_NAME) else []
+            edge_app = build_edge_app(EdgeHandler(app, auth, self._session, secret, backend_keys))
             try:
                 await self._start_edge(edge_app, app.external_port, plain)
             except OSError as exc:

@@ -166,13 +166,19 @@ def portal(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
     return Launch([sys.executable, "-m", "tokenmill_appliance.cli", "portal", "--host", settings.portal_host])
 
 
-def engine_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
-    """The key the `vllm` program's server requires: `--api-key` in VLLM_ARGS, else the environment
-    variables `tokenmill serve` reads (VLLM_API_KEY, TOKENMILL_API_KEY); None when it requires none."""
+def engine_api_keys(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:
+    """The keys the `vllm` program's server takes: `--api-key` in VLLM_ARGS, else the environment
+    variables `tokenmill serve` reads (VLLM_API_KEY, TOKENMILL_API_KEY; one key a line); [] when it
+    requires none."""
     env = os.environ if env is None else env
     keys = option_values(split_args(settings.vllm_args, env), "--api-key")
     from_env = env.get("VLLM_API_KEY") or env.get("TOKENMILL_API_KEY") or ""
-    return next(iter(keys or from_env.splitlines()), None)  # the first, where several are given
+    return keys or [key for key in from_env.splitlines() if key]
+
+
+def engine_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """The first of `engine_api_keys` (the one the portal asks the engine with)."""
+    return next(iter(engine_api_keys(settings, env)), None)
 
 
 def vllm(settings: Settings, apps: list[PortalApp]) -> Launch | Skip:
