@@ -40,6 +40,8 @@ import openai
 import psutil
 from tqdm.auto import tqdm
 
+from tokenmill.entrypoints.cli_args import api_key_from_env
+
 WORDS = [
     "the", "a", "river", "mountain", "city", "engine", "token", "memory", "quiet", "bright", "window",
     "garden", "signal", "paper", "orbit", "market", "winter", "summer", "coffee", "forest", "bridge",
@@ -355,9 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_requests = [DEFAULT_NUM_REQUESTS.get(c, max(8, 4 * c)) for c in args.concurrency]
     if len(args.num_requests) != len(args.concurrency):
         parser.error("--num-requests needs one count per --concurrency level")
-    args.api_key = (
-        args.api_key or os.environ.get("VLLM_API_KEY") or os.environ.get("TOKENMILL_API_KEY") or "EMPTY"
-    )
+    args.api_key = args.api_key or api_key_from_env() or "EMPTY"
     return args
 
 

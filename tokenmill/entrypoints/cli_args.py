@@ -2,9 +2,9 @@
 the `EngineArgs` fields; the server adds its own.
 
 This is where the entrypoints read the environment (`VLLM_API_KEY`, `TOKENMILL_API_KEY`,
-`VLLM_KEEP_ALIVE_ON_ENGINE_DEATH`). Numbers accept
-vLLM's suffixes: lowercase k/m/g are decimal (32k = 32000), uppercase K/M/G binary (32K = 32768), and
-byte sizes also take KB/MB/GB (decimal) or KiB/MiB/GiB (binary).
+`VLLM_KEEP_ALIVE_ON_ENGINE_DEATH`). Numbers accept vLLM's suffixes: lowercase k/m/g are decimal (32k =
+32000), uppercase K/M/G binary (32K = 32768), and byte sizes also take KB/MB/GB (decimal) or KiB/MiB/GiB
+(binary).
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ class SamplingMetadata:
 
     @property
     def no_logits_processing(self) -> bool:
-        """True when the logits go to sampling unchanged by bias, allowed tokens, min_tokens or penalties."""
+        """True when the logits go to sampling unchanged by bias, allowed or banned tokens (min_tokens,
+        bad words) or penalties."""
         return (
             self.logit_bias is None
             and self.allowed_tokens is None

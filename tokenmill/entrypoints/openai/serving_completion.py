@@ -189,6 +189,7 @@ class OpenAIServingCompletion:
     ) -> AsyncGenerator[str, None]:
         created = int(time.time())
         usage, num_cached = UsageInfo(), 0
+        as_ids = self.ctx.tokens_as_ids(request)
         echoed: set[int] = set()
         # Per choice: where its next logprob token starts in its text. Counted over the tokens, not the
         # text sent so far, which lags while text is held back (a possible stop string).
@@ -209,7 +210,6 @@ class OpenAIServingCompletion:
                         token_ids, steps = with_prompt(output, token_ids, steps)
                     offset = offsets.get(index, 0)
                     if request.logprobs is not None:
-                        as_ids = self.ctx.tokens_as_ids(request)
                         logprobs = self._logprobs(token_ids, steps, request.logprobs, offset, as_ids)
                         offset += sum(map(len, logprobs.tokens))
                     offsets[index] = offset

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
 from tokenmill.engine.outputs import Logprob, PromptLogprobs
 from tokenmill.entrypoints.openai.errors import APIError, error_body
-from tokenmill.entrypoints.openai.protocol import PromptTokensDetails, UsageInfo
+from tokenmill.entrypoints.openai.protocol import PromptTokensDetails, SamplingFields, UsageInfo
 from tokenmill.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -56,14 +56,14 @@ class ServingContext:
             prompt_tokens_details=details,
         )
 
-    def streams_usage(self, request: Any) -> bool:
+    def streams_usage(self, request: SamplingFields) -> bool:
         """Whether a stream ends with a usage chunk: asked for (stream_options), or always (the flag)."""
         options = request.stream_options
         return self.enable_force_include_usage or (options is not None and options.include_usage)
 
-    def tokens_as_ids(self, request: Any) -> bool:
+    def tokens_as_ids(self, request: SamplingFields) -> bool:
         """Whether logprobs name tokens by id for this request (its own field, or the server's flag)."""
-        return self.return_tokens_as_token_ids or bool(getattr(request, "return_tokens_as_token_ids", False))
+        return self.return_tokens_as_token_ids or request.return_tokens_as_token_ids
 
     @property
     def model_name(self) -> str:
