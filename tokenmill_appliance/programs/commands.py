@@ -133,13 +133,14 @@ def has_option(args: list[str], flag: str) -> bool:
 
 
 def option_values(args: list[str], flag: str) -> list[str]:
-    """The values of the last `flag V1 V2 ...` (every word up to the next flag) or `flag=V` in `args`."""
+    """The values of the last `flag V1 V2 ...` (the word after it, whatever it is, and every one up to the
+    next flag: as `without_option(many=True)` drops them) or `flag=V` in `args`."""
     values: list[str] = []
     for i, arg in enumerate(args):
         if dashed(arg) == flag:
-            following = args[i + 1 :]
+            following = args[i + 2 :]
             end = next((j for j, word in enumerate(following) if word.startswith("-")), len(following))
-            values = following[:end]
+            values = args[i + 1 : i + 2] + following[:end]
         elif dashed(arg).startswith(f"{flag}="):
             values = [arg.partition("=")[2]]
     return values
