@@ -212,10 +212,10 @@ def test_several_api_keys_go_through_the_environment_one_a_line(tmp_path: Path) 
     assert "sk-" not in " ".join(launch.command) and launch.command[-3:] == ["4", "--port", "18000"]
     assert engine_api_key(settings, {}) == "sk-a"
     # The word after the flag is a key even when it starts with a dash (token_urlsafe's can).
-    settings = settings_for(tmp_path, VLLM_ARGS="--api-key -sk-dash --max-num-seqs 4")
-    launch = vllm(settings, parse_portal_config("localhost:8000:18000:/docs:vLLM API"))
-    assert isinstance(launch, Launch) and launch.env == {"VLLM_API_KEY": "-sk-dash"}
-    assert "-sk-dash" not in launch.command
+    dashed_key = settings_for(tmp_path, VLLM_ARGS="--api-key -sk-dash --max-num-seqs 4")
+    dashed_launch = vllm(dashed_key, parse_portal_config("localhost:8000:18000:/docs:vLLM API"))
+    assert isinstance(dashed_launch, Launch) and dashed_launch.env == {"VLLM_API_KEY": "-sk-dash"}
+    assert "-sk-dash" not in dashed_launch.command
     # And `tokenmill serve` takes each line as a key.
     from tokenmill.entrypoints.cli_args import parse_serve_args
 
