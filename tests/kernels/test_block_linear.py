@@ -102,6 +102,52 @@ def test_the_vnni_build_computes_the_same_numbers(
         assert torch.equal(cpu.block_linear(vnni, x, packed, block_format, 136, bias), expected)
 
 
+@pytest.mark.skipif(
+    cpu.unavailable_reason() is not None or "-mamx-int8" not in build.compile_flags(),
+    reason="needs the CPU kernels on a CPU with AVX512-VNNI and AMX-INT8, and their use not turned off",
+)
+@pytest.mark.parametrize("block_type", BLOCK_TYPES, ids=lambda t: t.name)
+def test_the_amx_build_computes_the_same_numbers(
+    block_type: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On AMX CPUs calls of 16 rows or more multiply on tiles of 16 rows; their sums are the vector path's
+    exact integers and their scaling the same float operations, so every output equals the VNNI build's bit
+    for bit: whole tiles, a last tile of 1 or 15 rows, two passes of 256 rows, 17 groups (a last one
+    without a pair, left to the vector path), a last group padded with zero rows (100 outputs), bias."""
+    amx = cpu.kernel_library()
+    assert amx is not None
+    monkeypatch.setenv(build.AMX_ENV, "0")
+    vnni = cpu.load(cpu.SOURCE, cpu.SIGNATURES)
+    assert vnni is not None and "-mamx-int8" not in build.compile_flags()
+    for out_features in (136, 100):
+        rows, _ = gguf_weight(out_features, 352, block_type)  # 11 blocks: an odd count
+        packed, block_format = torch.from_numpy(pack_rows(rows, block_type)), KERNEL_FORMATS[block_type]
+        bias = torch.randn(out_features, generator=torch.Generator().manual_seed(3))
+        for num_rows in (15, 16, 17, 31, 263, 512):
+            x = torch.randn(num_rows, 352, generator=torch.Generator().manual_seed(num_rows))
+            x[1, :32] = 0  # a block of scale 0
+            x[-1, 40] = 50.0
+            for b in (None, bias):
+                expected = cpu.block_linear(vnni, x, packed, block_format, out_features, b)
+                assert torch.equal(cpu.block_linear(amx, x, packed, block_format, out_features, b), expected)
+
+
+def test_amx_flags_follow_the_cpu_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(build.VNNI_ENV, raising=False)
+    monkeypatch.delenv(build.AMX_ENV, raising=False)
+    vnni = {"avx2", "fma", "f16c", "avx512_vnni", "avx512vl", "avx512bw"}
+    monkeypatch.setattr(build, "cpu_flags", lambda: vnni | {"amx_tile", "amx_int8"})
+    assert build.compile_flags() == build.CFLAGS + build.VNNI_FLAGS + build.AMX_FLAGS
+    monkeypatch.setenv(build.AMX_ENV, "0")
+    assert build.compile_flags() == build.CFLAGS + build.VNNI_FLAGS
+    monkeypatch.delenv(build.AMX_ENV)
+    monkeypatch.setenv(build.VNNI_ENV, "0")  # the tiles' code sits in the VNNI build
+    assert build.compile_flags() == build.CFLAGS
+    monkeypatch.delenv(build.VNNI_ENV)
+    monkeypatch.setattr(build, "cpu_flags", lambda: vnni | {"amx_tile"})  # tiles without their int8 products
+    assert build.compile_flags() == build.CFLAGS + build.VNNI_FLAGS
+
+
 def test_vnni_flags_follow_the_cpu_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(build.VNNI_ENV, raising=False)
     avx2 = {"avx2", "fma", "f16c"}

@@ -19,7 +19,8 @@
  * are added as int16 (at most 8 x 2 x 15 x 127 = 30480) and widened once. Built with AVX512-VNNI (build.py,
  * where the CPU has it) the products go through vpdpbusd instead, two groups at a time in 512-bit vectors
  * (Q8_0 with 8 rows or more): the same exact integer sums and the same float operations per output, so the
- * same numbers.
+ * same numbers. Built with AMX-INT8 as well, calls of 16 rows or more multiply on tiles instead (block_amx.c),
+ * once more the same numbers.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -300,8 +301,16 @@ static inline __attribute__((always_inline)) void wide_group_columns(int64_t for
     for (; m + ROWS <= last; m += ROWS) wide_group_rows(format, a, w, group_bytes, bias, y, n, N, m, ROWS);
     for (; m < last; m++) wide_group_rows(format, a, w, group_bytes, bias, y, n, N, m, 1);
 }
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#define AMX 1
+#include "block_amx.c"
+#endif
 #else
 #define WIDE 0
+#endif
+#ifndef AMX
+#define AMX 0
 #endif
 
 static inline __attribute__((always_inline)) void group_columns(int64_t format, const BlockActivations* a,
@@ -315,6 +324,9 @@ static inline __attribute__((always_inline)) void group_columns(int64_t format, 
 /* Rows from which a pass is bound by arithmetic (its threads then share the column groups dynamically); fewer
  * rows are bound by reading the weights. */
 #define DYNAMIC_MIN_ROWS 16
+#if AMX
+_Static_assert(AMX_MIN_ROWS >= DYNAMIC_MIN_ROWS, "tile passes are handed out with the dynamic ones");
+#endif
 
 /* Outputs n .. n + 7 (with the wide step: n .. n + 15) of rows first .. last - 1. Constant formats, so
  * each call is compiled for its layout. */
@@ -357,9 +369,15 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
     const int64_t num_blocks = K / BLOCK, group_bytes = num_blocks * group_block_bytes(format);
     int8_t* xq = malloc((size_t)(2 * M * K));
     float* xs = malloc((size_t)(3 * M * num_blocks) * sizeof(float)); /* scales, sums, integer sums */
+#if AMX
+    int8_t* xt = amx_activation_tiles(M, num_blocks); /* NULL: every pass takes the vector path */
+#endif
     if (xq == NULL || xs == NULL) {
         free(xq);
         free(xs);
+#if AMX
+        free(xt);
+#endif
         return -1;
     }
     int32_t* qsum = (int32_t*)(xs + 2 * M * num_blocks);
@@ -367,6 +385,9 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
     const int64_t step = PASS_COLUMNS;
 #pragma omp parallel
     {
+#if AMX
+        AmxThread amx = {NULL, NULL, 0};
+#endif
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * num_blocks; i++) {
             int8_t* q = xq + i * BLOCK;
@@ -375,21 +396,40 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
             xs[M * num_blocks + i] = xs[i] * (float)qsum[i];
             const __m256i v = _mm256_loadu_si256((const __m256i*)q);
             _mm256_storeu_si256((__m256i*)(xq + M * K + i * BLOCK), _mm256_sign_epi8(v, v));
+#if AMX
+            if (xt != NULL) _mm256_store_si256((__m256i*)amx_activation_row(xt, num_blocks, i), v);
+#endif
         }
         for (int64_t first = 0; first < M; first += ROW_CHUNK) {
             const int64_t last = first + ROW_CHUNK < M ? first + ROW_CHUNK : M;
             if (last - first >= DYNAMIC_MIN_ROWS) {
                 /* Handed out 4 groups at a time: a thread slowed by its core's other tenants takes fewer. */
 #pragma omp for schedule(dynamic, 4)
-                for (int64_t n = 0; n < N; n += step) group_pass(format, &a, w, group_bytes, bias, y, n, N, first, last);
+                for (int64_t n = 0; n < N; n += step) {
+#if AMX
+                    /* Tiles for two groups of enough rows; the same numbers as the vector path. */
+                    if (xt != NULL && last - first >= AMX_MIN_ROWS && n + COLUMNS < N &&
+                        amx_thread_ready(&amx, num_blocks)) {
+                        amx_group_pass(format, &a, xt, w, group_bytes, bias, y, n, N, first, last, &amx);
+                        continue;
+                    }
+#endif
+                    group_pass(format, &a, w, group_bytes, bias, y, n, N, first, last);
+                }
             } else {
                 /* A few rows read the weights from memory: each thread streams one contiguous half. */
 #pragma omp for schedule(static)
                 for (int64_t n = 0; n < N; n += step) group_pass(format, &a, w, group_bytes, bias, y, n, N, first, last);
             }
         }
+#if AMX
+        amx_thread_done(&amx);
+#endif
     }
     free(xq);
     free(xs);
+#if AMX
+    free(xt);
+#endif
     return 0;
 }

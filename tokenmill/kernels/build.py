@@ -28,8 +28,12 @@ LIBS = ("-lm",)
 # (block_linear.c; the same sums). 256-bit vectors stay the preferred width for everything else.
 VNNI_FLAGS = ("-mavx512vnni", "-mavx512vl", "-mavx512bw", "-mprefer-vector-width=256")
 VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx512vl", "avx512bw"})
+# Where it also has AMX-INT8, the block kernel's calls of many rows multiply on AMX tiles (block_amx.c).
+AMX_FLAGS = ("-mamx-tile", "-mamx-int8")
+AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_int8"})
 DISABLE_ENV = "TOKENMILL_CPU_KERNELS"
 VNNI_ENV = "TOKENMILL_CPU_VNNI"
+AMX_ENV = "TOKENMILL_CPU_AMX"
 CPUINFO = Path("/proc/cpuinfo")
 
 _locks: dict[Path, threading.Lock] = {}
@@ -58,10 +62,13 @@ def cpu_flags() -> frozenset[str]:
 
 
 def compile_flags() -> tuple[str, ...]:
-    """CFLAGS, with VNNI_FLAGS where this CPU has AVX512-VNNI, -VL and -BW (`TOKENMILL_CPU_VNNI=0` leaves
-    them out)."""
-    wanted = os.environ.get(VNNI_ENV, "1") != "0" and cpu_flags() >= VNNI_CPU_FLAGS
-    return CFLAGS + VNNI_FLAGS if wanted else CFLAGS
+    """CFLAGS, with VNNI_FLAGS where this CPU has AVX512-VNNI, -VL and -BW, and then AMX_FLAGS where it
+    has AMX-INT8 tiles too (`TOKENMILL_CPU_VNNI=0` leaves both out, `TOKENMILL_CPU_AMX=0` the tiles)."""
+    if os.environ.get(VNNI_ENV, "1") == "0" or not cpu_flags() >= VNNI_CPU_FLAGS:
+        return CFLAGS
+    if os.environ.get(AMX_ENV, "1") == "0" or not cpu_flags() >= AMX_CPU_FLAGS:
+        return CFLAGS + VNNI_FLAGS
+    return CFLAGS + VNNI_FLAGS + AMX_FLAGS
 
 
 def unavailable_reason() -> str | None:
