@@ -109,6 +109,7 @@ static inline __attribute__((always_inline)) void amx_scale_sums(int64_t format,
     const int64_t halves = format == FORMAT_Q4_1 ? 128 : 256;
     const __m512 scales = halves_pair(b0 + halves, b1 + halves);
     const __m512 mins = format == FORMAT_Q4_1 ? halves_pair(b0 + 144, b1 + 144) : _mm512_setzero_ps();
+#pragma GCC unroll 16 /* a whole tile's accumulators stay in registers */
     for (int j = 0; j < rows; j++) {
         const __m512 dx = _mm512_set1_ps(xs[j * num_blocks]);
         const __m512 block_sums = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * j));
@@ -135,6 +136,7 @@ static inline __attribute__((always_inline)) void amx_tile_rows(int64_t format, 
     const int8_t* tile = xt + m / AMX_TILE_ROWS * num_blocks * AMX_ACTIVATION_TILE_BYTES; /* this tile's blocks */
     const float *xs = a->xs + m * num_blocks, *xsum = a->xsum + m * num_blocks;
     __m512 acc[AMX_TILE_ROWS];
+#pragma GCC unroll 16
     for (int j = 0; j < rows; j++) {
         acc[j] = _mm512_setzero_ps();
         /* Output rows N floats apart fall in one L1 set when N * 4 is a multiple of 4 KB (the LM head,
@@ -166,6 +168,12 @@ static inline __attribute__((always_inline)) void amx_tile_rows(int64_t format, 
         amx_scale_sums(format, sums, g0 + b * bytes, g1 + b * bytes, xs + b, xsum + b, num_blocks, rows, acc);
     }
     const int64_t valid = N - n < 2 * COLUMNS ? N - n : 2 * COLUMNS;
+    if (valid == 2 * COLUMNS) { /* the vector path's scalar additions, 16 at a time */
+        const __m512 add = bias != NULL ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int j = 0; j < rows; j++) _mm512_storeu_ps(y + (m + j) * N + n, _mm512_add_ps(acc[j], add));
+        return;
+    }
     for (int j = 0; j < rows; j++) {
         float out[2 * COLUMNS];
         _mm512_storeu_ps(out, acc[j]);
