@@ -118,6 +118,17 @@ static inline __attribute__((always_inline)) void amx_scale_sums(int64_t format,
     }
 }
 
+/* Tile loads and stores that name the memory they read and write (each tile here is 512 or 1024 contiguous
+ * bytes): gcc's _tile_loadd names none, so the compiler could move the stores that just filled a tile's
+ * bytes (amx_weight_tiles) past it; its _tile_stored clobbers all memory. */
+#define AMX_LOAD(tile, base, stride)                                                                 \
+    __asm__ volatile("tileloadd (%1,%2,1), %%tmm" #tile ::"m"(*(const uint8_t(*)[512])(const void*)(base)), \
+                     "r"((const void*)(base)), "r"((long)(stride)))
+#define AMX_STORE_SUMS(tile, sums)                                                                   \
+    __asm__ volatile("tilestored %%tmm" #tile ", (%1,%2,1)"                                          \
+                     : "=m"(*(int32_t(*)[256])(void*)(sums))                                         \
+                     : "r"((void*)(sums)), "r"(64L))
+
 #define AMX_MULTIPLY(format, sums, activations, weights)                    \
     do {                                                                    \
         if ((format) == FORMAT_Q4_1)                                        \
@@ -145,26 +156,26 @@ static inline __attribute__((always_inline)) void amx_tile_rows(int64_t format, 
     }
     int64_t b = 0;
     for (; b + 2 <= num_blocks; b += 2) { /* the second block multiplies while the first is scaled */
-        _tile_loadd(2, tile + AMX_ACTIVATION_TILE_BYTES * b, BLOCK);
-        _tile_loadd(4, tiles + AMX_WEIGHT_TILE_BYTES * b, 64);
+        AMX_LOAD(2, tile + AMX_ACTIVATION_TILE_BYTES * b, BLOCK);
+        AMX_LOAD(4, tiles + AMX_WEIGHT_TILE_BYTES * b, 64);
         _tile_zero(0);
         AMX_MULTIPLY(format, 0, 2, 4);
-        _tile_loadd(3, tile + AMX_ACTIVATION_TILE_BYTES * (b + 1), BLOCK);
-        _tile_loadd(5, tiles + AMX_WEIGHT_TILE_BYTES * (b + 1), 64);
+        AMX_LOAD(3, tile + AMX_ACTIVATION_TILE_BYTES * (b + 1), BLOCK);
+        AMX_LOAD(5, tiles + AMX_WEIGHT_TILE_BYTES * (b + 1), 64);
         _tile_zero(1);
         AMX_MULTIPLY(format, 1, 3, 5);
-        _tile_stored(0, sums, 64);
+        AMX_STORE_SUMS(0, sums);
         amx_scale_sums(format, sums, g0 + b * bytes, g1 + b * bytes, xs + b, xsum + b, num_blocks, rows, acc);
-        _tile_stored(1, sums + 256, 64);
+        AMX_STORE_SUMS(1, sums + 256);
         amx_scale_sums(format, sums + 256, g0 + (b + 1) * bytes, g1 + (b + 1) * bytes, xs + b + 1, xsum + b + 1,
                        num_blocks, rows, acc);
     }
     if (b < num_blocks) {
-        _tile_loadd(2, tile + AMX_ACTIVATION_TILE_BYTES * b, BLOCK);
-        _tile_loadd(4, tiles + AMX_WEIGHT_TILE_BYTES * b, 64);
+        AMX_LOAD(2, tile + AMX_ACTIVATION_TILE_BYTES * b, BLOCK);
+        AMX_LOAD(4, tiles + AMX_WEIGHT_TILE_BYTES * b, 64);
         _tile_zero(0);
         AMX_MULTIPLY(format, 0, 2, 4);
-        _tile_stored(0, sums, 64);
+        AMX_STORE_SUMS(0, sums);
         amx_scale_sums(format, sums, g0 + b * bytes, g1 + b * bytes, xs + b, xsum + b, num_blocks, rows, acc);
     }
     const int64_t valid = N - n < 2 * COLUMNS ? N - n : 2 * COLUMNS;
