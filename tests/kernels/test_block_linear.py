@@ -132,6 +132,25 @@ def test_the_amx_build_computes_the_same_numbers(
                 assert torch.equal(cpu.block_linear(amx, x, packed, block_format, out_features, b), expected)
 
 
+@pytest.mark.skipif(
+    cpu.unavailable_reason() is not None or "-mamx-int8" not in build.compile_flags(),
+    reason="needs the CPU kernels built with AMX-INT8",
+)
+def test_the_tiles_and_onednns_bfloat16_matmuls_take_turns_on_the_same_threads() -> None:
+    """oneDNN runs bfloat16 matmuls on AMX tiles too, with its own tile configuration, on the same OpenMP
+    threads: each kernel must configure the tiles it uses, whatever ran before it."""
+    library = cpu.kernel_library()
+    assert library is not None
+    rows, _ = gguf_weight(136, 352, GGMLQuantizationType.Q4_1)
+    packed = torch.from_numpy(pack_rows(rows, GGMLQuantizationType.Q4_1))
+    x = torch.randn(300, 352, generator=torch.Generator().manual_seed(4))
+    a, w = x.to(torch.bfloat16), torch.randn(512, 352, generator=torch.Generator().manual_seed(5)).bfloat16()
+    matmul = torch.nn.functional.linear(a, w)
+    block = cpu.block_linear(library, x, packed, "Q4_1", 136, None)
+    assert torch.equal(torch.nn.functional.linear(a, w), matmul)
+    assert torch.equal(cpu.block_linear(library, x, packed, "Q4_1", 136, None), block)
+
+
 def test_amx_flags_follow_the_cpu_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(build.VNNI_ENV, raising=False)
     monkeypatch.delenv(build.AMX_ENV, raising=False)
