@@ -6,7 +6,7 @@ Every field has a type, a default and a docstring-comment; the `serve` CLI flags
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "float", "half"]
@@ -67,14 +67,29 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 256
     """Most requests running at once."""
-    max_num_batched_tokens: int = 2048
-    """Token budget of one step (prefill chunks + decodes)."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step (prefill chunks + decodes); None: the device's (`for_device`)."""
     max_waiting: int = 4096
     """Most requests queued before new ones are refused."""
     long_prefill_token_threshold: int = 0
     """Cap on one request's prefill chunk per step; 0: no cap beyond the budget."""
     async_scheduling: bool | None = None
     """Schedule and launch step N+1 before reading step N's tokens; None: on with CUDA."""
+
+    def for_device(self, device_type: str) -> SchedulerConfig:
+        """This config with an unset token budget set for `device_type`: 512 tokens on CPU, where a burst
+        of prompts is then prefilled a few at a time and the first ones start decoding sooner (issue 6's
+        c=16 TTFT p50 0.53-0.58 s instead of 1.17-1.18 s, throughput as high or higher:
+        benchmarks/RESULTS.md); 2048 on a GPU, which wants long prefill steps."""
+        if self.max_num_batched_tokens is not None:
+            return self
+        return replace(self, max_num_batched_tokens=512 if device_type == "cpu" else 2048)
+
+    @property
+    def token_budget(self) -> int:
+        if self.max_num_batched_tokens is None:
+            raise ValueError("the token budget is set per device: use SchedulerConfig.for_device first")
+        return self.max_num_batched_tokens
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, MistralConfig
 
+from tokenmill.config import SchedulerConfig
+from tokenmill.engine.arg_utils import EngineArgs
 from tokenmill.engine.core import (
+    EngineCore,
     gguf_quantization_hint,
     quantized_dtype_hint,
     resolve_device,
@@ -76,3 +79,18 @@ def test_a_cpu_quantized_model_in_half_precision_is_told_to_leave_the_dtype_at_a
     assert quantized_dtype_hint("int8", torch.float16, cpu) is not None
     assert quantized_dtype_hint("gguf", torch.float32, cpu) is None
     assert quantized_dtype_hint(None, torch.bfloat16, cpu) is None
+
+
+def test_the_token_budget_left_unset_is_the_devices() -> None:
+    """512 tokens a step on CPU (a burst of prompts prefilled a few at a time: the first ones decode sooner),
+    2048 on a GPU; a budget that was asked for is kept on both."""
+    unset = SchedulerConfig()
+    with pytest.raises(ValueError, match="set per device"):
+        _ = unset.token_budget
+    assert unset.for_device("cpu").token_budget == 512
+    assert unset.for_device("cuda").token_budget == 2048
+    assert SchedulerConfig(max_num_batched_tokens=4096).for_device("cpu").token_budget == 4096
+    engine = EngineArgs(device="cpu", load_format="dummy", max_model_len=256, kv_cache_memory=8 << 20)
+    core = EngineCore(engine.create_engine_config())
+    assert core.scheduler.config.token_budget == 512
+    assert core.runner.config.scheduler.token_budget == 512

@@ -23,7 +23,7 @@ from tokenmill.config import (
 _NUMBER_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 # Options that are counts: at least 1.
-_POSITIVE_INTS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+_POSITIVE_INTS = ("block_size", "max_num_seqs", "tensor_parallel_size")
 
 
 def parse_human_int(value: str | int) -> int:
@@ -78,8 +78,8 @@ class EngineArgs:
     """Reuse cached KV blocks of shared prompt prefixes."""
     max_num_seqs: int = 256
     """Most sequences in one batch."""
-    max_num_batched_tokens: int = 2048
-    """Most tokens computed in one step (prefill chunks plus decodes)."""
+    max_num_batched_tokens: int | None = None
+    """Most tokens computed in one step (prefill chunks plus decodes); default: 512 on CPU, 2048 on GPU."""
     max_waiting: int = 4096
     """Most queued requests before new ones are refused with 503."""
     tensor_parallel_size: int = 1
@@ -115,7 +115,7 @@ class EngineArgs:
     def _check_ranges(self) -> None:
         for name in _POSITIVE_INTS:
             _check_integer(name, getattr(self, name), minimum=1)
-        for name in ("max_model_len", "kv_cache_memory"):
+        for name in ("max_model_len", "kv_cache_memory", "max_num_batched_tokens"):
             if getattr(self, name) is not None:
                 _check_integer(name, getattr(self, name), minimum=1, unset_allowed=True)
         _check_integer("max_waiting", self.max_waiting, minimum=0)

@@ -5,6 +5,7 @@ It runs in-process for the offline `LLM` and in its own process behind the API s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import Any, cast
@@ -107,8 +108,9 @@ def quantized_dtype_hint(quantization: str | None, dtype: torch.dtype, device: t
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.device = resolve_device(config.device)
+        config = dataclasses.replace(config, scheduler=config.scheduler.for_device(self.device.type))
+        self.config = config
         self.source = resolve_model(config.model.model, config.model.download_dir, config.model.revision)
         check_quantization(config.model.quantization, self.source)
         if hint := gguf_quantization_hint(config.model.quantization, self.source, self.device):

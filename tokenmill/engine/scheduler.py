@@ -52,7 +52,7 @@ class Scheduler:
     # --- scheduling -------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.token_budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         i = 0
@@ -83,7 +83,7 @@ class Scheduler:
         if [s.request for s in previous.scheduled] != self.running:
             return None  # a request finished or was aborted, or the budget left one out
         admits = bool(self.waiting) and len(self.running) < self.config.max_num_seqs
-        if admits or len(self.running) > self.config.max_num_batched_tokens:
+        if admits or len(self.running) > self.config.token_budget:
             return None
         scheduled: list[ScheduledRequest] = []
         rows: list[int] = []

@@ -119,7 +119,7 @@ class ModelRunner:
         except torch.cuda.OutOfMemoryError:
             raise ValueError(
                 f"the GPU ran out of memory in a step of max_num_batched_tokens="
-                f"{self.config.scheduler.max_num_batched_tokens} tokens and max_num_seqs="
+                f"{self.config.scheduler.token_budget} tokens and max_num_seqs="
                 f"{self.config.scheduler.max_num_seqs} sampled rows, with {weight_bytes / GiB:.2f} GiB of "
                 "weights loaded: lower --max-num-batched-tokens or --max-num-seqs"
             ) from None
@@ -135,7 +135,7 @@ class ModelRunner:
         cache just big enough), then logits and sampling for `max_num_seqs` rows on the costliest path
         (top-p's sort over the vocabulary, penalties, the widest logprobs). Returns the bytes of that
         stand-in KV cache, which is not part of the peak to keep free."""
-        num_tokens = self.config.scheduler.max_num_batched_tokens
+        num_tokens = self.config.scheduler.token_budget
         ids, positions, metadata, num_blocks = dummy_prefill(
             num_tokens, max_model_len, self.block_size, self.device
         )
