@@ -109,7 +109,6 @@ static inline __attribute__((always_inline)) void amx_scale_sums(int64_t format,
     const int64_t halves = format == FORMAT_Q4_1 ? 128 : 256;
     const __m512 scales = halves_pair(b0 + halves, b1 + halves);
     const __m512 mins = format == FORMAT_Q4_1 ? halves_pair(b0 + 144, b1 + 144) : _mm512_setzero_ps();
-#pragma GCC unroll 16 /* a whole tile's accumulators stay in registers */
     for (int j = 0; j < rows; j++) {
         const __m512 dx = _mm512_set1_ps(xs[j * num_blocks]);
         const __m512 block_sums = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * j));
@@ -147,41 +146,42 @@ static inline __attribute__((always_inline)) void amx_tile_rows(int64_t format, 
     const int8_t* tile = xt + m / AMX_TILE_ROWS * num_blocks * AMX_ACTIVATION_TILE_BYTES; /* this tile's blocks */
     const float *xs = a->xs + m * num_blocks, *xsum = a->xsum + m * num_blocks;
     __m512 acc[AMX_TILE_ROWS];
-#pragma GCC unroll 16
     for (int j = 0; j < rows; j++) {
         acc[j] = _mm512_setzero_ps();
         /* Output rows N floats apart fall in one L1 set when N * 4 is a multiple of 4 KB (the LM head,
          * gate/up): fetched into L2 now, their stores at the end do not wait on memory. */
         _mm_prefetch((const char*)(y + (m + j) * N + n), _MM_HINT_T1);
     }
+    /* Block b's multiply into a sums tile, and later its sums stored and scaled into acc. */
+#define AMX_MULTIPLY_BLOCK(b, sums_tile, activation_tile, weight_tile)                  \
+    do {                                                                              \
+        AMX_LOAD(activation_tile, tile + AMX_ACTIVATION_TILE_BYTES * (b), BLOCK);     \
+        AMX_LOAD(weight_tile, tiles + AMX_WEIGHT_TILE_BYTES * (b), 64);               \
+        _tile_zero(sums_tile);                                                        \
+        AMX_MULTIPLY(format, sums_tile, activation_tile, weight_tile);                \
+    } while (0)
+#define AMX_SCALE_BLOCK(b, sums_tile, buffer)                                                                     \
+    do {                                                                                                          \
+        AMX_STORE_SUMS(sums_tile, buffer);                                                                        \
+        amx_scale_sums(format, buffer, g0 + (b) * bytes, g1 + (b) * bytes, xs + (b), xsum + (b), num_blocks, rows, \
+                       acc);                                                                                      \
+    } while (0)
     int64_t b = 0;
     for (; b + 2 <= num_blocks; b += 2) { /* the second block multiplies while the first is scaled */
-        AMX_LOAD(2, tile + AMX_ACTIVATION_TILE_BYTES * b, BLOCK);
-        AMX_LOAD(4, tiles + AMX_WEIGHT_TILE_BYTES * b, 64);
-        _tile_zero(0);
-        AMX_MULTIPLY(format, 0, 2, 4);
-        AMX_LOAD(3, tile + AMX_ACTIVATION_TILE_BYTES * (b + 1), BLOCK);
-        AMX_LOAD(5, tiles + AMX_WEIGHT_TILE_BYTES * (b + 1), 64);
-        _tile_zero(1);
-        AMX_MULTIPLY(format, 1, 3, 5);
-        AMX_STORE_SUMS(0, sums);
-        amx_scale_sums(format, sums, g0 + b * bytes, g1 + b * bytes, xs + b, xsum + b, num_blocks, rows, acc);
-        AMX_STORE_SUMS(1, sums + 256);
-        amx_scale_sums(format, sums + 256, g0 + (b + 1) * bytes, g1 + (b + 1) * bytes, xs + b + 1, xsum + b + 1,
-                       num_blocks, rows, acc);
+        AMX_MULTIPLY_BLOCK(b, 0, 2, 4);
+        AMX_MULTIPLY_BLOCK(b + 1, 1, 3, 5);
+        AMX_SCALE_BLOCK(b, 0, sums);
+        AMX_SCALE_BLOCK(b + 1, 1, sums + 256);
     }
     if (b < num_blocks) {
-        AMX_LOAD(2, tile + AMX_ACTIVATION_TILE_BYTES * b, BLOCK);
-        AMX_LOAD(4, tiles + AMX_WEIGHT_TILE_BYTES * b, 64);
-        _tile_zero(0);
-        AMX_MULTIPLY(format, 0, 2, 4);
-        AMX_STORE_SUMS(0, sums);
-        amx_scale_sums(format, sums, g0 + b * bytes, g1 + b * bytes, xs + b, xsum + b, num_blocks, rows, acc);
+        AMX_MULTIPLY_BLOCK(b, 0, 2, 4);
+        AMX_SCALE_BLOCK(b, 0, sums);
     }
+#undef AMX_MULTIPLY_BLOCK
+#undef AMX_SCALE_BLOCK
     const int64_t valid = N - n < 2 * COLUMNS ? N - n : 2 * COLUMNS;
     if (valid == 2 * COLUMNS) { /* the vector path's scalar additions, 16 at a time */
         const __m512 add = bias != NULL ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
-#pragma GCC unroll 16
         for (int j = 0; j < rows; j++) _mm512_storeu_ps(y + (m + j) * N + n, _mm512_add_ps(acc[j], add));
         return;
     }
