@@ -13,6 +13,7 @@ from tokenmill.sample.sampler import (
     apply_top_k_then_top_p,
     apply_top_k_top_p,
     apply_top_p_sorted,
+    argmax_rows,
 )
 from tokenmill.sampling_params import SamplingParams
 
@@ -58,6 +59,23 @@ def test_greedy_is_argmax_and_plain_greedy_batch_needs_no_processing() -> None:
     assert out.sampled_token_ids.dtype == torch.int64
     assert torch.equal(out.sampled_token_ids, logits.argmax(dim=-1))
     assert out.logprobs is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_argmax_rows_is_argmax_with_ties_infinities_and_nan(dtype: torch.dtype) -> None:
+    """Ties go to the first index, NaN counts as the maximum (its first one), a row of -inf gives 0."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randint(-2, 3, (12, 1000), generator=generator).to(dtype)  # many ties in every row
+    logits[1, [5, 700]] = float("inf")
+    logits[2, [9, 400]] = float("nan")
+    logits[3, 17] = float("nan")
+    logits[3, 18] = float("inf")
+    logits[4] = float("-inf")
+    logits[5, 999] = 3
+    expected = logits.argmax(dim=-1)
+    assert expected[:6].tolist()[1:] == [5, 9, 17, 0, 999]
+    assert torch.equal(argmax_rows(logits), expected)
+    assert torch.equal(argmax_rows(logits[:1]), expected[:1])
 
 
 def test_sampler_leaves_the_callers_logits_alone() -> None:

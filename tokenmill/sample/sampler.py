@@ -54,7 +54,7 @@ class Sampler(torch.nn.Module):
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [num_rows, vocab]
         if metadata.all_greedy and metadata.no_logits_processing:
-            sampled = logits.argmax(dim=-1)  # fast path: a plain greedy batch
+            sampled = argmax_rows(logits)  # fast path: a plain greedy batch
         else:
             # A float32 copy: the steps below work in place and must not touch the caller's logits.
             processed = apply_logits_processing(logits.to(torch.float32, copy=True), metadata)
@@ -64,6 +64,13 @@ class Sampler(torch.nn.Module):
         if raw_logprobs is not None and metadata.max_num_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """[num_rows] int64: each row's first maximal index, NaN counting as the maximum (`argmax`'s answer).
+    On CPU `max`'s indices give it about 3x faster (64 rows of a 49152-token vocabulary: 0.87 vs 2.5 ms,
+    a twentieth of a batch-64 decode step of the default model)."""
+    return x.max(dim=-1).indices if x.device.type == "cpu" else x.argmax(dim=-1)
 
 
 def apply_logits_processing(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
@@ -91,9 +98,9 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata, cpu_fast_paths: boo
     `cpu_fast_paths`: the caller has checked that `logits` is on the CPU and allows the fast paths.
     """
     if metadata.temperature is None:  # all rows greedy
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     # Mixed batch: greedy rows take the argmax before temperature (their temperature is set to 1).
-    greedy = None if metadata.is_greedy is None else logits.argmax(dim=-1)  # [num_rows]
+    greedy = None if metadata.is_greedy is None else argmax_rows(logits)  # [num_rows]
     logits.div_(metadata.temperature.unsqueeze(1))
     logits = apply_top_k_top_p(logits, metadata, cpu_fast_paths)
     if metadata.min_p is not None:
@@ -125,7 +132,7 @@ def random_sample(
         q[row].exponential_(generator=generator)
     # Exponential draws of exactly 0 would divide to inf (or nan for a zero prob).
     q.clamp_min_(torch.finfo(q.dtype).tiny)
-    return probs.div_(q).argmax(dim=-1)
+    return argmax_rows(probs.div_(q))
 
 
 def inverse_cdf_sample(
