@@ -112,8 +112,9 @@ def test_the_amx_build_computes_the_same_numbers(
 ) -> None:
     """On AMX CPUs calls of 16 rows or more multiply on tiles of 16 rows; their sums are the vector path's
     exact integers and their scaling the same float operations, so every output equals the VNNI build's bit
-    for bit: whole tiles, a last tile of 1 or 15 rows, two passes of 256 rows, 17 groups (a last one
-    without a pair, left to the vector path), a last group padded with zero rows (100 outputs), bias."""
+    for bit: whole tiles, 1 or 15 rows past the last whole tile (left to the vector path), two passes of 256
+    rows, 17 groups (a last one without a pair, left to the vector path), a last group padded with zero rows
+    (100 outputs), bias."""
     amx = cpu.kernel_library()
     assert amx is not None
     monkeypatch.setenv(build.AMX_ENV, "0")

@@ -14,6 +14,11 @@
  * whether its call had enough rows for the tiles. The tiles pay where a call has many rows (prefill, the
  * LM head of a large batch): the weight tiles of a pass are prepared once and serve every 16 rows.
  *
+ * Only whole tiles of 16 rows take the tiles (a call's last few rows take the vector path): with a constant
+ * row count gcc keeps the 16 accumulators in registers (with a variable one they lived on the stack, each
+ * multiply-add a load and a store: 1.2x slower). Each row's block scales are stored in tile order too,
+ * so a block's 16 scales are read at constant offsets from one pointer (another 1.1x).
+ *
  * Linux hands out the tile registers only to a process that asks (arch_prctl); where it refuses, every
  * call takes the vector path.
  */
@@ -39,23 +44,40 @@ static int amx_permitted(void) {
     return seen == 1;
 }
 
-/* Where block i of the call's activations (row i / num_blocks, block i % num_blocks) lies in its tiles: the
- * tiles of 16 rows one after the other, each its blocks in order, each block's 16 rows of 32 values
- * contiguous (one tile load reads 8 whole cache lines in a row instead of 16 rows K bytes apart). */
-static inline int8_t* amx_activation_row(int8_t* tiles, int64_t num_blocks, int64_t i) {
-    const int64_t m = i / num_blocks, b = i % num_blocks;
-    return tiles + ((m / AMX_TILE_ROWS * num_blocks + b) * AMX_TILE_ROWS + m % AMX_TILE_ROWS) * BLOCK;
+/* A call's activations in tile order, for its rows in whole tiles of 16: the tiles one after the other,
+ * each its blocks in order. A block holds its 16 rows' 32 values contiguous (one tile load reads 8 whole
+ * cache lines in a row instead of 16 rows K bytes apart), and likewise their 16 scales and scaled sums. */
+typedef struct {
+    int8_t* values; /* NULL: the call takes the vector path */
+    float* scales;
+    float* sums;
+    int64_t rows; /* a multiple of 16 */
+} AmxActivations;
+
+/* Room for the tile-ordered activations of a call of M rows; values NULL where the call takes the vector
+ * path (too few rows, the tile registers refused, no memory). */
+static AmxActivations amx_activations(int64_t M, int64_t num_blocks) {
+    AmxActivations t = {NULL, NULL, NULL, M / AMX_TILE_ROWS * AMX_TILE_ROWS};
+    if (M < AMX_MIN_ROWS || !amx_permitted()) return t;
+    const int64_t blocks = t.rows * num_blocks; /* of 32 values */
+    t.values = aligned_alloc(64, (size_t)(blocks * (BLOCK + 2 * sizeof(float))));
+    if (t.values != NULL) t.scales = (float*)(t.values + blocks * BLOCK), t.sums = t.scales + blocks;
+    return t;
 }
 
-/* Room for the activation tiles of a call of M rows, the last tile's padding rows zero; NULL where the call
- * takes the vector path (too few rows, the tile registers refused, no memory). */
-static int8_t* amx_activation_tiles(int64_t M, int64_t num_blocks) {
-    if (M < AMX_MIN_ROWS || !amx_permitted()) return NULL;
-    const int64_t num_tiles = (M + AMX_TILE_ROWS - 1) / AMX_TILE_ROWS;
-    const int64_t tile_bytes = num_blocks * AMX_ACTIVATION_TILE_BYTES; /* one tile of rows, every block */
-    int8_t* tiles = aligned_alloc(64, (size_t)(num_tiles * tile_bytes));
-    if (tiles != NULL && M % AMX_TILE_ROWS != 0) memset(tiles + (num_tiles - 1) * tile_bytes, 0, (size_t)tile_bytes);
-    return tiles;
+/* Where block i of the call (row i / num_blocks, block i % num_blocks) lies among the tile-ordered blocks. */
+static inline int64_t amx_block_index(int64_t num_blocks, int64_t i) {
+    const int64_t m = i / num_blocks, b = i % num_blocks;
+    return (m / AMX_TILE_ROWS * num_blocks + b) * AMX_TILE_ROWS + m % AMX_TILE_ROWS;
+}
+
+/* Block i's quantized values, scale and scaled sum, in tile order (rows past t->rows are not kept). */
+static inline void amx_store_block(const AmxActivations* t, int64_t num_blocks, int64_t i, __m256i values,
+                                   float scale, float sum) {
+    if (i >= t->rows * num_blocks) return;
+    const int64_t at = amx_block_index(num_blocks, i);
+    _mm256_store_si256((__m256i*)(t->values + at * BLOCK), values);
+    t->scales[at] = scale, t->sums[at] = sum;
 }
 
 typedef struct {
@@ -101,19 +123,19 @@ static inline __attribute__((always_inline)) void amx_weight_tiles(int64_t forma
 }
 
 /* acc[j] (16 outputs of row j) plus one block's contribution, from the block's tile of sums; xs and xsum
- * point at the first row's block scale and scaled block sum (rows num_blocks apart). As wide_block_step. */
+ * hold the 16 rows' block scales and scaled block sums. As wide_block_step. */
 static inline __attribute__((always_inline)) void amx_scale_sums(int64_t format, const int32_t* sums,
                                                                  const uint8_t* b0, const uint8_t* b1,
                                                                  const float* xs, const float* xsum,
-                                                                 int64_t num_blocks, int rows, __m512 acc[]) {
+                                                                 __m512 acc[AMX_TILE_ROWS]) {
     const int64_t halves = format == FORMAT_Q4_1 ? 128 : 256;
     const __m512 scales = halves_pair(b0 + halves, b1 + halves);
     const __m512 mins = format == FORMAT_Q4_1 ? halves_pair(b0 + 144, b1 + 144) : _mm512_setzero_ps();
-    for (int j = 0; j < rows; j++) {
-        const __m512 dx = _mm512_set1_ps(xs[j * num_blocks]);
+#pragma GCC unroll 16
+    for (int j = 0; j < AMX_TILE_ROWS; j++) {
         const __m512 block_sums = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * j));
-        acc[j] = _mm512_fmadd_ps(block_sums, _mm512_mul_ps(scales, dx), acc[j]);
-        if (format == FORMAT_Q4_1) acc[j] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xsum[j * num_blocks]), acc[j]);
+        acc[j] = _mm512_fmadd_ps(block_sums, _mm512_mul_ps(scales, _mm512_set1_ps(xs[j])), acc[j]);
+        if (format == FORMAT_Q4_1) acc[j] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xsum[j]), acc[j]);
     }
 }
 
@@ -136,17 +158,18 @@ static inline __attribute__((always_inline)) void amx_scale_sums(int64_t format,
             _tile_dpbssd(sums, activations, weights);                        \
     } while (0)
 
-/* Outputs n .. n + 15 of rows m .. m + rows - 1 (rows <= 16; the activations hold whole tiles of rows). */
-static inline __attribute__((always_inline)) void amx_tile_rows(int64_t format, const BlockActivations* a,
-                                                                const int8_t* xt, const uint8_t* tiles, const uint8_t* g0,
-                                                                const uint8_t* g1, const float* bias, float* y,
-                                                                int64_t n, int64_t N, int64_t m, int rows,
-                                                                int32_t* sums) {
-    const int64_t num_blocks = a->K / BLOCK, bytes = group_block_bytes(format);
-    const int8_t* tile = xt + m / AMX_TILE_ROWS * num_blocks * AMX_ACTIVATION_TILE_BYTES; /* this tile's blocks */
-    const float *xs = a->xs + m * num_blocks, *xsum = a->xsum + m * num_blocks;
+/* Outputs n .. n + 15 of the tile of rows m .. m + 15. */
+static inline __attribute__((always_inline)) void amx_tile_rows(int64_t format, const AmxActivations* x,
+                                                                int64_t num_blocks, const uint8_t* tiles,
+                                                                const uint8_t* g0, const uint8_t* g1,
+                                                                const float* bias, float* y, int64_t n, int64_t N,
+                                                                int64_t m, int32_t* sums) {
+    const int64_t bytes = group_block_bytes(format), first_block = m / AMX_TILE_ROWS * num_blocks;
+    const int8_t* tile = x->values + first_block * AMX_ACTIVATION_TILE_BYTES; /* this tile's blocks */
+    const float *xs = x->scales + first_block * AMX_TILE_ROWS, *xsum = x->sums + first_block * AMX_TILE_ROWS;
     __m512 acc[AMX_TILE_ROWS];
-    for (int j = 0; j < rows; j++) {
+#pragma GCC unroll 16
+    for (int j = 0; j < AMX_TILE_ROWS; j++) {
         acc[j] = _mm512_setzero_ps();
         /* Output rows N floats apart fall in one L1 set when N * 4 is a multiple of 4 KB (the LM head,
          * gate/up): fetched into L2 now, their stores at the end do not wait on memory. */
@@ -163,8 +186,8 @@ static inline __attribute__((always_inline)) void amx_tile_rows(int64_t format, 
 #define AMX_SCALE_BLOCK(b, sums_tile, buffer)                                                                     \
     do {                                                                                                          \
         AMX_STORE_SUMS(sums_tile, buffer);                                                                        \
-        amx_scale_sums(format, buffer, g0 + (b) * bytes, g1 + (b) * bytes, xs + (b), xsum + (b), num_blocks, rows, \
-                       acc);                                                                                      \
+        amx_scale_sums(format, buffer, g0 + (b) * bytes, g1 + (b) * bytes, xs + AMX_TILE_ROWS * (b),             \
+                       xsum + AMX_TILE_ROWS * (b), acc);                                                           \
     } while (0)
     int64_t b = 0;
     for (; b + 2 <= num_blocks; b += 2) { /* the second block multiplies while the first is scaled */
@@ -182,10 +205,12 @@ static inline __attribute__((always_inline)) void amx_tile_rows(int64_t format, 
     const int64_t valid = N - n < 2 * COLUMNS ? N - n : 2 * COLUMNS;
     if (valid == 2 * COLUMNS) { /* the vector path's scalar additions, 16 at a time */
         const __m512 add = bias != NULL ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
-        for (int j = 0; j < rows; j++) _mm512_storeu_ps(y + (m + j) * N + n, _mm512_add_ps(acc[j], add));
+#pragma GCC unroll 16
+        for (int j = 0; j < AMX_TILE_ROWS; j++) _mm512_storeu_ps(y + (m + j) * N + n, _mm512_add_ps(acc[j], add));
         return;
     }
-    for (int j = 0; j < rows; j++) {
+#pragma GCC unroll 16
+    for (int j = 0; j < AMX_TILE_ROWS; j++) {
         float out[2 * COLUMNS];
         _mm512_storeu_ps(out, acc[j]);
         for (int64_t c = 0; c < valid; c++) y[(m + j) * N + n + c] = out[c] + (bias != NULL ? bias[n + c] : 0.0f);
@@ -218,25 +243,31 @@ static void amx_thread_done(AmxThread* t) {
     }
 }
 
-static inline __attribute__((always_inline)) void amx_format_pass(int64_t format, const BlockActivations* a,
-                                                                  const int8_t* xt, const uint8_t* g0, const uint8_t* g1,
-                                                                  const float* bias, float* y, int64_t n, int64_t N,
-                                                                  int64_t first, int64_t last, const AmxThread* t) {
-    amx_weight_tiles(format, g0, g1, a->K / BLOCK, t->weight_tiles);
-    int64_t m = first;
-    for (; m + AMX_TILE_ROWS <= last; m += AMX_TILE_ROWS)
-        amx_tile_rows(format, a, xt, t->weight_tiles, g0, g1, bias, y, n, N, m, AMX_TILE_ROWS, t->sums);
-    if (m < last) amx_tile_rows(format, a, xt, t->weight_tiles, g0, g1, bias, y, n, N, m, (int)(last - m), t->sums);
+/* Outputs n .. n + 15 of the tiles of rows first .. last - 1 (whole tiles). */
+static inline __attribute__((always_inline)) void amx_format_pass(int64_t format, const AmxActivations* x,
+                                                                  int64_t num_blocks, const uint8_t* g0,
+                                                                  const uint8_t* g1, const float* bias, float* y,
+                                                                  int64_t n, int64_t N, int64_t first, int64_t last,
+                                                                  const AmxThread* t) {
+    amx_weight_tiles(format, g0, g1, num_blocks, t->weight_tiles);
+    for (int64_t m = first; m < last; m += AMX_TILE_ROWS)
+        amx_tile_rows(format, x, num_blocks, t->weight_tiles, g0, g1, bias, y, n, N, m, t->sums);
 }
 
-/* Outputs n .. n + 15 (two groups; the caller checks there are two) of rows first .. last - 1. Constant
- * formats, so each call is compiled for its layout. */
-static void amx_group_pass(int64_t format, const BlockActivations* a, const int8_t* xt, const uint8_t* w, int64_t group_bytes,
-                           const float* bias, float* y, int64_t n, int64_t N, int64_t first, int64_t last,
-                           const AmxThread* t) {
+static inline void group_pass(int64_t format, const BlockActivations* a, const uint8_t* w, int64_t group_bytes,
+                              const float* bias, float* y, int64_t n, int64_t N, int64_t first, int64_t last);
+
+/* Outputs n .. n + 15 (two groups; the caller checks there are two) of rows first .. last - 1 (first a
+ * multiple of 16): whole tiles of rows on the tiles, the rest on the vector path. Constant formats, so
+ * each call is compiled for its layout. */
+static void amx_group_pass(int64_t format, const BlockActivations* a, const AmxActivations* x, const uint8_t* w,
+                           int64_t group_bytes, const float* bias, float* y, int64_t n, int64_t N, int64_t first,
+                           int64_t last, const AmxThread* t) {
     const uint8_t* g0 = w + n / COLUMNS * group_bytes;
+    const int64_t num_blocks = a->K / BLOCK, tiled = first + (last - first) / AMX_TILE_ROWS * AMX_TILE_ROWS;
     if (format == FORMAT_Q4_1)
-        amx_format_pass(FORMAT_Q4_1, a, xt, g0, g0 + group_bytes, bias, y, n, N, first, last, t);
+        amx_format_pass(FORMAT_Q4_1, x, num_blocks, g0, g0 + group_bytes, bias, y, n, N, first, tiled, t);
     else
-        amx_format_pass(FORMAT_Q8_0, a, xt, g0, g0 + group_bytes, bias, y, n, N, first, last, t);
+        amx_format_pass(FORMAT_Q8_0, x, num_blocks, g0, g0 + group_bytes, bias, y, n, N, first, tiled, t);
+    if (tiled < last) group_pass(format, a, w, group_bytes, bias, y, n, N, tiled, last);
 }

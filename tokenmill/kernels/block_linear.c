@@ -370,13 +370,13 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
     int8_t* xq = malloc((size_t)(2 * M * K));
     float* xs = malloc((size_t)(3 * M * num_blocks) * sizeof(float)); /* scales, sums, integer sums */
 #if AMX
-    int8_t* xt = amx_activation_tiles(M, num_blocks); /* NULL: every pass takes the vector path */
+    const AmxActivations xt = amx_activations(M, num_blocks); /* values NULL: every pass takes the vector path */
 #endif
     if (xq == NULL || xs == NULL) {
         free(xq);
         free(xs);
 #if AMX
-        free(xt);
+        free(xt.values);
 #endif
         return -1;
     }
@@ -397,7 +397,7 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
             const __m256i v = _mm256_loadu_si256((const __m256i*)q);
             _mm256_storeu_si256((__m256i*)(xq + M * K + i * BLOCK), _mm256_sign_epi8(v, v));
 #if AMX
-            if (xt != NULL) _mm256_store_si256((__m256i*)amx_activation_row(xt, num_blocks, i), v);
+            if (xt.values != NULL) amx_store_block(&xt, num_blocks, i, v, xs[i], xs[M * num_blocks + i]);
 #endif
         }
         for (int64_t first = 0; first < M; first += ROW_CHUNK) {
@@ -408,9 +408,9 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
                 for (int64_t n = 0; n < N; n += step) {
 #if AMX
                     /* Tiles for two groups of enough rows; the same numbers as the vector path. */
-                    if (xt != NULL && last - first >= AMX_MIN_ROWS && n + COLUMNS < N &&
+                    if (xt.values != NULL && last - first >= AMX_MIN_ROWS && n + COLUMNS < N &&
                         amx_thread_ready(&amx, num_blocks)) {
-                        amx_group_pass(format, &a, xt, w, group_bytes, bias, y, n, N, first, last, &amx);
+                        amx_group_pass(format, &a, &xt, w, group_bytes, bias, y, n, N, first, last, &amx);
                         continue;
                     }
 #endif
@@ -429,7 +429,7 @@ int tm_block_linear(const float* x, const uint8_t* w, int64_t format, const floa
     free(xq);
     free(xs);
 #if AMX
-    free(xt);
+    free(xt.values);
 #endif
     return 0;
 }
