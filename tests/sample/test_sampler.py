@@ -63,19 +63,24 @@ def test_greedy_is_argmax_and_plain_greedy_batch_needs_no_processing() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_argmax_rows_is_argmax_with_ties_infinities_and_nan(dtype: torch.dtype) -> None:
-    """Ties go to the first index, NaN counts as the maximum (its first one), a row of -inf gives 0."""
+    """Ties go to the first index, NaN counts as the maximum (its first one), a row of -inf gives 0; rows
+    of a width that is not a multiple of 8 (the CPU kernel's vectors), strided rows, one row."""
     generator = torch.Generator().manual_seed(3)
-    logits = torch.randint(-2, 3, (12, 1000), generator=generator).to(dtype)  # many ties in every row
+    logits = torch.randint(-2, 3, (12, 1003), generator=generator).to(dtype)  # many ties in every row
     logits[1, [5, 700]] = float("inf")
     logits[2, [9, 400]] = float("nan")
     logits[3, 17] = float("nan")
     logits[3, 18] = float("inf")
     logits[4] = float("-inf")
-    logits[5, 999] = 3
+    logits[5, 1002] = 3  # in the last, partial vector
+    logits[6, 1001] = float("nan")
+    logits[7] = 0.0
+    logits[7, :3] = -0.0  # equal to 0.0: the first index
     expected = logits.argmax(dim=-1)
-    assert expected[:6].tolist()[1:] == [5, 9, 17, 0, 999]
+    assert expected[:8].tolist()[1:] == [5, 9, 17, 0, 1002, 1001, 0]
     assert torch.equal(argmax_rows(logits), expected)
     assert torch.equal(argmax_rows(logits[:1]), expected[:1])
+    assert torch.equal(argmax_rows(logits[::2, :1000]), logits[::2, :1000].argmax(dim=-1))
 
 
 def test_sampler_leaves_the_callers_logits_alone() -> None:

@@ -78,6 +78,7 @@ SIGNATURES: dict[str, Signature] = {
     "tm_rms_norm": ([*[_POINTER] * 5, _SIZE, _SIZE, ctypes.c_float], None),
     "tm_rotary": ([_POINTER, _SIZE, *[_POINTER] * 3, *[_SIZE] * 3], None),
     "tm_silu_and_mul": ([_POINTER, _POINTER, _SIZE, _SIZE], None),
+    "tm_argmax_rows": ([_POINTER, _SIZE, _POINTER, _SIZE, _SIZE], None),
     "tm_decode_layer": ([*[_POINTER] * 4, ctypes.c_int], ctypes.c_int),  # structures: kernels/decode_layer.py
     "tm_decode_layer_workspace": ([_POINTER], ctypes.c_int64),
 }
@@ -142,6 +143,15 @@ def block_linear(
     assert weight.is_contiguous() and weight.shape[0] == -(-num_outputs // 8)
     assert weight.shape[1] == library.tm_block_group_bytes(code, features)
     return _linear(library.tm_block_linear, "block", x, (weight.data_ptr(), code), bias, num_outputs)
+
+
+def argmax_rows(library: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximal index of `x` [M, D] float32 (rows may be strided), NaN counting as the
+    greatest: [M] int64, torch.argmax's answer."""
+    assert x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library.tm_argmax_rows(x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0], x.shape[1])
+    return out
 
 
 def heads_contiguous(x: torch.Tensor) -> bool:

@@ -91,3 +91,40 @@ void tm_silu_and_mul(const float* x, float* out, int64_t M, int64_t D) {
         for (; i < D; i++) o[i] = silu(gate[i]) * up[i];
     }
 }
+
+/* The first index of row r's maximum, NaN counting as the greatest (the first NaN wins): torch.argmax. */
+static int64_t argmax_row(const float* r, int64_t D) {
+    __m256 best = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+        const __m256 v = _mm256_loadu_ps(r + i);
+        best = _mm256_max_ps(best, v);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float lanes[8], top = -INFINITY;
+    _mm256_storeu_ps(lanes, best);
+    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    int has_nan = _mm256_movemask_ps(nan) != 0;
+    for (int64_t j = i; j < D; j++) {
+        has_nan |= r[j] != r[j];
+        top = r[j] > top ? r[j] : top;
+    }
+    if (has_nan) {
+        for (int64_t j = 0; j < D; j++)
+            if (r[j] != r[j]) return j;
+    }
+    const __m256 target = _mm256_set1_ps(top);
+    for (i = 0; i + 8 <= D; i += 8) {
+        const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + i), target, _CMP_EQ_OQ));
+        if (hits != 0) return i + __builtin_ctz((unsigned)hits);
+    }
+    for (; i < D; i++)
+        if (r[i] == top) return i;
+    return 0; /* a row of -inf: the max's first index, as torch */
+}
+
+/* out[m] = the first index of the maximum of row m of x [M, D] (rows `stride` floats apart). */
+void tm_argmax_rows(const float* x, int64_t stride, int64_t* out, int64_t M, int64_t D) {
+#pragma omp parallel for schedule(static) if (M >= 2)
+    for (int64_t m = 0; m < M; m++) out[m] = argmax_row(x + m * stride, D);
+}

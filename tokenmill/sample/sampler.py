@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.kernels import cpu as kernels
+from tokenmill.kernels.cpu import kernel_library
 from tokenmill.sample.logprobs import LogprobsTensors, gather_logprobs
 from tokenmill.sample.metadata import SamplingMetadata
 from tokenmill.sample.penalties import apply_penalties
@@ -68,9 +70,15 @@ class Sampler(torch.nn.Module):
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """[num_rows] int64: each row's first maximal index, NaN counting as the maximum (`argmax`'s answer).
-    On CPU `max`'s indices give it about 3x faster (64 rows of a 49152-token vocabulary: 0.87 vs 2.5 ms,
-    a twentieth of a batch-64 decode step of the default model)."""
-    return x.max(dim=-1).indices if x.device.type == "cpu" else x.argmax(dim=-1)
+    On CPU our kernel, else `max`'s indices, give it faster than argmax's own CPU kernel (64 rows of a
+    49152-token vocabulary: 0.2 / 0.87 / 2.5 ms, against a batch-64 decode step of ~50 ms)."""
+    if x.device.type != "cpu":
+        return x.argmax(dim=-1)
+    if x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1:
+        library = kernel_library()
+        if library is not None:
+            return kernels.argmax_rows(library, x)
+    return x.max(dim=-1).indices
 
 
 def apply_logits_processing(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
