@@ -98,6 +98,27 @@ def test_c_attention_kernels_match_the_torch_path(
 
 
 @pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("context_len", "query_len"), [(0, 40), (23, 33), (0, 1), (45, 3)])
+def test_the_prefill_kernel_over_the_blocks_equals_it_over_gathered_floats(
+    cache_dtype: torch.dtype, context_len: int, query_len: int
+) -> None:
+    """Read where the keys and values lie (blocks in a random order, the last one part full) and converted
+    as they are transposed, a prompt chunk attends exactly as over its gathered float32 keys and values."""
+    batch = random_paged_batch([(context_len, query_len)], 6, 2, head_dim=24, block_size=8, seed=context_len)
+    cache = batch.kv_cache.to(cache_dtype)
+    library = cpu.kernel_library()
+    assert library is not None
+    seq_len = context_len + query_len
+    key, value = (x.float() for x in gather_kv(cache, batch.metadata.block_tables[0], seq_len))
+    expected = cpu.prefill_attention(library, batch.query, key, value, batch.scale)
+    out = torch.full_like(expected, float("nan"))
+    table = batch.metadata.block_tables[0]
+    cpu.prefill_attention_paged(library, batch.query, cache, table, seq_len, batch.scale, out)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(cpu.kernel_library() is None, reason="no C attention kernel here")
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
 def test_the_c_cache_write_rounds_as_torch_does(cache_dtype: torch.dtype) -> None:
     """Ties (to even), the largest finite floats (overflowing to infinity), infinities, subnormals and signed

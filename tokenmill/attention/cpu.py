@@ -6,8 +6,9 @@ become, over a float32, float16 or bfloat16 cache); otherwise they are gathered 
 SDPA batch (benchmarks/RESULTS.md has the kernel's end-to-end gains). In a decode-only step the kernel also
 writes the step's keys and values, one call per layer. Prefill rows (prompt tokens, possibly after cached
 context; a chunk of one token too, so that a prompt's tokens attend alike however its prefill is chunked) run
-one sequence at a time, causal with the context's offset: through our C kernel (kernels/prefill_attention.c)
-where it runs, else through SDPA.
+one sequence at a time, causal with the context's offset: through our C kernel (kernels/prefill_attention.c),
+which reads the sequence's keys and values from its blocks once this step's are written, where it runs, else
+through SDPA.
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ class TorchSDPABackend:
         start, end = metadata.query_start_loc[i], metadata.query_start_loc[i + 1]
         context_len = metadata.context_lens[i]
         q = query[start:end]  # [query_len, num_heads, head_dim]
+        library = self._kernel(q, kv_cache)
+        if library is not None and output.is_contiguous():  # over the blocks where they lie (kernels/)
+            table = metadata.block_tables[i]
+            kernels.prefill_attention_paged(
+                library, q, kv_cache, table, context_len + end - start, scale, output[start:end]
+            )
+            return
         if context_len == 0:
             k, v = key[start:end], value[start:end]
             if kv_cache.dtype != k.dtype:  # as a later chunk or a prefix hit will read them: rounded

@@ -71,6 +71,23 @@ SIGNATURES: dict[str, Signature] = {
         [_POINTER, _SIZE, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER, *[_SIZE] * 5, ctypes.c_float],
         ctypes.c_int,
     ),
+    # query, its row stride, k/v cache, the sequence's block table, block size, out, L, S, H, KV, D, scale,
+    # KV_FORMATS[cache dtype]
+    "tm_prefill_attention_paged": (
+        [
+            _POINTER,
+            _SIZE,
+            _POINTER,
+            _POINTER,
+            _POINTER,
+            _SIZE,
+            _POINTER,
+            *[_SIZE] * 5,
+            ctypes.c_float,
+            ctypes.c_int,
+        ],
+        ctypes.c_int,
+    ),
     "tm_write_kv_cache": (
         [_POINTER, _SIZE, _POINTER, _SIZE, *[_POINTER] * 3, _SIZE, _SIZE, ctypes.c_int],
         None,
@@ -265,6 +282,43 @@ def prefill_attention(
     if status != 0:
         raise MemoryError("prefill attention kernel could not allocate its scratch memory")
     return out
+
+
+def prefill_attention_paged(
+    library: ctypes.CDLL,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Causal attention of `query` [L, H, D] float32 (rows may be strided, heads contiguous) over the first
+    `seq_len` (>= L) cached keys and values of the sequence whose blocks `block_table` [>= ceil(seq_len /
+    block_size)] int64 lists, in `kv_cache` [2, num_blocks, block_size, KV, D] (a KV_FORMATS dtype): the
+    queries are positions seq_len - L .. seq_len - 1. Written into `out` [L, H, D] float32 (contiguous)."""
+    num_queries, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    assert (
+        heads_contiguous(query) and head_dim % 8 == 0 and out.is_contiguous() and block_table.is_contiguous()
+    )
+    status = library.tm_prefill_attention_paged(
+        query.data_ptr(),
+        query.stride(0),
+        *cache_halves(kv_cache),
+        block_table.data_ptr(),
+        block_size,
+        out.data_ptr(),
+        num_queries,
+        seq_len,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        scale,
+        KV_FORMATS[kv_cache.dtype],
+    )
+    if status != 0:
+        raise MemoryError("prefill attention kernel could not allocate its scratch memory")
 
 
 def rms_norm(

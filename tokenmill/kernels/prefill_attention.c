@@ -10,7 +10,12 @@
  * exact zeros) and its weighted sum run in the same order whichever queries share its task, so a chunked
  * prompt attends as the whole one does.
  *
- * Part of kernels.c, like int8_linear.c; head_dim must be a multiple of 8.
+ * tm_prefill_attention_paged reads the keys and values from the paged cache instead (after its keys are
+ * written there: a later chunk, a prefix hit and a whole prompt alike), converting them to floats as it
+ * transposes them.
+ *
+ * Part of kernels.c, like int8_linear.c (after paged_attention.c: it reads the cache with its load_kv);
+ * head_dim must be a multiple of 8.
  */
 #include <math.h>
 #include <stdint.h>
@@ -107,32 +112,93 @@ static int prefill_task(const float* q, int64_t q_stride, const float* kt, int64
     return 0;
 }
 
+/* The sequence's tasks, shared among the threads of the enclosing parallel region: the last blocks see the
+ * most keys, so they are handed out first and the threads finish together. */
+static void prefill_tasks(const float* q, int64_t q_stride, const float* kt, int64_t S_pad, const float* v,
+                          int64_t v_stride, float* out, int64_t L, int64_t S, int64_t H, int64_t KV, int64_t D,
+                          float scale, int* failed) {
+    const int64_t group = H / KV, blocks = (L + QUERY_BLOCK - 1) / QUERY_BLOCK;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < KV * blocks; task++) {
+        const int64_t block = blocks - 1 - task / KV, h = task % KV, first = block * QUERY_BLOCK;
+        const int64_t count = L - first < QUERY_BLOCK ? L - first : QUERY_BLOCK;
+        if (prefill_task(q, q_stride, kt, S_pad, v, v_stride, out, L, S, H, D, scale, h, group, first, count) != 0) {
+#pragma omp atomic write
+            *failed = 1;
+        }
+    }
+}
+
 /* q [L, H, D] (rows q_stride floats apart, heads contiguous), k and v [S, KV, D] (rows k_stride and
  * v_stride apart, heads contiguous), out [L, H, D] contiguous; the queries are positions S - L .. S - 1.
  * Returns 0, or -1 if the scratch memory could not be allocated. */
 int tm_prefill_attention(const float* q, int64_t q_stride, const float* k, int64_t k_stride, const float* v,
                          int64_t v_stride, float* out, int64_t L, int64_t S, int64_t H, int64_t KV, int64_t D,
                          float scale) {
-    const int64_t group = H / KV, S_pad = round_up(S, KEY_TILE), blocks = (L + QUERY_BLOCK - 1) / QUERY_BLOCK;
+    const int64_t S_pad = round_up(S, KEY_TILE);
     float* kt = malloc((size_t)(KV * D * S_pad) * sizeof(float)); /* [KV, D, S_pad]: keys along a row */
     if (kt == NULL) return -1;
     int failed = 0;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t h = 0; h < KV; h++)
-            for (int64_t d = 0; d < D; d++) {
-                float* row = kt + (h * D + d) * S_pad;
-                for (int64_t t = 0; t < S; t++) row[t] = k[t * k_stride + h * D + d];
-                for (int64_t t = S; t < S_pad; t++) row[t] = 0.0f;
-            }
-        /* The last blocks see the most keys: handed out first, so the threads finish together. */
-#pragma omp for schedule(dynamic, 1) reduction(| : failed)
-        for (int64_t task = 0; task < KV * blocks; task++) {
-            const int64_t block = blocks - 1 - task / KV, h = task % KV, first = block * QUERY_BLOCK;
-            const int64_t count = L - first < QUERY_BLOCK ? L - first : QUERY_BLOCK;
-            failed |= prefill_task(q, q_stride, kt, S_pad, v, v_stride, out, L, S, H, D, scale, h, group, first, count);
+        for (int64_t row = 0; row < KV * D; row++) { /* row h * D + d: feature d of head h's keys */
+            float* keys = kt + row * S_pad;
+            for (int64_t t = 0; t < S; t++) keys[t] = k[t * k_stride + row];
+            for (int64_t t = S; t < S_pad; t++) keys[t] = 0.0f;
         }
+        prefill_tasks(q, q_stride, kt, S_pad, v, v_stride, out, L, S, H, KV, D, scale, &failed);
+    }
+    free(kt);
+    return failed ? -1 : 0;
+}
+
+/* Tokens t0 .. t1 - 1 of a sequence's cached keys and values (kv_format elements, rows KV * D apart, in the
+ * blocks of `table`) as floats: keys transposed into kt [KV * D, S_pad], values into vf [S, KV * D]. */
+static inline __attribute__((always_inline)) void read_cached_tokens(const void* k_cache, const void* v_cache,
+                                                                     const int64_t* table, int64_t block_size,
+                                                                     int64_t t0, int64_t t1, int64_t row,
+                                                                     int64_t S_pad, float* kt, float* vf,
+                                                                     int format) {
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t at = (table[t / block_size] * block_size + t % block_size) * row;
+        for (int64_t e = 0; e < row; e += 8) {
+            float keys[8];
+            _mm256_storeu_ps(keys, load_kv(k_cache, at + e, format));
+            for (int i = 0; i < 8; i++) kt[(e + i) * S_pad + t] = keys[i];
+            _mm256_storeu_ps(vf + t * row + e, load_kv(v_cache, at + e, format));
+        }
+    }
+}
+
+/* A prompt chunk's attention over its sequence's keys and values where they lie, in the paged cache
+ * (k_cache, v_cache [num_blocks, block_size, KV, D] of kv_format, this step's written already; `table`
+ * the sequence's blocks): the same numbers as tm_prefill_attention over the cached values as floats,
+ * without the caller gathering and converting them. q and out as there; S counts the cached context and
+ * the chunk. Returns 0, or -1 if the scratch memory could not be allocated. */
+int tm_prefill_attention_paged(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                               const int64_t* table, int64_t block_size, float* out, int64_t L, int64_t S,
+                               int64_t H, int64_t KV, int64_t D, float scale, int kv_format) {
+    const int64_t S_pad = round_up(S, KEY_TILE), row = KV * D;
+    float* kt = malloc((size_t)(row * S_pad + S * row) * sizeof(float)); /* keys [KV * D, S_pad], values */
+    if (kt == NULL) return -1;
+    float* vf = kt + row * S_pad;
+    int failed = 0;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t t0 = 0; t0 < S_pad; t0 += KEY_TILE) { /* a cache line of each key row per chunk */
+            const int64_t t1 = t0 + KEY_TILE < S ? t0 + KEY_TILE : S;
+            if (kv_format == KV_FLOAT16)
+                read_cached_tokens(k_cache, v_cache, table, block_size, t0, t1, row, S_pad, kt, vf, KV_FLOAT16);
+            else if (kv_format == KV_BFLOAT16)
+                read_cached_tokens(k_cache, v_cache, table, block_size, t0, t1, row, S_pad, kt, vf, KV_BFLOAT16);
+            else
+                read_cached_tokens(k_cache, v_cache, table, block_size, t0, t1, row, S_pad, kt, vf, KV_FLOAT32);
+            for (int64_t r = 0; t1 < t0 + KEY_TILE && r < row; r++) /* the last chunk's padding keys */
+                for (int64_t t = t1; t < t0 + KEY_TILE; t++) kt[r * S_pad + t] = 0.0f;
+        }
+        prefill_tasks(q, q_stride, kt, S_pad, vf, row, out, L, S, H, KV, D, scale, &failed);
     }
     free(kt);
     return failed ? -1 : 0;
