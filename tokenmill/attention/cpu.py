@@ -182,10 +182,6 @@ class TorchSDPABackend:
                 x.to(q.dtype)
                 for x in gather_kv(kv_cache, metadata.block_tables[i], context_len + end - start)
             )
-        library = self._prefill_kernel(q, k, v)
-        if library is not None:  # twice torch's flash kernel at prompt lengths of hundreds (kernels/)
-            output[start:end] = kernels.prefill_attention(library, q, k, v, scale)
-            return
         mask = None
         if context_len > 0:
             key_pos = torch.arange(k.shape[0], device=q.device)
@@ -226,14 +222,8 @@ class TorchSDPABackend:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=scale)
         return out.reshape(batch, num_heads, head_dim)
 
-    def _prefill_kernel(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-    ) -> ctypes.CDLL | None:
-        """The C prefill kernel where it applies (see `_float32_kernel`)."""
-        return self._float32_kernel(query, key, value)
-
     def _kernel(self, query: torch.Tensor, kv_cache: torch.Tensor) -> ctypes.CDLL | None:
-        """The C decode kernel where it applies: a cache it reads, and see `_float32_kernel`."""
+        """The C decode and prefill kernels where they apply: a cache they read, and see `_float32_kernel`."""
         return self._float32_kernel(query) if kv_cache.dtype in KERNEL_CACHE_DTYPES else None
 
     def _float32_kernel(self, *tensors: torch.Tensor) -> ctypes.CDLL | None:

@@ -260,7 +260,8 @@ def prefill_attention(
     library: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Causal attention of `query` [L, H, D] over `key` and `value` [S, KV, D] (all float32, rows may be
-    strided, heads contiguous; S >= L): the queries are positions S - L .. S - 1. Returns [L, H, D]."""
+    strided, heads contiguous; S >= L): the queries are positions S - L .. S - 1. Returns [L, H, D]. The
+    engine reads the cache in place (`prefill_attention_paged`); the tests compare that against this."""
     num_queries, num_heads, head_dim = query.shape
     assert heads_contiguous(query) and heads_contiguous(key) and heads_contiguous(value) and head_dim % 8 == 0
     out = torch.empty(num_queries, num_heads, head_dim, dtype=torch.float32)
